@@ -1,0 +1,179 @@
+"""The method contract: one Distiller subclass per file in ``methods/``.
+
+A method declares its hyperparameters as keyword-only ``__init__`` arguments with defaults; the suite's
+``params:`` are checked against that signature before anything runs. It asks the harness for feature taps
+through its Context, may own learnable modules (adapters, fusion blocks, prompts: optimised with the
+student, counted as extra parameters, never used at test time), and returns distillation terms only:
+``{"loss_<name>": scalar}``. The harness adds ``task_loss_weight * task_loss``.
+
+Tap names (resolved by the task for each model; each value is a *list* of tensors, shallow to deep):
+
+* ``"stages"``: the output of every stage (CNN stages, ViT/Swin/MLP blocks grouped into stages,
+  reshaped to ``N×C×h×w``); ``"stages_preact"``: the same before the stage's last ReLU, where the model
+  has one (kdbench CIFAR nets); ``"final"``: the last feature map, the input of global pooling;
+  ``"pooled"``: the pooled feature ``N×C``; ``"cam"``: class activation maps ``N×K×h×w`` from the
+  classifier weights without bias (CAT-KD); ``"fpn"``: FPN levels (detection);
+  ``"module:<path>"``: the output of any submodule by its dotted path.
+* ``Outputs.logits`` is always there: ``N×K`` (classification), ``N×K×H×W`` (segmentation) or ``None``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kdbench.registry import register_method  # noqa: F401  (re-exported for method files)
+
+
+@dataclass(frozen=True)
+class Taps:
+    """Feature taps a method needs from each network. Logits are always computed."""
+
+    student: tuple[str, ...] = ()
+    teacher: tuple[str, ...] = ()
+
+
+@dataclass
+class Outputs:
+    """One network's forward: logits plus the requested taps (each a list of tensors)."""
+
+    logits: Tensor | None
+    feats: dict[str, list[Tensor]] = field(default_factory=dict)
+
+    def __getitem__(self, tap: str) -> list[Tensor]:
+        try:
+            return self.feats[tap]
+        except KeyError:
+            raise KeyError(f"tap {tap!r} was not requested; requested: {sorted(self.feats)}") from None
+
+
+@dataclass
+class Batch:
+    """What a method sees of the current step."""
+
+    inputs: Any
+    targets: Any
+    epoch: int  # 1-based epoch being trained
+    step: int  # 0-based global step
+    epochs: int
+    steps_per_epoch: int
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done at the start of this step, in [0, 1)."""
+        return self.step / max(1, self.epochs * self.steps_per_epoch)
+
+
+@dataclass
+class Context:
+    """What the harness knows when a method is built.
+
+    ``shapes(side, tap)`` returns the per-sample shapes (``(C, H, W)`` or ``(C,)``) of a tap's tensors for
+    ``side`` in {"student", "teacher"}, from one dry forward (cached), so adapters are derived from real
+    shapes, never hard-coded per pair.
+    """
+
+    task: str
+    num_classes: int
+    epochs: int
+    steps_per_epoch: int
+    dataset_size: int
+    student_model: str = ""
+    teacher_model: str = ""
+    probe: Callable[[str, str], list[tuple[int, ...]]] | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def shapes(self, side: str, tap: str) -> list[tuple[int, ...]]:
+        if side not in ("student", "teacher"):
+            raise ValueError(f"side must be 'student' or 'teacher', got {side!r}")
+        key = (side, tap)
+        if key not in self._cache:
+            if self.probe is None:
+                raise RuntimeError("this Context has no probe: feature shapes are unknown")
+            self._cache[key] = [tuple(s) for s in self.probe(side, tap)]
+        return self._cache[key]
+
+
+class Distiller(nn.Module):
+    """Base class of every method. Subclasses set the class attributes and implement the hooks.
+
+    Class attributes:
+      * ``tasks``: the tasks the method applies to.
+      * ``version``: bump when the method's numbers can change; stored in every record.
+      * ``needs_teacher``: False only for the student baseline.
+      * ``heterogeneous``: True when the method works across architectures (CNN↔ViT/Swin/MLP).
+      * ``citation``: one line, shown by ``kdbench ls methods``.
+    """
+
+    tasks: frozenset[str] | set[str] = frozenset({"classification"})
+    version: int = 1
+    needs_teacher: bool = True
+    heterogeneous: bool = False
+    citation: str = ""
+    task_loss_weight: float = 1.0
+
+    def __init__(self, ctx: Context):
+        super().__init__()
+        self.ctx = ctx
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def taps(self) -> Taps:
+        return Taps()
+
+    def forward(self, s: Outputs, t: Outputs | None, batch: Batch) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    # Optional stage run once per (teacher, stage config) before distillation (FreeKD/AFP prompts).
+    # A method with a stage overrides all three; the harness caches the artifact by hash.
+    def stage_config(self) -> dict | None:
+        """Plain data that determines the stage artifact, or None when the method has no stage."""
+        return None
+
+    def run_stage(self, teacher: nn.Module, loader, device: torch.device) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def load_stage(self, state: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    # -- helpers for the harness -----------------------------------------------------------------
+    @classmethod
+    def param_defaults(cls) -> dict[str, Any]:
+        """The keyword-only hyperparameters and their defaults, from the signature."""
+        out = {}
+        for name, p in inspect.signature(cls.__init__).parameters.items():
+            if p.kind is inspect.Parameter.KEYWORD_ONLY:
+                out[name] = None if p.default is inspect.Parameter.empty else p.default
+        return out
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Reject unknown keys (listing the valid ones); return the params resolved over the defaults."""
+        defaults = cls.param_defaults()
+        unknown = sorted(set(params) - set(defaults))
+        if unknown:
+            valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "(none)"
+            raise ValueError(
+                f"unknown parameter(s) {', '.join(map(repr, unknown))} for method "
+                f"{getattr(cls, 'registry_name', cls.__name__)!r}; valid: {valid}"
+            )
+        return {**defaults, **params}
+
+    def extra_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def fp32(*tensors: Tensor) -> Sequence[Tensor] | Tensor:
+    """Cast to float32 (losses are computed in fp32 even under autocast)."""
+    out = tuple(t.float() for t in tensors)
+    return out[0] if len(out) == 1 else out
+
+
+def no_autocast():
+    """Context manager that disables autocast on every device type in use."""
+    return torch.autocast(device_type="cuda", enabled=False) if torch.cuda.is_available() else torch.autocast(
+        device_type="cpu", enabled=False
+    )
