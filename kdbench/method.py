@@ -85,6 +85,7 @@ class Context:
     student_model: str = ""
     teacher_model: str = ""
     probe: Callable[[str, str], list[tuple[int, ...]]] | None = None
+    task_loss: Callable[[Any, Any], Tensor] | None = None  # task_loss(outputs: Outputs, targets) -> scalar
     _cache: dict = field(default_factory=dict, repr=False)
 
     def shapes(self, side: str, tap: str) -> list[tuple[int, ...]]:

@@ -1,0 +1,208 @@
+"""kdbench command line: run | validate | ls | table | status.
+
+Only argparse and the torch-free modules are imported at start-up; each command imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_suite_args(p: argparse.ArgumentParser, many: bool = False) -> None:
+    p.add_argument("suite", nargs="+" if many else None, help="suite YAML file" + ("s" if many else ""))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a suite value, e.g. --set recipe.epochs=2 (repeatable)")
+
+
+def _matrix(suite, specs_waves) -> str:
+    from tabulate import tabulate
+
+    rows = []
+    for wave_i, wave in enumerate(specs_waves):
+        for s in wave:
+            teacher = (s.teacher or {}).get("model", "-") if s.kind != "teacher" else "-"
+            src = "suite-trained" if s.teacher_run else ((s.teacher or {}).get("weights") or "-")
+            params = ", ".join(f"{k}={v}" for k, v in s.params.items())
+            rows.append([s.run_id, wave_i, s.kind, s.label, s.pair, s.seed, s.student["model"], teacher, src,
+                         params[:60]])
+    return tabulate(rows, headers=["run_id", "wave", "kind", "label", "pair", "seed", "student", "teacher",
+                                   "teacher weights", "params"], tablefmt="simple")
+
+
+def cmd_run(a) -> int:
+    from kdbench.launch import launch, select_specs
+    from kdbench.suite import check_data_available, load_suite
+
+    suite = load_suite(a.suite, a.overrides)
+    waves = select_specs(suite, a.filter)
+    if a.dry_run:
+        print(f"{suite.path}: {suite.name} v{suite.version}, {sum(map(len, waves))} runs")
+        print(_matrix(suite, waves))
+        return 0
+    check_data_available(suite)
+    records = launch(suite, a.results, executor=a.executor, parallel=a.parallel, pattern=a.filter)
+    bad = [r for r in records if r["status"] != "ok"]
+    suite_dir = Path(a.results) / suite.name
+    if not a.no_table:
+        from kdbench.tables import make_table
+
+        try:
+            print()
+            print(make_table(suite_dir, suite_version=suite.version))
+        except Exception as e:  # the runs are recorded; a table problem must not hide that
+            print(f"(no table: {e})", file=sys.stderr)
+    if bad:
+        print(f"{len(bad)} run(s) did not finish ok; `kdbench status {suite_dir}` lists them, "
+              f"`kdbench run {a.suite}` again reruns only those.", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_validate(a) -> int:
+    from kdbench.suite import check_data_available, load_suite
+
+    failed = 0
+    for path in a.suite:
+        try:
+            suite = load_suite(path, a.overrides)
+            if not a.no_data:
+                check_data_available(suite)
+            print(f"ok   {path}: {suite.name} v{suite.version}, {len(suite.specs)} runs")
+            if a.verbose:
+                print(_matrix(suite, suite.stages()))
+        except (ValueError, KeyError, OSError) as e:
+            failed += 1
+            print(f"FAIL {e}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_ls(a) -> int:
+    from tabulate import tabulate
+
+    if a.what == "methods":
+        from kdbench.registry import METHODS
+
+        rows = []
+        for name, cls in METHODS.items():
+            defaults = ", ".join(f"{k}={v}" for k, v in cls.param_defaults().items())
+            rows.append([name, ",".join(sorted(cls.tasks)), cls.citation or (cls.__doc__ or "").strip().splitlines()[0],
+                         defaults if a.verbose else ""])
+        headers = ["method", "tasks", "citation", "params" if a.verbose else ""]
+        print(tabulate(rows, headers=headers, tablefmt="simple"))
+    elif a.what == "suites":
+        import yaml
+
+        folder = Path(a.dir)
+        rows = []
+        for p in sorted(folder.glob("*.yaml")):
+            try:
+                d = yaml.safe_load(p.read_text()) or {}
+                rows.append([p.name, d.get("version", "?"), d.get("task", "?"), (d.get("description") or "").strip()[:70]])
+            except Exception as e:
+                rows.append([p.name, "?", "?", f"(unreadable: {e})"])
+        print(tabulate(rows, headers=["suite", "version", "task", "description"], tablefmt="simple"))
+    elif a.what == "models":
+        from kdbench.registry import MODELS
+
+        for prefix, src in MODELS.items():
+            names = src().names()
+            if a.pattern:
+                import fnmatch
+
+                names = [n for n in names if fnmatch.fnmatch(n, a.pattern)]
+            shown = names if (a.verbose or len(names) <= 40) else names[:40] + [f"... {len(names)} in all (-v)"]
+            print(f"{prefix}: " + ", ".join(shown))
+    elif a.what == "datasets":
+        from kdbench.registry import DATASETS
+
+        for name, plugin in DATASETS.items():
+            print(f"{name} ({plugin.task}): options {', '.join(plugin.option_names())}; layout {plugin.layout}")
+    return 0
+
+
+def cmd_table(a) -> int:
+    from kdbench.tables import make_table
+
+    out = make_table(Path(a.results_dir), metric=a.metric, select=a.select, eval=a.eval, fmt=a.format,
+                     suite_version=a.suite_version, layout=a.layout)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(out + ("" if out.endswith("\n") else "\n"))
+        print(f"wrote {a.out}")
+    else:
+        print(out)
+    return 0
+
+
+def cmd_status(a) -> int:
+    from kdbench.tables import status_table
+
+    print(status_table(Path(a.results_dir)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kdbench import __version__
+
+    p = argparse.ArgumentParser(prog="kdbench", description="Knowledge-distillation benchmark harness: "
+                                "run suites of (method x teacher/student pair x seed), aggregate paper tables.")
+    p.add_argument("--version", action="version", version=f"kdbench {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run a suite (resumes: runs already ok are skipped)")
+    _add_suite_args(r)
+    r.add_argument("--executor", choices=("debug", "local", "slurm"), default="local",
+                   help="debug: in process; local: subprocesses on this machine (default); slurm: job arrays")
+    r.add_argument("--results", default="results", help="results folder (default: results/)")
+    r.add_argument("--filter", metavar="GLOB", help="only runs whose label, method or pair matches GLOB")
+    r.add_argument("--parallel", type=int, help="runs at a time (local) / array parallelism (slurm)")
+    r.add_argument("--dry-run", action="store_true", help="resolve the suite and print the run matrix; run nothing")
+    r.add_argument("--no-table", action="store_true", help="do not print the table at the end")
+    r.set_defaults(fn=cmd_run)
+
+    v = sub.add_parser("validate", help="validate suites fully (models, methods, params, data) without running")
+    _add_suite_args(v, many=True)
+    v.add_argument("--no-data", action="store_true", help="skip the data layout check")
+    v.add_argument("-v", "--verbose", action="store_true", help="print the run matrix")
+    v.set_defaults(fn=cmd_validate)
+
+    ls = sub.add_parser("ls", help="list methods, suites, models or datasets")
+    ls.add_argument("what", choices=("methods", "suites", "models", "datasets"))
+    ls.add_argument("pattern", nargs="?", help="glob filter (models)")
+    ls.add_argument("--dir", default="suites", help="suites folder (default: suites/)")
+    ls.add_argument("-v", "--verbose", action="store_true")
+    ls.set_defaults(fn=cmd_ls)
+
+    t = sub.add_parser("table", help="paper-style table of a suite's records")
+    t.add_argument("results_dir", help="RESULTS/SUITE folder")
+    t.add_argument("--format", choices=("md", "latex", "csv"), default="md")
+    t.add_argument("--metric", help="metric (default: the task's main metric)")
+    t.add_argument("--select", choices=("final", "best"), default="final")
+    t.add_argument("--eval", default="val")
+    t.add_argument("--suite-version", type=int, help="use records of this suite version only")
+    t.add_argument("--layout", default="auto", help="auto | method_x_domain")
+    t.add_argument("--out", help="write to this file")
+    t.set_defaults(fn=cmd_table)
+
+    s = sub.add_parser("status", help="state of every run of a suite")
+    s.add_argument("results_dir", help="RESULTS/SUITE folder")
+    s.set_defaults(fn=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are recorded; `kdbench run` again resumes the rest", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"kdbench: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

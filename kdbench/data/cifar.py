@@ -1,0 +1,110 @@
+"""CIFAR-100 from its official python pickles (``cifar-100-python/{train,test,meta}``), no download.
+
+``root`` may be the folder that holds ``cifar-100-python/`` or that folder itself. ``write_cifar100`` writes a
+small dataset in exactly this format (for tests and for trying suites without the real data); it is read back
+through the same loader.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdbench.data.base import (ClassificationData, DataLayoutError, DatasetPlugin, TensorImages, compose,
+                               random_crop_flip, resize_to, stratified_fraction)
+from kdbench.registry import DATASETS
+
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+LAYOUT = "ROOT/cifar-100-python/{train,test,meta} (the official 'python version' pickles of CIFAR-100)"
+
+
+def _folder(root: str | os.PathLike) -> Path:
+    root = Path(root)
+    for cand in (root / "cifar-100-python", root):
+        if all((cand / f).is_file() for f in ("train", "test", "meta")):
+            return cand
+    missing = [f for f in ("train", "test", "meta") if not (root / "cifar-100-python" / f).is_file()]
+    raise DataLayoutError(f"CIFAR-100 not found at {root}: missing {', '.join(missing)} in "
+                          f"{root / 'cifar-100-python'}. Expected layout: {LAYOUT}")
+
+
+def _load(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+@DATASETS.register("cifar100")
+class CIFAR100(DatasetPlugin):
+    layout = LAYOUT
+
+    def check(self, root, **options):
+        if root is None:
+            raise DataLayoutError(f"data.root is required for cifar100. Expected layout: {LAYOUT}")
+        _folder(root)
+
+    def build(self, root=None, *, train_fraction: float = 1.0, augment: bool = True, fraction_seed: int = 0,
+              image_size: int = 32) -> ClassificationData:
+        """``image_size`` other than 32 upsamples bilinearly (e.g. 224 for timm ViT/Swin students and teachers)."""
+        folder = _folder(root)
+        tr, te, meta = _load(folder / "train"), _load(folder / "test"), _load(folder / "meta")
+
+        def images(d):
+            return torch.from_numpy(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
+
+        ytr = np.asarray(tr[b"fine_labels"], dtype=np.int64)
+        keep = stratified_fraction(ytr, float(train_fraction), seed=fraction_seed)
+        aug = random_crop_flip(pad=4) if augment else None
+        resize = resize_to(int(image_size)) if int(image_size) != 32 else None
+        t_train = compose(aug, resize)
+        train = TensorImages(images(tr)[keep], torch.from_numpy(ytr[keep]), CIFAR100_MEAN, CIFAR100_STD, t_train)
+        val = TensorImages(images(te), torch.tensor(te[b"fine_labels"]), CIFAR100_MEAN, CIFAR100_STD, resize)
+        classes = [c.decode() for c in meta[b"fine_label_names"]]
+        return ClassificationData(train, val, num_classes=100, in_chans=3, image_size=int(image_size), classes=classes)
+
+
+def write_cifar100(root: str | os.PathLike, n_train_per_class: int = 5, n_test_per_class: int = 2,
+                   num_classes: int = 100, seed: int = 0) -> Path:
+    """Write a small CIFAR-100-format dataset under ``root/cifar-100-python`` and return that folder.
+
+    Each class has its own colour and stripe orientation plus noise, so the task is learnable. The pickles have
+    the official keys (``data`` uint8 N×3072 row-major RGB planes, ``fine_labels``, ``coarse_labels``,
+    ``filenames``, ``batch_label``; meta: ``fine_label_names``, ``coarse_label_names``).
+    """
+    if num_classes > 100:
+        raise ValueError("CIFAR-100 has 100 classes")
+    rng = np.random.default_rng(seed)
+    out = Path(root) / "cifar-100-python"
+    out.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:32, 0:32]
+    base_colors = rng.uniform(40, 215, size=(100, 3))
+
+    def make(n_per_class: int, split: str) -> dict:
+        data, labels = [], []
+        for c in range(num_classes):
+            angle = np.pi * (c % 10) / 10
+            freq = 2 + (c // 10) % 5
+            stripe = np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * freq * 2 * np.pi / 32)
+            for _ in range(n_per_class):
+                img = base_colors[c][:, None, None] + 40 * stripe[None] + rng.normal(0, 12, size=(3, 32, 32))
+                data.append(np.clip(img, 0, 255).astype(np.uint8).reshape(-1))
+                labels.append(c)
+        order = rng.permutation(len(labels))
+        data = np.stack(data)[order]
+        labels = [int(labels[i]) for i in order]
+        return {b"data": data, b"fine_labels": labels, b"coarse_labels": [l // 5 for l in labels],
+                b"filenames": [f"{split}_{i:05d}.png".encode() for i in range(len(labels))],
+                b"batch_label": f"{split} batch (kdbench synthetic)".encode()}
+
+    for split, n in (("train", n_train_per_class), ("test", n_test_per_class)):
+        with open(out / split, "wb") as f:
+            pickle.dump(make(n, split), f)
+    meta = {b"fine_label_names": [f"class_{i:02d}".encode() for i in range(100)],
+            b"coarse_label_names": [f"super_{i:02d}".encode() for i in range(20)]}
+    with open(out / "meta", "wb") as f:
+        pickle.dump(meta, f)
+    return out

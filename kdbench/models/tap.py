@@ -1,0 +1,191 @@
+"""TapModel: a classifier plus the means to return any requested feature tap in the same forward."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kdbench.method import Outputs
+
+SEMANTIC_TAPS = ("stages", "stages_preact", "final", "pooled", "cam", "logits")
+
+
+def _get_module(net: nn.Module, path: str) -> nn.Module:
+    try:
+        return net.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in net.named_modules() if n][:40]
+        raise ValueError(f"no submodule {path!r}; some valid paths: {', '.join(names)}") from None
+
+
+class TapModel(nn.Module):
+    """Wraps a network. ``forward(x, taps)`` -> ``Outputs`` with ``logits`` and ``feats[tap]`` (lists of tensors).
+
+    Subclasses implement ``_semantic(x, wanted) -> (logits, {tap: [tensors]})`` for the semantic taps they
+    support; ``module:<path>`` taps are captured with forward hooks on any network.
+    """
+
+    supported: tuple[str, ...] = ("logits",)
+
+    def __init__(self, net: nn.Module, name: str):
+        super().__init__()
+        self.net = net
+        self.name = name
+
+    @property
+    def classifier(self) -> nn.Linear | None:
+        return None
+
+    def _semantic(self, x: Tensor, wanted: set[str]) -> tuple[Tensor, dict[str, list[Tensor]]]:
+        return self.net(x), {}
+
+    def check_taps(self, taps: Sequence[str]) -> None:
+        for tap in taps:
+            if tap.startswith("module:"):
+                _get_module(self.net, tap[len("module:"):])
+            elif tap not in self.supported:
+                raise ValueError(f"model {self.name!r} does not provide tap {tap!r}; it provides "
+                                 f"{', '.join(self.supported)} and module:<path>")
+
+    def forward(self, x: Tensor, taps: Sequence[str] = ()) -> Outputs:
+        wanted = set(taps)
+        captured: dict[str, Tensor] = {}
+        handles = []
+        for tap in wanted:
+            if tap.startswith("module:"):
+                mod = _get_module(self.net, tap[len("module:"):])
+
+                def hook(_m, _i, out, _tap=tap):
+                    captured[_tap] = out
+
+                handles.append(mod.register_forward_hook(hook))
+        try:
+            logits, feats = self._semantic(x, {t for t in wanted if not t.startswith("module:")})
+        finally:
+            for h in handles:
+                h.remove()
+        for tap, out in captured.items():
+            feats[tap] = list(out) if isinstance(out, (list, tuple)) else [out]
+        if "logits" in wanted:
+            feats["logits"] = [logits]
+        if "cam" in wanted and "cam" not in feats:
+            feats["cam"] = [self.cam(feats["final"][0])]
+        return Outputs(logits=logits, feats=feats)
+
+    def cam(self, final: Tensor) -> Tensor:
+        """Class activation maps: the classifier weights (bias dropped) as a 1×1 conv over the final map."""
+        fc = self.classifier
+        if fc is None:
+            raise ValueError(f"model {self.name!r} has no linear classifier to build class activation maps from")
+        return torch.einsum("nchw,kc->nkhw", final, fc.weight)
+
+    def tap_modules(self, tap: str) -> list[nn.Module]:
+        """Modules whose outputs are exactly the tensors of ``tap`` (for stages that edit a feature in place)."""
+        if tap.startswith("module:"):
+            return [_get_module(self.net, tap[len("module:"):])]
+        raise ValueError(f"model {self.name!r} cannot edit tap {tap!r} in its forward")
+
+    def wanted_semantic(self, wanted: set[str]) -> set[str]:
+        """Semantic taps needed to serve ``wanted`` (a CAM needs the final map)."""
+        return wanted | ({"final"} if "cam" in wanted else set())
+
+
+class KdbenchCifar(TapModel):
+    """kdbench's CIFAR-style nets: ``net.forward_taps(x)`` returns every semantic tap in one pass."""
+
+    supported = ("logits", "stages", "stages_preact", "final", "pooled", "cam")
+
+    @property
+    def classifier(self):
+        return self.net.fc
+
+    def _semantic(self, x, wanted):
+        if not (wanted - {"logits"}):
+            return self.net(x), {}
+        out = self.net.forward_taps(x)
+        feats = {}
+        for k in self.wanted_semantic(wanted) - {"logits", "cam"}:
+            v = out[k]
+            feats[k] = list(v) if isinstance(v, (list, tuple)) else [v]
+        return out["logits"], feats
+
+    def tap_modules(self, tap):
+        stage_mods = getattr(self.net, "stage_modules", None)
+        if tap in ("stages", "final") and callable(stage_mods):
+            mods = list(stage_mods())
+            return mods if tap == "stages" else mods[-1:]
+        return super().tap_modules(tap)
+
+
+def stage_indices(n_feats: int, n_stages: int = 4) -> list[int]:
+    """Indices of ``n_stages`` evenly spaced intermediates ending at the last (ResNet: drop the stem;
+    12-block ViT/MLP: blocks 3, 6, 9, 12; 4-stage Swin/ConvNeXt: all four)."""
+    if n_feats <= n_stages:
+        return list(range(n_feats))
+    step = n_feats // n_stages
+    return [n_feats - 1 - (n_stages - 1 - k) * step for k in range(n_stages)]
+
+
+class TimmModel(TapModel):
+    """Any timm model. Stages come from ``forward_intermediates`` (NCHW for CNN, ViT, Swin and MLP models:
+    token models are reshaped on their patch grid, prefix tokens dropped). ``final`` is the last stage map,
+    ``pooled`` the pre-logits feature, ``cam`` the classifier weights over ``final`` (for token models that pool a
+    class token this is an approximation of a CAM)."""
+
+    supported = ("logits", "stages", "final", "pooled", "cam")
+
+    @property
+    def classifier(self):
+        fc = self.net.get_classifier()
+        return fc if isinstance(fc, nn.Linear) else None
+
+    def _n_intermediates(self) -> int:
+        if not hasattr(self, "_n_int"):
+            self._n_int = len(self.net.feature_info)
+        return self._n_int
+
+    def _semantic(self, x, wanted):
+        if not (wanted - {"logits"}):
+            return self.net(x), {}
+        idx = stage_indices(self._n_intermediates())
+        final, inter = self.net.forward_intermediates(x, indices=idx)
+        feats = {"stages": list(inter), "final": [inter[-1]]}
+        feats["pooled"] = [self.net.forward_head(final, pre_logits=True)]
+        logits = self.net.forward_head(final)
+        return logits, {k: v for k, v in feats.items() if k in self.wanted_semantic(wanted)}
+
+
+class TorchvisionModel(TapModel):
+    """torchvision classifiers. ResNet-family models provide stages (``layer1..4``), final, pooled and cam;
+    others provide logits and ``module:<path>`` taps."""
+
+    def __init__(self, net, name):
+        super().__init__(net, name)
+        self._resnet = all(hasattr(net, a) for a in ("layer1", "layer2", "layer3", "layer4", "fc"))
+        self.supported = ("logits", "stages", "final", "pooled", "cam") if self._resnet else ("logits",)
+
+    @property
+    def classifier(self):
+        return self.net.fc if self._resnet else None
+
+    def _semantic(self, x, wanted):
+        if not (wanted - {"logits"}) or not self._resnet:
+            return self.net(x), {}
+        n = self.net
+        h = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        stages = []
+        for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
+            h = layer(h)
+            stages.append(h)
+        pooled = torch.flatten(n.avgpool(h), 1)
+        logits = n.fc(pooled)
+        feats = {"stages": stages, "final": [h], "pooled": [pooled]}
+        return logits, {k: v for k, v in feats.items() if k in self.wanted_semantic(wanted)}
+
+    def tap_modules(self, tap):
+        if self._resnet and tap in ("stages", "final"):
+            mods = [self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4]
+            return mods if tap == "stages" else mods[-1:]
+        return super().tap_modules(tap)

@@ -1,0 +1,474 @@
+"""Suites: YAML protocol files -> validated Suite -> frozen RunSpecs.
+
+Loading is strict: every key is checked against the schema below and an error names the file, the key path and
+the valid choices, before anything runs. Strings may use ``${VAR}`` / ``${VAR:-default}``; one level of
+``include:`` merges a base file under this one (this file wins; lists are replaced, mappings merged);
+``--set a.b=v`` overrides are applied after the include (values parsed as YAML; list items by index:
+``pairs.0.student.model=...``). Only ``yaml.safe_load`` is used.
+
+This module imports torch only when methods are resolved (``expand``), never at import time.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class SuiteError(ValueError):
+    """A suite is invalid. The message names the file and the key."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schema: key -> (required, description). Nested schemas are validated by the functions below.
+TOP_KEYS = {
+    "suite": "name of the suite (must equal the file stem)",
+    "version": "integer; bump it when the suite's numbers can change",
+    "description": "free text",
+    "include": "one base suite file merged under this one (one level only)",
+    "task": "classification | detection | segmentation",
+    "data": "mapping: name, root, and the dataset's options",
+    "evals": "list of {name: ...}",
+    "recipe": "training recipe mapping",
+    "pairs": "list of {teacher: ..., student: ...}",
+    "methods": "list of method names or {name, label, params}",
+    "seeds": "list of integer seeds",
+    "resources": "mapping of scheduler resources",
+    "reference": "list of published numbers {method, pair, metric, value, source}",
+}
+REQUIRED_TOP = ("suite", "version", "task", "data", "recipe", "pairs", "methods", "seeds")
+RECIPE_KEYS = {
+    "epochs": int, "batch_size": int, "optimizer": dict, "schedule": dict, "grad_clip": (int, float, type(None)),
+    "amp": bool, "eval_every": int, "eval_batch_size": int, "num_workers": int, "max_steps_per_epoch": (int, type(None)),
+}
+RECIPE_DEFAULTS = {"grad_clip": None, "amp": True, "eval_every": 1, "eval_batch_size": 256, "num_workers": 0,
+                   "max_steps_per_epoch": None}
+OPTIMIZERS = {"sgd": {"lr", "momentum", "weight_decay", "nesterov"}, "adamw": {"lr", "weight_decay", "betas"},
+              "adam": {"lr", "weight_decay", "betas"}}
+SCHEDULES = {"multistep": {"milestones", "gamma", "warmup_epochs"}, "cosine": {"warmup_epochs", "min_lr"},
+             "constant": {"warmup_epochs"}}
+MODEL_KEYS = {"model", "weights", "kwargs", "train"}
+TEACHER_TRAIN_KEYS = {"recipe", "data", "seed"}
+PAIR_KEYS = {"name", "teacher", "student", "params"}
+METHOD_KEYS = {"name", "label", "params"}
+RESOURCE_KEYS = {"gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes", "tasks_per_node",
+                 "slurm_partition", "slurm_account", "slurm_qos", "slurm_constraint", "slurm_array_parallelism"}
+REFERENCE_KEYS = {"method", "pair", "metric", "value", "source"}
+TASK_NAMES = ("classification", "detection", "segmentation")
+
+
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one run needs, as plain data. ``run_id`` hashes what determines its numbers."""
+
+    suite: str
+    suite_version: int
+    kind: str  # "teacher" | "distill"
+    task: str
+    data: dict
+    recipe: dict
+    evals: tuple
+    student: dict  # {"model", "kwargs", ("weights")}
+    teacher: dict | None  # {"model", "kwargs", "weights"} or None
+    teacher_run: str | None  # run_id of the suite-trained teacher this run loads, if any
+    method: str
+    method_version: int
+    params: dict
+    seed: int
+    label: str = ""
+    pair: str = ""
+    pair_index: int = 0
+    method_index: int = 0
+    resources: dict = field(default_factory=dict)
+    reference: tuple = ()
+
+    @property
+    def run_id(self) -> str:
+        key = {k: getattr(self, k) for k in ("suite", "suite_version", "kind", "task", "data", "recipe", "evals",
+                                             "student", "teacher", "teacher_run", "method", "method_version",
+                                             "params", "seed")}
+        if self.kind != "teacher":  # a teacher is shared by every pair that trains the same one; a run is not
+            key["pair"] = self.pair
+        blob = json.dumps(key, sort_keys=True, default=str, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["run_id"] = self.run_id
+        return d
+
+
+@dataclass
+class Suite:
+    path: Path
+    raw: dict  # the merged, overridden, env-expanded mapping
+    specs: list[RunSpec]
+
+    @property
+    def name(self) -> str:
+        return self.raw["suite"]
+
+    @property
+    def version(self) -> int:
+        return self.raw["version"]
+
+    @property
+    def resources(self) -> dict:
+        return dict(self.raw.get("resources") or {})
+
+    def stages(self) -> list[list[RunSpec]]:
+        """Waves of runs: teachers first, then the runs that depend on them."""
+        teachers = [s for s in self.specs if s.kind == "teacher"]
+        others = [s for s in self.specs if s.kind != "teacher"]
+        return [w for w in (teachers, others) if w]
+
+
+# ---------------------------------------------------------------------------------------------------
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any, where: str = "") -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string; an unset variable without default is an error."""
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            var, default = m.group(1), m.group(2)
+            if var in os.environ:
+                return os.environ[var]
+            if default is not None:
+                return default
+            raise SuiteError(f"{where}: environment variable ${{{var}}} is not set (write ${{{var}:-default}})")
+
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def deep_merge(base: Any, over: Any) -> Any:
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = deep_merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+    return copy.deepcopy(over)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SuiteError(f"suite file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SuiteError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SuiteError(f"{path}: a suite must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict, assignment: str, path: Path) -> None:
+    """Apply one ``a.b.c=value`` (value parsed as YAML) in place."""
+    if "=" not in assignment:
+        raise SuiteError(f"--set {assignment!r}: expected KEY=VALUE (e.g. recipe.epochs=2)")
+    key, raw_value = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw_value)
+    except yaml.YAMLError as e:
+        raise SuiteError(f"--set {assignment!r}: value is not valid YAML: {e}") from None
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise SuiteError(f"{path}: --set {key}: {where!r} needs a list index below {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if part not in node or node[part] is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise SuiteError(f"{path}: --set {key}: {'.'.join(parts[:i])!r} is not a mapping or list")
+
+
+def load_raw(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
+    path = Path(path)
+    data = _read_yaml(path)
+    inc = data.pop("include", None)
+    if inc is not None:
+        if not isinstance(inc, str):
+            raise SuiteError(f"{path}: include: must be one file path (one level of include), got {inc!r}")
+        inc_path = (path.parent / expand_env(inc, f"{path}: include")).resolve()
+        base = _read_yaml(inc_path)
+        if "include" in base:
+            raise SuiteError(f"{inc_path}: included files cannot include others (one level only; {path} includes it)")
+        data = deep_merge(base, data)
+    for ov in overrides:
+        apply_override(data, ov, path)
+    return expand_env(data, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+def _err(path: Path, key: str, msg: str) -> SuiteError:
+    return SuiteError(f"{path}: {key}: {msg}")
+
+
+def _check_keys(path: Path, where: str, mapping: Any, valid: set[str] | dict, required: tuple = ()) -> None:
+    if not isinstance(mapping, dict):
+        raise _err(path, where, f"expected a mapping, got {type(mapping).__name__} ({mapping!r})")
+    unknown = sorted(set(mapping) - set(valid))
+    if unknown:
+        raise _err(path, f"{where}.{unknown[0]}" if where else unknown[0],
+                   f"unknown key; valid keys here: {', '.join(sorted(valid))}")
+    for r in required:
+        if r not in mapping:
+            raise _err(path, f"{where}.{r}" if where else r, "required key is missing")
+
+
+def _check_recipe(path: Path, where: str, recipe: dict, partial: bool = False) -> dict:
+    _check_keys(path, where, recipe, RECIPE_KEYS, () if partial else ("epochs", "batch_size", "optimizer", "schedule"))
+    for k, typ in RECIPE_KEYS.items():
+        v = recipe.get(k)
+        if k in recipe and (not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool)):
+            expected = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+            raise _err(path, f"{where}.{k}", f"expected {expected}, got {v!r}")
+    for k in ("epochs", "batch_size"):
+        if k in recipe and recipe[k] < 1:
+            raise _err(path, f"{where}.{k}", f"must be >= 1, got {recipe[k]}")
+    if "optimizer" in recipe:
+        opt = recipe["optimizer"]
+        _check_keys(path, f"{where}.optimizer", opt, {"name"} | set().union(*OPTIMIZERS.values()), ("name",) if not partial else ())
+        if "name" in opt:
+            if opt["name"] not in OPTIMIZERS:
+                raise _err(path, f"{where}.optimizer.name", f"unknown optimizer {opt['name']!r}; valid: {', '.join(OPTIMIZERS)}")
+            _check_keys(path, f"{where}.optimizer", opt, {"name"} | OPTIMIZERS[opt["name"]])
+    if "schedule" in recipe:
+        sch = recipe["schedule"]
+        _check_keys(path, f"{where}.schedule", sch, {"name"} | set().union(*SCHEDULES.values()), ("name",) if not partial else ())
+        if "name" in sch:
+            if sch["name"] not in SCHEDULES:
+                raise _err(path, f"{where}.schedule.name", f"unknown schedule {sch['name']!r}; valid: {', '.join(SCHEDULES)}")
+            _check_keys(path, f"{where}.schedule", sch, {"name"} | SCHEDULES[sch["name"]])
+            if sch["name"] == "multistep" and "milestones" not in sch:
+                raise _err(path, f"{where}.schedule.milestones", "required for the multistep schedule")
+    return recipe
+
+
+def _check_data(path: Path, where: str, data: dict, task: str, partial: bool = False) -> None:
+    from kdbench.registry import DATASETS
+
+    _check_keys(path, where, data, set(data), () if partial else ("name",))
+    if "name" not in data:
+        return
+    try:
+        plugin = DATASETS.get(data["name"])
+    except KeyError as e:
+        raise _err(path, f"{where}.name", str(e)) from None
+    if plugin.task != task:
+        raise _err(path, f"{where}.name", f"dataset {data['name']!r} is for task {plugin.task!r}, not {task!r}")
+    valid = {"name", "root"} | set(plugin.option_names())
+    _check_keys(path, where, data, valid)
+
+
+def _model_spec(path: Path, where: str, spec: Any, teacher: bool) -> dict:
+    if isinstance(spec, str):
+        spec = {"model": spec}
+    valid = MODEL_KEYS if teacher else MODEL_KEYS - {"train"}
+    _check_keys(path, where, spec, valid, ("model",))
+    from kdbench.models.sources import check_model
+
+    try:
+        check_model(spec["model"])
+    except (ValueError, KeyError) as e:
+        raise _err(path, f"{where}.model", str(e)) from None
+    if teacher and ("weights" in spec) == ("train" in spec):
+        raise _err(path, where, "a teacher needs exactly one of 'weights: PATH' (a checkpoint) or "
+                                "'train: {...}' (trained by the suite, cached and shared by every method)")
+    if not teacher and "weights" in spec:
+        raise _err(path, f"{where}.weights", "students are trained from scratch; weights are not allowed")
+    out = {"model": spec["model"], "kwargs": dict(spec.get("kwargs") or {})}
+    if "weights" in spec:
+        out["weights"] = str(spec["weights"])
+    if "train" in spec:
+        tr = spec["train"] or {}
+        _check_keys(path, f"{where}.train", tr, TEACHER_TRAIN_KEYS)
+        out["train"] = tr
+    return out
+
+
+def short_model(name: str) -> str:
+    return name.split(":", 1)[-1]
+
+
+def _resolve_method(path: Path, where: str, entry: Any, task: str):
+    from kdbench.registry import METHODS
+
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    _check_keys(path, where, entry, METHOD_KEYS, ("name",))
+    try:
+        cls = METHODS.get(entry["name"])
+    except KeyError as e:
+        raise _err(path, f"{where}.name", str(e)) from None
+    if task not in cls.tasks:
+        raise _err(path, f"{where}.name", f"method {entry['name']!r} does not apply to task {task!r} "
+                                          f"(it supports {', '.join(sorted(cls.tasks))})")
+    params = entry.get("params") or {}
+    try:
+        cls.check_params(params)
+    except ValueError as e:
+        raise _err(path, f"{where}.params", str(e)) from None
+    return cls, entry["name"], entry.get("label") or entry["name"], params
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+def validate_and_expand(path: Path, raw: dict) -> list[RunSpec]:
+    _check_keys(path, "", raw, TOP_KEYS, REQUIRED_TOP)
+    if raw["suite"] != path.stem:
+        raise _err(path, "suite", f"must equal the file stem {path.stem!r}, got {raw['suite']!r}")
+    if not isinstance(raw["version"], int) or isinstance(raw["version"], bool):
+        raise _err(path, "version", f"must be an integer, got {raw['version']!r}")
+    task = raw["task"]
+    if task not in TASK_NAMES:
+        raise _err(path, "task", f"unknown task {task!r}; valid: {', '.join(TASK_NAMES)}")
+    from kdbench.registry import TASKS
+
+    task_obj = TASKS.get(task)()
+    _check_data(path, "data", raw["data"], task)
+    evals = raw.get("evals") or [{"name": "val"}]
+    if not isinstance(evals, list):
+        raise _err(path, "evals", "expected a list of {name: ...}")
+    for i, ev in enumerate(evals):
+        _check_keys(path, f"evals[{i}]", ev, set(ev), ("name",))
+        if ev["name"] not in task_obj.evals:
+            raise _err(path, f"evals[{i}].name", f"unknown eval {ev['name']!r} for {task}; valid: {', '.join(task_obj.evals)}")
+    recipe = _check_recipe(path, "recipe", raw["recipe"])
+    recipe = {**RECIPE_DEFAULTS, **recipe}
+    seeds = raw["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise _err(path, "seeds", f"expected a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise _err(path, "seeds", f"duplicate seeds in {seeds}")
+    resources = raw.get("resources") or {}
+    _check_keys(path, "resources", resources, RESOURCE_KEYS)
+    if not isinstance(raw["pairs"], list) or not raw["pairs"]:
+        raise _err(path, "pairs", "expected a non-empty list of {teacher, student}")
+    if not isinstance(raw["methods"], list) or not raw["methods"]:
+        raise _err(path, "methods", "expected a non-empty list of methods")
+    methods = [_resolve_method(path, f"methods[{i}]", m, task) for i, m in enumerate(raw["methods"])]
+    labels = [m[2] for m in methods]
+    dup = sorted({l for l in labels if labels.count(l) > 1})
+    if dup:
+        raise _err(path, "methods", f"duplicate label(s) {dup}: give each entry its own 'label:'")
+    refs = raw.get("reference") or []
+    for i, r in enumerate(refs):
+        _check_keys(path, f"reference[{i}]", r, REFERENCE_KEYS, ("method", "pair", "metric", "value"))
+
+    data = _jsonable(raw["data"])
+    specs: list[RunSpec] = []
+    common = dict(suite=raw["suite"], suite_version=raw["version"], task=task, evals=tuple(_jsonable(evals)),
+                  resources=_jsonable(resources))
+    pair_names: list[str] = []
+    for p_i, pair in enumerate(raw["pairs"]):
+        where = f"pairs[{p_i}]"
+        _check_keys(path, where, pair, PAIR_KEYS, ("teacher", "student"))
+        teacher = _model_spec(path, f"{where}.teacher", pair["teacher"], teacher=True)
+        student = _model_spec(path, f"{where}.student", pair["student"], teacher=False)
+        pname = pair.get("name") or f"{short_model(teacher['model'])}→{short_model(student['model'])}"
+        if pname in pair_names:
+            raise _err(path, f"{where}.name", f"duplicate pair name {pname!r}")
+        pair_names.append(pname)
+        pair_params = pair.get("params") or {}
+        _check_keys(path, f"{where}.params", pair_params, set(labels) | {m[1] for m in methods})
+
+        teacher_run = None
+        t_for_runs = {k: v for k, v in teacher.items() if k != "train"}
+        if "train" in teacher:
+            tr = teacher["train"]
+            t_recipe = _check_recipe(path, f"{where}.teacher.train.recipe", tr.get("recipe") or {}, partial=True)
+            t_data = tr.get("data") or {}
+            _check_data(path, f"{where}.teacher.train.data", t_data, task, partial=True)
+            from kdbench.registry import METHODS
+
+            t_ref = tuple(_jsonable({k: v for k, v in r.items() if k not in ("method", "pair")})
+                          for r in refs if r["method"] == "teacher" and r["pair"] == pname)
+            tspec = RunSpec(kind="teacher", reference=t_ref, data=deep_merge(data, _jsonable(t_data)),
+                            recipe=deep_merge(recipe, _jsonable(t_recipe)), student=_jsonable(t_for_runs),
+                            teacher=None, teacher_run=None, method="baseline",
+                            method_version=METHODS.get("baseline").version,
+                            params={}, seed=int(tr.get("seed", 0)), label="teacher", pair=pname, pair_index=p_i,
+                            method_index=-1, **common)
+            if tspec.run_id not in {x.run_id for x in specs}:  # the same teacher for several pairs: trained once
+                specs.append(tspec)
+            teacher_run = tspec.run_id
+        for m_i, (cls, mname, label, params) in enumerate(methods):
+            over = {**(pair_params.get(mname) or {}), **(pair_params.get(label) or {})} if mname != label else (pair_params.get(mname) or {})
+            merged = {**params, **over}
+            try:
+                resolved = cls.check_params(merged)
+            except ValueError as e:
+                raise _err(path, f"{where}.params.{label}", str(e)) from None
+            ref = tuple(_jsonable({k: v for k, v in r.items() if k not in ("method", "pair")})
+                        for r in refs if r["method"] == label and r["pair"] == pname)
+            for seed in seeds:
+                specs.append(RunSpec(
+                    kind="distill", data=data, recipe=_jsonable(recipe), student=_jsonable(student),
+                    teacher=_jsonable(t_for_runs) if cls.needs_teacher else None,
+                    teacher_run=teacher_run if cls.needs_teacher else None,
+                    method=mname, method_version=cls.version, params=_jsonable(resolved), seed=seed, label=label,
+                    pair=pname, pair_index=p_i, method_index=m_i, reference=ref, **common))
+    for i, r in enumerate(refs):
+        if r["pair"] not in pair_names:
+            raise _err(path, f"reference[{i}].pair", f"unknown pair {r['pair']!r}; pairs: {', '.join(pair_names)}")
+        if r["method"] not in labels + ["teacher"]:
+            raise _err(path, f"reference[{i}].method",
+                       f"unknown method label {r['method']!r}; valid: {', '.join(labels + ['teacher'])}")
+    return specs
+
+
+def load_suite(path: str | os.PathLike, overrides: list[str] = ()) -> Suite:
+    path = Path(path)
+    raw = load_raw(path, list(overrides))
+    specs = validate_and_expand(path, raw)
+    return Suite(path=path, raw=raw, specs=specs)
+
+
+def check_data_available(suite: Suite) -> None:
+    """Check that every dataset the suite reads is where it says, in the expected layout."""
+    from kdbench.registry import TASKS
+
+    task = TASKS.get(suite.raw["task"])()
+    seen = set()
+    for spec in suite.specs:
+        key = json.dumps(spec.data, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            task.check_data(spec.data)
+        except (OSError, ValueError) as e:
+            raise SuiteError(f"{suite.path}: data: {e}") from None
+        if spec.teacher and spec.teacher.get("weights") and not Path(spec.teacher["weights"]).is_file():
+            raise SuiteError(f"{suite.path}: pairs ({spec.pair}): teacher weights not found: {spec.teacher['weights']}")

@@ -1,0 +1,72 @@
+"""Image classification: data from the dataset plugins, models from the model sources, cross-entropy,
+top-1/top-5 accuracy (in %)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdbench.method import Outputs
+from kdbench.registry import DATASETS, TASKS
+
+
+@TASKS.register("classification")
+class ClassificationTask:
+    name = "classification"
+    evals = ("val",)
+    primary_metric = "top1"
+
+    # -- data ------------------------------------------------------------------------------------
+    @staticmethod
+    def dataset_plugin(name: str):
+        plugin = DATASETS.get(name)
+        if plugin.task != "classification":
+            raise ValueError(f"dataset {name!r} is for task {plugin.task!r}, not classification")
+        return plugin()
+
+    def check_data(self, data: dict[str, Any]) -> None:
+        opts = {k: v for k, v in data.items() if k not in ("name", "root")}
+        self.dataset_plugin(data["name"]).check(data.get("root"), **opts)
+
+    def build_data(self, data: dict[str, Any]):
+        opts = {k: v for k, v in data.items() if k not in ("name", "root")}
+        return self.dataset_plugin(data["name"]).build(data.get("root"), **opts)
+
+    # -- models ----------------------------------------------------------------------------------
+    def build_model(self, spec: dict[str, Any], data):
+        from kdbench.models.sources import build_model
+
+        return build_model(spec["model"], data.num_classes, data.in_chans, **spec.get("kwargs", {}))
+
+    def example_input(self, data, n: int = 2) -> Tensor:
+        x = torch.stack([data.val[i][0] for i in range(min(n, len(data.val)))])
+        return x
+
+    # -- loss and evaluation ---------------------------------------------------------------------
+    def loss(self, out: Outputs, targets: Tensor) -> Tensor:
+        return F.cross_entropy(out.logits.float(), targets)
+
+    @torch.no_grad()
+    def evaluate(self, model, loader, device) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        correct1 = correct5 = total = 0
+        loss_sum = 0.0
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x).logits.float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            k = min(5, logits.shape[1])
+            topk = logits.topk(k, dim=1).indices
+            hit = topk.eq(y[:, None])
+            correct1 += hit[:, 0].sum().item()
+            correct5 += hit.any(dim=1).sum().item()
+            total += y.numel()
+        model.train(was_training)
+        return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total}
+
+    # metric name -> higher is better
+    metrics = {"top1": True, "top5": True, "loss": False}

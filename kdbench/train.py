@@ -1,0 +1,215 @@
+"""The training loop: optimiser, per-step LR schedule with warm-up, AMP on GPU, gradient clipping, a checkpoint
+every epoch and exact resume from it, a non-finite-loss guard, a progress bar, per-epoch metrics in
+``log.jsonl``, and the final and best-epoch metrics.
+
+Reproducibility: every epoch reseeds the global RNG and the data order from ``(seed, epoch)``, so a run resumed
+from its last checkpoint continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kdbench.method import Batch, Distiller
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (int(seed) * 1_000_003 + int(epoch) * 7_919) % (2**31 - 1)
+
+
+def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
+    name = cfg["name"]
+    lr = float(cfg.get("lr", 0.1 if name == "sgd" else 1e-3))
+    wd = float(cfg.get("weight_decay", 0.0))
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(cfg.get("momentum", 0.9)), weight_decay=wd,
+                               nesterov=bool(cfg.get("nesterov", False)))
+    betas = tuple(cfg.get("betas", (0.9, 0.999)))
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=betas)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=betas)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def lr_factor(cfg: dict, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """Multiplier of the base LR at a (0-based) global step. Warm-up is linear over ``warmup_epochs``."""
+    total = max(1, epochs * steps_per_epoch)
+    warm = int(float(cfg.get("warmup_epochs", 0)) * steps_per_epoch)
+    f_warm = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+    name = cfg["name"]
+    if name == "multistep":
+        epoch = step // steps_per_epoch  # 0-based: milestone m lowers the LR from epoch m+1 (1-based) on
+        n = sum(epoch >= int(m) for m in cfg["milestones"])
+        f = float(cfg.get("gamma", 0.1)) ** n
+    elif name == "cosine":
+        t = min(1.0, step / total)
+        lo = float(cfg.get("min_lr", 0.0))
+        f = lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t))
+    elif name == "constant":
+        f = 1.0
+    else:
+        raise ValueError(f"unknown schedule {name!r}")
+    return f * f_warm
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    final: dict[str, float] = field(default_factory=dict)
+    best: dict[str, float] = field(default_factory=dict)
+    best_epoch: int = 0
+    step_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    resumes: int = 0
+    peak_mem_mb: float = 0.0
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_log(history: list[dict], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+    os.replace(tmp, path)
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    except Exception:  # pragma: no cover
+        return float("nan")
+
+
+def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, task, data, recipe: dict,
+        run_dir: Path, seed: int, device: torch.device, desc: str = "", primary: str = "top1",
+        higher_is_better: bool = True) -> FitResult:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl"
+    epochs, bs = int(recipe["epochs"]), int(recipe["batch_size"])
+    n_train = len(data.train)
+    steps_per_epoch = n_train // bs if n_train >= bs else 1
+    if recipe.get("max_steps_per_epoch"):
+        steps_per_epoch = min(steps_per_epoch, int(recipe["max_steps_per_epoch"]))
+    taps = method.taps()
+    student.to(device).train()
+    method.to(device).train()
+    if teacher is not None:
+        teacher.to(device).eval()
+        teacher.requires_grad_(False)
+    params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
+    opt = build_optimizer(params, recipe["optimizer"])
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    use_amp = bool(recipe.get("amp")) and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    res = FitResult()
+    start_epoch = 1
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        student.load_state_dict(ck["student"])
+        method.load_state_dict(ck["method"])
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        res.history, res.best, res.best_epoch = ck["history"], ck["best"], ck["best_epoch"]
+        res.wall_time_s, res.resumes = ck["wall_time_s"], ck["resumes"] + 1
+        step_times = ck["step_times"]
+        start_epoch = ck["epoch"] + 1
+    else:
+        step_times = [0.0, 0]
+    eval_loader = DataLoader(data.val, batch_size=int(recipe.get("eval_batch_size", 256)), shuffle=False,
+                             num_workers=int(recipe.get("num_workers", 0)))
+    t_start = time.perf_counter()
+    wall_before = res.wall_time_s
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start_epoch, epochs + 1), desc=desc or "train", initial=start_epoch - 1, total=epochs,
+               disable=None, leave=False, dynamic_ncols=True)
+    for epoch in bar:
+        torch.manual_seed(epoch_seed(seed, epoch))
+        g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        loader = DataLoader(data.train, batch_size=bs, shuffle=True, drop_last=n_train >= bs, generator=g,
+                            num_workers=int(recipe.get("num_workers", 0)))
+        sums: dict[str, float] = {}
+        n_steps = 0
+        for i, (x, y) in enumerate(loader):
+            if i >= steps_per_epoch:
+                break
+            step = (epoch - 1) * steps_per_epoch + i
+            for grp, lr0 in zip(opt.param_groups, base_lrs):
+                grp["lr"] = lr0 * lr_factor(recipe["schedule"], step, steps_per_epoch, epochs)
+            t0 = time.perf_counter()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, enabled=use_amp):
+                s_out = student(x, taps.student)
+                t_out = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(x, taps.teacher)
+                task_loss = task.loss(s_out, y)
+                terms = method(s_out, t_out, Batch(inputs=x, targets=y, epoch=epoch, step=step, epochs=epochs,
+                                                   steps_per_epoch=steps_per_epoch))
+            loss = method.task_loss_weight * task_loss.float() + sum((v.float() for v in terms.values()),
+                                                                     torch.zeros((), device=device))
+            if not torch.isfinite(loss):
+                vals = {k: float(v.detach()) for k, v in {"loss_task": task_loss, **terms}.items()}
+                raise Diverged(f"non-finite loss at epoch {epoch}, step {i}: {vals}")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if recipe.get("grad_clip"):
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, float(recipe["grad_clip"]))
+            scaler.step(opt)
+            scaler.update()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_times[0] += time.perf_counter() - t0
+            step_times[1] += 1
+            n_steps += 1
+            for k, v in {"loss": loss, "loss_task": task_loss, **terms}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        entry = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "steps": n_steps,
+                 **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()}}
+        if epoch % int(recipe.get("eval_every", 1)) == 0 or epoch == epochs:
+            metrics = task.evaluate(student, eval_loader, device)
+            entry.update({f"val_{k}": v for k, v in metrics.items()})
+            better = (not res.best or (metrics[primary] > res.best[primary] if higher_is_better
+                                       else metrics[primary] < res.best[primary]))
+            if better:
+                res.best, res.best_epoch = dict(metrics), epoch
+            bar.set_postfix({primary: f"{metrics[primary]:.2f}", "loss": f"{entry.get('train_loss', 0):.3f}"})
+        res.history.append(entry)
+        res.wall_time_s = wall_before + time.perf_counter() - t_start
+        _atomic_save({"epoch": epoch, "student": student.state_dict(), "method": method.state_dict(),
+                      "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "history": res.history,
+                      "best": res.best, "best_epoch": res.best_epoch, "wall_time_s": res.wall_time_s,
+                      "resumes": res.resumes, "step_times": step_times}, ckpt_path)
+        _write_log(res.history, log_path)
+    bar.close()
+    last_eval = [h for h in res.history if any(k.startswith("val_") for k in h)][-1]
+    res.final = {k[4:]: v for k, v in last_eval.items() if k.startswith("val_")}
+    res.step_time_s = step_times[0] / max(1, step_times[1])
+    res.peak_mem_mb = _peak_mem_mb(device)
+    return res

@@ -1,0 +1,129 @@
+"""End to end: a tiny digits suite through the debug and local executors, records, resume, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kdbench.launch import launch
+from kdbench.results import read_record
+from kdbench.suite import load_suite
+
+from kdb_util import tiny_suite
+
+
+def records(results: Path, suite: str = "tiny") -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((results / suite / "runs").glob("*/record.json"))]
+
+
+def metric(rec, name="top1", select="final"):
+    return next(m["value"] for m in rec["metrics"] if m["metric"] == name and m["select"] == select)
+
+
+def test_debug_run_writes_records_and_resumes(write_suite, tmp_path):
+    path = write_suite(tiny_suite())
+    results = tmp_path / "res"
+    recs = launch(load_suite(path), results, executor="debug", log=lambda s: None)
+    assert [r["status"] for r in recs] == ["ok", "ok", "ok"]
+    teacher, base, kd = recs
+    assert teacher["kind"] == "teacher" and base["teacher"] is None
+    assert kd["teacher"]["run"] == teacher["run_id"] and kd["teacher_metrics"] == teacher["metrics"]
+    assert {(m["metric"], m["select"]) for m in kd["metrics"]} >= {("top1", "final"), ("top1", "best"), ("top5", "final")}
+    assert 0 <= metric(kd) <= 100 and kd["cost"]["step_time_s"] > 0 and kd["cost"]["wall_time_s"] > 0
+    assert kd["params"] == {"temperature": 4.0, "weight": 0.9, "ce_weight": 0.1}
+    assert kd["env"]["torch"] and "git_sha" in kd["env"]
+    run_dir = results / "tiny" / "runs" / kd["run_id"]
+    assert (run_dir / "log.jsonl").read_text().count("\n") == 2
+    # a rerun does nothing: every record is ok
+    again = launch(load_suite(path), results, executor="debug", log=lambda s: None)
+    assert again == []
+
+
+def test_local_executor_matches_debug(write_suite, tmp_path):
+    path = write_suite(tiny_suite(methods=["baseline"]))
+    debug = launch(load_suite(path), tmp_path / "d", executor="debug", log=lambda s: None)
+    local = launch(load_suite(path), tmp_path / "l", executor="local", parallel=2, log=lambda s: None)
+    assert [r["status"] for r in local] == ["ok", "ok"]  # the suite's teacher, then the baseline
+    assert [r["run_id"] for r in local] == [r["run_id"] for r in debug]
+    assert local[-1]["metrics"] == debug[-1]["metrics"]
+
+
+def test_failed_and_diverged_runs_are_recorded_and_others_go_on(write_suite, tmp_path):
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"not a checkpoint")
+    d = tiny_suite(methods=["baseline", {"name": "kd", "label": "kd-nan", "params": {"weight": float("nan")}}])
+    d["pairs"].append({"name": "broken", "teacher": {"model": "kdbench:resnet8", "weights": str(bad)},
+                       "student": {"model": "kdbench:resnet8"}})
+    path = write_suite(d)
+    results = tmp_path / "res"
+    recs = launch(load_suite(path), results, executor="debug", log=lambda s: None)
+    by = {(r["label"], r["pair"]): r for r in recs}
+    assert by[("teacher", "resnet8→resnet8")]["status"] == "ok"
+    assert by[("baseline", "resnet8→resnet8")]["status"] == "ok"
+    assert by[("baseline", "broken")]["status"] == "ok"  # the baseline needs no teacher
+    nan = by[("kd-nan", "resnet8→resnet8")]
+    assert nan["status"] == "diverged" and "non-finite loss" in nan["error"]
+    broken = by[("kd-nan", "broken")]
+    assert broken["status"] == "failed" and "garbage.pt" in broken["error"]
+    # a rerun retries only what is not ok
+    again = launch(load_suite(path), results, executor="debug", log=lambda s: None)
+    assert sorted(r["label"] for r in again) == ["kd-nan", "kd-nan"]
+
+
+def _cli(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "kdbench.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def test_interrupted_run_resumes_to_identical_metrics(write_suite, tmp_path):
+    d = tiny_suite(methods=["kd"])
+    d["recipe"]["epochs"] = 6
+    path = write_suite(d)
+    ref = launch(load_suite(path), tmp_path / "ref", executor="debug", log=lambda s: None)
+    results = tmp_path / "res"
+    proc = subprocess.Popen([sys.executable, "-m", "kdbench.cli", "run", str(path), "--executor", "debug",
+                             "--results", str(results), "--no-table"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kd_id = ref[-1]["run_id"]
+    log = results / "tiny" / "runs" / kd_id / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill the student run once it has finished 2 epochs
+        if log.is_file() and log.read_text().count("\n") >= 2:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the run finished before it could be interrupted")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_record(results / "tiny" / "runs" / kd_id) is None
+    done = log.read_text().count("\n")
+    assert 2 <= done < 6
+    r = _cli("run", str(path), "--executor", "debug", "--results", str(results), "--no-table")
+    assert r.returncode == 0, r.stderr
+    assert "1 already ok, 1 to run" in r.stdout
+    rec = read_record(results / "tiny" / "runs" / kd_id)
+    assert rec["status"] == "ok" and rec["scheduler"]["resumes"] == 1
+    assert rec["metrics"] == ref[-1]["metrics"]
+
+
+def test_cli_rejects_bad_suite_before_running(write_suite, tmp_path):
+    path = write_suite(tiny_suite(methods=["baseline", {"name": "kd", "params": {"temprature": 2}}]))
+    r = _cli("run", str(path), "--results", str(tmp_path / "res"))
+    assert r.returncode == 2
+    assert "unknown parameter(s) 'temprature'" in r.stderr and "valid: temperature=4.0" in r.stderr
+    assert not (tmp_path / "res").exists()
+
+
+def test_dry_run_prints_matrix_without_data(write_suite, tmp_path):
+    d = tiny_suite()
+    d["data"] = {"name": "cifar100", "root": str(tmp_path / "absent")}
+    r = _cli("run", str(write_suite(d)), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "3 runs" in r.stdout and "suite-trained" in r.stdout
+    v = _cli("validate", str(write_suite(d)))
+    assert v.returncode == 1 and "CIFAR-100 not found" in v.stderr and "cifar-100-python" in v.stderr
