@@ -1,0 +1,167 @@
+"""UHKD: Yu, Pan, Zhang, Guan, Jiang, "Unified framework for heterogeneous knowledge distillation via
+frequency-domain representations", arXiv 2510.24116, 2025. Spec: METHODS.md §10 (every detail [INTERP]).
+
+Only the abstract and figure captions are available; this is the benchmark's convention, not the paper's code:
+
+* FTM (teacher, parameter-free): ``FFT2(ortho)`` per channel → spectrum (amplitude ``|X|`` or stacked
+  real/imaginary parts) → ``fftshift`` → log compression → ``adaptive_avg_pool2d`` to ``grid×grid`` →
+  tokens ``N×grid²×C`` → LayerNorm over channels without affine parameters.
+* FAM (student, learnable): the same spectral pipeline, then SCA = ``Linear(C_s→C_t)`` per token and
+  SRA = learnable positional embedding + residual 2-layer GELU MLP ``C_t→C_t→C_t``, then the same LayerNorm.
+* ``L = ce_weight·CE + alpha·KD_T + beta·Σ_levels MSE(FAM(F^s), FTM(F^t))``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdbench.method import Batch, Distiller, Outputs, Taps, no_autocast, register_method
+from kdbench.methods.kd import kd_loss
+
+SPECTRA = ("amplitude", "complex")
+
+
+def spectral_tokens(feat: Tensor, grid: int, spectrum: str = "amplitude") -> Tensor:
+    """The shared spectral pipeline (SRR + flattening of METHODS.md §10), in fp32: ``N×C×h×w -> N×grid²×C'``.
+
+    * ``amplitude``: ``log1p(fftshift(|FFT2(F, ortho)|))``, ``C' = C``; invariant to circular shifts of ``F``.
+    * ``complex``: real and imaginary parts of the shifted spectrum stacked on channels (real first),
+      each compressed with the signed ``sign(x)·log1p(|x|)``, ``C' = 2C``.
+
+    The map is then ``adaptive_avg_pool2d``-ed to ``grid×grid``; a map smaller than ``grid`` is brought *up*
+    to ``grid×grid`` by the same operator (each output cell averages the 1–2 input cells its bin overlaps),
+    so every level and both networks give the same token grid whatever their resolution.
+    Tokens are ordered row-major over the grid.
+    """
+    if spectrum not in SPECTRA:
+        raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
+    if feat.dim() != 4:
+        raise ValueError(f"spectral_tokens: expected N×C×h×w, got {tuple(feat.shape)}")
+    with no_autocast():
+        X = torch.fft.fft2(feat.float(), norm="ortho")
+        X = torch.fft.fftshift(X, dim=(-2, -1))
+        if spectrum == "amplitude":
+            spec = torch.log1p(X.abs())
+        else:
+            ri = torch.cat([X.real, X.imag], dim=1)
+            spec = torch.sign(ri) * torch.log1p(ri.abs())
+        spec = F.adaptive_avg_pool2d(spec, (grid, grid))
+        return spec.flatten(2).transpose(1, 2)  # N×grid²×C'
+
+
+class FTM(nn.Module):
+    """Feature Transformation Module (teacher side, parameter-free): SRR (spectrum, log, pool) + SRT
+    (token sequence, LayerNorm over channels without affine). ``N×C×h×w -> N×grid²×C'``."""
+
+    def __init__(self, grid: int = 7, spectrum: str = "amplitude"):
+        super().__init__()
+        if spectrum not in SPECTRA:
+            raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
+        self.grid = int(grid)
+        self.spectrum = spectrum
+
+    def forward(self, feat: Tensor) -> Tensor:
+        tok = spectral_tokens(feat, self.grid, self.spectrum)
+        with no_autocast():
+            return F.layer_norm(tok, tok.shape[-1:])
+
+
+class FAM(nn.Module):
+    """Feature Alignment Module (student side, learnable) for one level.
+
+    Spectral tokens ``N×grid²×C_s'`` → SCA ``Linear(C_s'→C_t')`` → ``h = h + pos`` (learnable ``grid²×C_t'``,
+    truncated-normal std 0.02) → SRA ``h = h + MLP(h)`` (``Linear→GELU→Linear``, width ``C_t'``) →
+    LayerNorm without affine. ``C' = C`` for amplitude spectra, ``2C`` for complex ones. Runs in fp32.
+    """
+
+    def __init__(self, c_s: int, c_t: int, grid: int = 7, spectrum: str = "amplitude"):
+        super().__init__()
+        if spectrum not in SPECTRA:
+            raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
+        mult = 2 if spectrum == "complex" else 1
+        self.grid = int(grid)
+        self.spectrum = spectrum
+        c_in, c_out = mult * int(c_s), mult * int(c_t)
+        self.sca = nn.Linear(c_in, c_out)
+        self.pos = nn.Parameter(torch.zeros(1, self.grid * self.grid, c_out))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        self.sra = nn.Sequential(nn.Linear(c_out, c_out), nn.GELU(), nn.Linear(c_out, c_out))
+
+    def forward(self, feat: Tensor) -> Tensor:
+        tok = spectral_tokens(feat, self.grid, self.spectrum)
+        with no_autocast():
+            h = self.sca(tok) + self.pos
+            h = h + self.sra(h)
+            return F.layer_norm(h, h.shape[-1:])
+
+
+@register_method("uhkd")
+class UHKD(Distiller):
+    """Yu et al., "Unified framework for heterogeneous KD via frequency-domain representations", 2025.
+    METHODS.md §10 ([INTERP] throughout; see the module docstring).
+
+    ``L = ce_weight·CE + alpha·T²·KL(p_t‖p_s) + beta·Σ_levels MSE(FAM_l(F^s_l), FTM(F^t_l))`` over the
+    ``"stages"`` taps. When the networks have different stage counts the deepest ``min(n_s, n_t)`` stages of
+    each are paired (deepest with deepest). MSE is the mean over batch, tokens and channels.
+    Defaults: ``temperature=4, alpha=1`` (CIFAR; ImageNet T=1), ``beta=1``, ``grid=7``, amplitude spectra.
+    """
+
+    tasks = frozenset({"classification"})
+    heterogeneous = True
+    citation = "Yu et al., Unified framework for heterogeneous KD via frequency-domain representations, arXiv 2510.24116, 2025 (METHODS.md §10)"
+    version = 1
+
+    def __init__(
+        self,
+        ctx,
+        *,
+        temperature: float = 4.0,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        grid: int = 7,
+        spectrum: str = "amplitude",
+        ce_weight: float = 1.0,
+    ):
+        super().__init__(ctx)
+        if spectrum not in SPECTRA:
+            raise ValueError(f"uhkd: spectrum must be one of {SPECTRA}, got {spectrum!r}")
+        if int(grid) < 1:
+            raise ValueError(f"uhkd: grid must be >= 1, got {grid}")
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.grid = int(grid)
+        self.spectrum = spectrum
+        self.task_loss_weight = ce_weight
+
+        s_shapes = ctx.shapes("student", "stages")
+        t_shapes = ctx.shapes("teacher", "stages")
+        self.n_levels = min(len(s_shapes), len(t_shapes))
+        if self.n_levels == 0:
+            raise ValueError("uhkd: the student or the teacher exposes no stage features")
+        for side, shapes in (("student", s_shapes), ("teacher", t_shapes)):
+            for sh in shapes:
+                if len(sh) != 3:
+                    raise ValueError(f"uhkd: {side} stage shapes must be (C, H, W), got {tuple(sh)}")
+        s_shapes, t_shapes = s_shapes[-self.n_levels:], t_shapes[-self.n_levels:]
+        self.ftm = FTM(self.grid, spectrum)
+        self.fams = nn.ModuleList(FAM(ss[0], ts[0], self.grid, spectrum) for ss, ts in zip(s_shapes, t_shapes))
+
+    def taps(self) -> Taps:
+        return Taps(student=("stages",), teacher=("stages",))
+
+    def forward(self, s: Outputs, t: Outputs, batch: Batch) -> dict[str, Tensor]:
+        k = self.n_levels
+        feats_s, feats_t = s["stages"][-k:], t["stages"][-k:]
+        loss_freq = None
+        for fam, fs, ft in zip(self.fams, feats_s, feats_t):
+            with torch.no_grad():
+                target = self.ftm(ft.detach())
+            term = F.mse_loss(fam(fs), target, reduction="mean")
+            loss_freq = term if loss_freq is None else loss_freq + term
+        return {
+            "loss_kd": self.alpha * kd_loss(s.logits, t.logits, self.temperature),
+            "loss_freq": self.beta * loss_freq,
+        }

@@ -1,0 +1,138 @@
+"""UHKD (METHODS.md §10, [INTERP]): spectral pipeline, FTM invariance, FAM learnability, multi-level wiring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdbench.method import Batch, Context, Outputs
+from kdbench.methods.kd import kd_loss
+from kdbench.methods.uhkd import FAM, FTM, UHKD, spectral_tokens
+
+
+def _ctx(shapes: dict, k: int = 10) -> Context:
+    return Context(task="classification", num_classes=k, epochs=10, steps_per_epoch=5, dataset_size=100,
+                   probe=lambda side, tap: shapes[(side, tap)])
+
+
+def _batch(n: int = 2, k: int = 10) -> Batch:
+    return Batch(inputs=None, targets=torch.arange(n) % k, epoch=1, step=0, epochs=10, steps_per_epoch=5)
+
+
+def _outputs(stages, n=2, k=10, grad=False):
+    feats = [torch.randn(n, *sh).requires_grad_(grad) for sh in stages]
+    logits = torch.randn(n, k).requires_grad_(grad)
+    return Outputs(logits=logits, feats={"stages": feats})
+
+
+def test_spectral_tokens_constant_map_hand_value():
+    c = 0.75
+    x = torch.full((1, 3, 8, 8), c)
+    tok = spectral_tokens(x, grid=8)  # no pooling: 8×8 grid
+    assert tok.shape == (1, 64, 3)
+    # ortho FFT of a constant: DC = c·sqrt(64), everything else 0; fftshift puts DC at (4, 4) -> token 36
+    expected = torch.zeros(1, 64, 3)
+    expected[0, 36] = math.log1p(c * 8)
+    assert torch.allclose(tok, expected, atol=1e-6)
+    cplx = spectral_tokens(x, grid=8, spectrum="complex")
+    assert cplx.shape == (1, 64, 6)
+    assert torch.allclose(cplx[0, 36, :3], torch.full((3,), math.log1p(c * 8)), atol=1e-6)
+    assert cplx[..., 3:].abs().max() < 1e-6  # imaginary part of a real constant's spectrum
+    assert spectral_tokens(-x, grid=8, spectrum="complex")[0, 36, 0].item() == pytest.approx(-math.log1p(c * 8))
+
+
+def test_spectral_tokens_pool_and_upsample_to_grid():
+    x = torch.randn(2, 5, 14, 14)
+    full = spectral_tokens(x, grid=14)
+    pooled = spectral_tokens(x, grid=7)
+    ref = F.adaptive_avg_pool2d(full.transpose(1, 2).reshape(2, 5, 14, 14), 7).flatten(2).transpose(1, 2)
+    assert pooled.shape == (2, 49, 5) and torch.allclose(pooled, ref, atol=1e-6)
+    small = spectral_tokens(torch.randn(2, 5, 4, 4), grid=7)  # smaller than the grid: brought up to 7×7
+    assert small.shape == (2, 49, 5) and torch.isfinite(small).all()
+    with pytest.raises(ValueError):
+        spectral_tokens(x, grid=7, spectrum="phase")
+
+
+def test_ftm_translation_invariance_and_layernorm():
+    torch.manual_seed(0)
+    ftm = FTM(grid=7)
+    assert sum(p.numel() for p in ftm.parameters()) == 0
+    x = torch.randn(2, 6, 14, 14)
+    shifted = torch.roll(x, shifts=(3, -5), dims=(2, 3))
+    a, b = ftm(x), ftm(shifted)
+    assert a.shape == (2, 49, 6)
+    assert torch.allclose(a, b, atol=1e-5)
+    # LayerNorm over channels (eps 1e-5), no affine: per token zero mean and variance v/(v + eps)
+    v = spectral_tokens(x, 7).var(-1, unbiased=False)
+    assert torch.allclose(a.mean(-1), torch.zeros(2, 49), atol=1e-5)
+    assert torch.allclose(a.var(-1, unbiased=False), v / (v + 1e-5), atol=1e-4)
+    # the complex spectrum keeps the phase, so it is not shift-invariant
+    ftm_c = FTM(grid=7, spectrum="complex")
+    assert not torch.allclose(ftm_c(x), ftm_c(shifted), atol=1e-3)
+
+
+def test_fam_shapes_and_grads():
+    torch.manual_seed(0)
+    fam = FAM(8, 24, grid=7)
+    assert fam.sca.in_features == 8 and fam.sca.out_features == 24 and fam.pos.shape == (1, 49, 24)
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    out = fam(x)
+    assert out.shape == (2, 49, 24)
+    F.mse_loss(out, FTM(7)(torch.randn(2, 24, 7, 7))).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for name, p in fam.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    fc = FAM(8, 24, grid=5, spectrum="complex")
+    assert (fc.sca.in_features, fc.sca.out_features) == (16, 48) and fc(torch.randn(2, 8, 6, 6)).shape == (2, 25, 48)
+
+
+S_CNN = [(8, 16, 16), (16, 8, 8), (32, 4, 4)]
+T_CNN4 = [(12, 32, 32), (24, 16, 16), (48, 8, 8), (96, 4, 4)]
+
+
+def test_uhkd_stage_pairing_and_loss_decomposition():
+    torch.manual_seed(0)
+    m = UHKD(_ctx({("student", "stages"): S_CNN, ("teacher", "stages"): T_CNN4}), alpha=0.5, beta=2.0)
+    assert m.taps().student == ("stages",) and m.taps().teacher == ("stages",) and m.heterogeneous
+    # 3 student stages vs 4 teacher stages: the deepest 3 of each, deepest aligned
+    assert m.n_levels == 3
+    assert [(f.sca.in_features, f.sca.out_features) for f in m.fams] == [(8, 24), (16, 48), (32, 96)]
+    s, t = _outputs(S_CNN, grad=True), _outputs(T_CNN4)
+    out = m(s, t, _batch())
+    assert set(out) == {"loss_kd", "loss_freq"}
+    assert out["loss_kd"].item() == pytest.approx(0.5 * kd_loss(s.logits, t.logits, 4.0).item(), rel=1e-6)
+    manual = sum(F.mse_loss(fam(fs), m.ftm(ft)) for fam, fs, ft in zip(m.fams, s["stages"], t["stages"][1:]))
+    assert out["loss_freq"].item() == pytest.approx(2.0 * manual.item(), rel=1e-5)
+    (out["loss_kd"] + out["loss_freq"]).backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in s["stages"])
+    assert s.logits.grad is not None
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_uhkd_vit_teacher_cnn_student():
+    torch.manual_seed(0)
+    vit = [(48, 14, 14)] * 4  # ViT blocks 3/6/9/12, tokens reshaped on the 14×14 patch grid
+    cnn = [(8, 32, 32), (16, 16, 16), (32, 8, 8), (64, 4, 4)]
+    for spectrum in ("amplitude", "complex"):
+        m = UHKD(_ctx({("student", "stages"): cnn, ("teacher", "stages"): vit}), spectrum=spectrum)
+        s, t = _outputs(cnn, grad=True), _outputs(vit)
+        out = m(s, t, _batch())
+        total = out["loss_kd"] + out["loss_freq"]
+        assert total.dim() == 0 and torch.isfinite(total)
+        total.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+        assert all(torch.isfinite(f.grad).all() for f in s["stages"])
+
+
+def test_uhkd_params():
+    d = UHKD.check_params({"beta": 3.0})
+    assert (d["temperature"], d["alpha"], d["beta"], d["grid"], d["spectrum"]) == (4.0, 1.0, 3.0, 7, "amplitude")
+    with pytest.raises(ValueError, match="temperature"):
+        UHKD.check_params({"tau": 1.0})
+    ctx = _ctx({("student", "stages"): S_CNN, ("teacher", "stages"): T_CNN4})
+    with pytest.raises(ValueError):
+        UHKD(ctx, spectrum="phase")
+    assert UHKD(ctx, ce_weight=0.3).task_loss_weight == 0.3
