@@ -1,0 +1,292 @@
+"""Run records: the schema, atomic writes, reading back, and loading a suite's records into pandas.
+
+One JSON record per run at ``<results>/<suite>/runs/<run_id>/record.json`` (DESIGN.md §5). It is written
+once, atomically, when the run ends whatever the outcome, so a reader sees either the previous complete
+record or the new complete one, never a partial file.
+
+This module is torch-free (pandas only) so that ``kdbench table`` and ``kdbench status`` stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+RECORD_SCHEMA = 1
+RECORD_FILE = "record.json"
+STATUSES = ("ok", "failed", "diverged", "timeout")
+KINDS = ("distill", "teacher")
+LAYOUT = "<results>/<suite>/runs/<run_id>/record.json"
+
+#: Keys every record carries (schema 1). ``write_record`` refuses a record that lacks one.
+REQUIRED_KEYS = (
+    "schema", "run_id", "kind", "suite", "suite_version", "task", "method", "label", "method_index",
+    "method_version", "params", "pair", "pair_index", "teacher", "student", "seed", "recipe", "data", "status",
+    "error", "metrics", "teacher_metrics", "reference", "cost", "env", "scheduler", "started_at", "finished_at",
+)
+METRIC_KEYS = ("eval", "metric", "select", "value", "higher_is_better")
+
+#: Columns of the frames returned by :func:`load_records` (in this order; extra columns never appear).
+RUN_COLUMNS = (
+    "run_id", "kind", "suite", "suite_version", "task", "method", "label", "method_index", "method_version",
+    "pair", "pair_index", "seed", "status", "error", "error_line", "params", "teacher_model", "teacher_weights",
+    "teacher_sha256", "teacher_params", "teacher_run", "student_model", "student_params", "wall_time_s",
+    "step_time_s", "peak_mem_mb", "extra_params", "reference", "git_sha", "git_dirty", "device", "started_at",
+    "finished_at", "path",
+)
+#: Run fields joined onto every metric row.
+JOINED_RUN_FIELDS = ("kind", "suite", "suite_version", "task", "method", "label", "method_index",
+                     "method_version", "pair", "pair_index", "seed", "status")
+METRIC_COLUMNS = ("run_id", "eval", "metric", "select", "value", "higher_is_better") + JOINED_RUN_FIELDS
+
+
+class RecordError(ValueError):
+    """A record that is missing, corrupt, partial or does not follow the schema."""
+
+
+# ------------------------------------------------------------------------------------------- writing
+def _json_default(x: Any) -> Any:
+    """Serialise the few non-JSON types a record may pick up (paths, numpy/torch scalars, sets)."""
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    if isinstance(x, (set, frozenset)):
+        return sorted(x, key=str)
+    item = getattr(x, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except (TypeError, ValueError):
+            pass
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable: {x!r}")
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically.
+
+    The JSON goes to a temporary file in the same folder, is flushed and fsynced, then ``os.replace``-d over
+    ``path``. If anything fails on the way the temporary file is removed and an existing ``path`` is left
+    untouched. The folder is created if needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, default=_json_default, ensure_ascii=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable; not possible on every platform/filesystem
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def validate_record(record: Mapping, where: str = "record") -> None:
+    """Raise :class:`RecordError` naming every problem if ``record`` does not follow schema 1."""
+    if not isinstance(record, Mapping):
+        raise RecordError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    problems = []
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        problems.append(f"missing key(s) {', '.join(missing)}")
+    if "schema" in record and record["schema"] != RECORD_SCHEMA:
+        problems.append(f"schema is {record['schema']!r}, this kdbench reads schema {RECORD_SCHEMA}")
+    if "status" in record and record["status"] not in STATUSES:
+        problems.append(f"status {record['status']!r} is not one of {', '.join(STATUSES)}")
+    if "kind" in record and record["kind"] not in KINDS:
+        problems.append(f"kind {record['kind']!r} is not one of {', '.join(KINDS)}")
+    if "error" in record and record["error"] is not None and not isinstance(record["error"], str):
+        problems.append("error must be a string or null")
+    for field in ("metrics", "teacher_metrics"):
+        rows = record.get(field)
+        if field in record and not isinstance(rows, list):
+            problems.append(f"{field} must be a list")
+            continue
+        for i, row in enumerate(rows or []):
+            lacking = [k for k in METRIC_KEYS if not isinstance(row, Mapping) or k not in row]
+            if lacking:
+                problems.append(f"{field}[{i}] lacks {', '.join(lacking)}")
+    if "reference" in record and not isinstance(record["reference"], list):
+        problems.append("reference must be a list")
+    if problems:
+        raise RecordError(f"{where}: invalid record: " + "; ".join(problems))
+
+
+def write_record(run_dir: str | os.PathLike, record: Mapping) -> Path:
+    """Validate ``record`` and write it atomically to ``run_dir/record.json``; return the file's path."""
+    path = Path(run_dir) / RECORD_FILE
+    validate_record(record, where=str(path))
+    write_json_atomic(path, dict(record))
+    return path
+
+
+# ------------------------------------------------------------------------------------------- reading
+def read_record(run_dir: str | os.PathLike) -> dict | None:
+    """The record of ``run_dir``, or None when the run has none (yet).
+
+    A file that is not valid JSON (truncated, corrupt) or not a schema-1 record raises :class:`RecordError`
+    naming the file, so that a bad record is never mistaken for a missing one.
+    """
+    path = Path(run_dir) / RECORD_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{path}: corrupt or partial record ({e.msg} at line {e.lineno} column {e.colno}); "
+                          "delete it to rerun this run") from None
+    validate_record(record, where=str(path))
+    return record
+
+
+def run_dirs(suite_dir: str | os.PathLike) -> list[Path]:
+    """Every run folder of a suite (with or without a record yet), sorted by name."""
+    runs = Path(suite_dir) / "runs"
+    if not runs.is_dir():
+        return []
+    return sorted(p for p in runs.iterdir() if p.is_dir())
+
+
+def iter_records(suite_dir: str | os.PathLike) -> Iterator[dict]:
+    """Yield the records under ``suite_dir/runs/*/record.json`` in run-folder order.
+
+    Run folders without a record (a run in progress or killed) are skipped; a corrupt record raises.
+    """
+    for d in run_dirs(suite_dir):
+        rec = read_record(d)
+        if rec is not None:
+            yield rec
+
+
+def no_records_error(suite_dir: str | os.PathLike) -> FileNotFoundError:
+    """The error for a folder without records: names the path, the expected layout, and nearby suites."""
+    suite_dir = Path(suite_dir)
+    msg = f"no run records under {suite_dir}: expected {LAYOUT} (pass the suite's folder, e.g. results/<suite>)"
+    if suite_dir.is_dir():
+        inner = sorted(p.name for p in suite_dir.iterdir() if (p / "runs").is_dir())
+        if inner:
+            msg += f"; {suite_dir} looks like a results folder holding suite(s): {', '.join(inner)}"
+    else:
+        msg += f"; {suite_dir} does not exist"
+    return FileNotFoundError(msg)
+
+
+def error_line(error: str | None, width: int = 160) -> str:
+    """The one informative line of an error text: the exception line of a traceback, else its first line.
+
+    Records keep the tail of a traceback; its first line ("Traceback ...", or a cut-off frame) says nothing,
+    so the line naming the exception (the first unindented line after the last frame) is returned.
+    """
+    if not error:
+        return ""
+    lines = [ln.rstrip() for ln in str(error).splitlines()]
+    frame = max((i for i, ln in enumerate(lines)
+                 if ln.startswith("Traceback (most recent call last)") or ln.lstrip().startswith('File "')),
+                default=None)
+    if frame is None:  # a tail cut inside a frame: the frames are the indented lines
+        frame = next((i for i, ln in enumerate(lines) if ln[:1].isspace() and ln.strip()), None)
+    found = ""
+    if frame is not None:
+        found = next((ln for ln in lines[frame + 1:] if ln.strip() and not ln[:1].isspace()), "")
+    if not found:
+        found = next((ln.strip() for ln in lines if ln.strip()), "")
+    return found if len(found) <= width else found[: width - 1] + "…"
+
+
+# ------------------------------------------------------------------------------------------- frames
+def _num(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def run_row(record: Mapping, path: str | os.PathLike | None = None) -> dict:
+    """One record flattened to the fields of :data:`RUN_COLUMNS`."""
+    teacher = record.get("teacher") or {}
+    student = record.get("student") or {}
+    cost = record.get("cost") or {}
+    env = record.get("env") or {}
+    return {
+        **{k: record.get(k) for k in ("run_id", "kind", "suite", "suite_version", "task", "method", "label",
+                                      "method_index", "method_version", "pair", "pair_index", "seed", "status",
+                                      "error")},
+        "error_line": error_line(record.get("error")),
+        "params": dict(record.get("params") or {}),
+        "teacher_model": teacher.get("model"), "teacher_weights": teacher.get("weights"),
+        "teacher_sha256": teacher.get("sha256"), "teacher_params": teacher.get("params"),
+        "teacher_run": teacher.get("run"),
+        "student_model": student.get("model"), "student_params": student.get("params"),
+        "wall_time_s": _num(cost.get("wall_time_s")), "step_time_s": _num(cost.get("step_time_s")),
+        "peak_mem_mb": _num(cost.get("peak_mem_mb")), "extra_params": cost.get("extra_params"),
+        "reference": list(record.get("reference") or []),
+        "git_sha": env.get("git_sha"), "git_dirty": env.get("git_dirty"), "device": env.get("device"),
+        "started_at": record.get("started_at"), "finished_at": record.get("finished_at"),
+        "path": None if path is None else str(path),
+    }
+
+
+def metrics_frame(records: list[Mapping], field: str = "metrics") -> pd.DataFrame:
+    """Long form of ``field`` ("metrics" or "teacher_metrics"): one row per (run, eval, metric, select).
+
+    Every row carries the run fields of :data:`JOINED_RUN_FIELDS`; for ``teacher_metrics`` they are the
+    fields of the distillation run that evaluated its teacher.
+    """
+    rows = []
+    for rec in records:
+        joined = {k: rec.get(k) for k in JOINED_RUN_FIELDS}
+        for m in rec.get(field) or []:
+            rows.append({"run_id": rec.get("run_id"), "eval": m["eval"], "metric": m["metric"],
+                         "select": m["select"], "value": _num(m["value"]),
+                         "higher_is_better": bool(m["higher_is_better"]), **joined})
+    return pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
+
+
+def records_to_frames(records: list[Mapping]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(runs, metrics)`` frames of in-memory records (see :func:`load_records`)."""
+    runs = pd.DataFrame([run_row(r, r.get("_path")) for r in records], columns=list(RUN_COLUMNS))
+    return runs, metrics_frame(records)
+
+
+def load_records(suite_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Load a suite's records into two pandas frames.
+
+    * ``runs``: one row per record, columns :data:`RUN_COLUMNS` (teacher/student/cost/env flattened;
+      ``params`` and ``reference`` kept as dict/list; ``error_line`` is the exception line of ``error``;
+      ``path`` the record file).
+    * ``metrics``: long form, one row per (run, eval, metric, select), columns :data:`METRIC_COLUMNS`
+      (value, higher_is_better and the run fields joined).
+
+    Raises FileNotFoundError naming the path and the expected layout when there is no record.
+    """
+    records = []
+    for d in run_dirs(suite_dir):
+        rec = read_record(d)
+        if rec is not None:
+            records.append({**rec, "_path": str(d / RECORD_FILE)})
+    if not records:
+        raise no_records_error(suite_dir)
+    return records_to_frames(records)

@@ -1,0 +1,615 @@
+"""Paper-style tables from a suite's run records (DESIGN.md §5). Torch-free: pandas and tabulate only.
+
+``make_table`` pivots the records of one suite (one suite version) into rows = methods and columns = pairs
+(or the metric when the suite has one pair):
+
+* a cell is the mean ± sample std (ddof=1) over the seeds that finished ``ok``, with their count:
+  ``72.31 ± 0.41 (n=3)``; with one seed the std is omitted: ``72.31 (n=1)``;
+* a "teacher" row comes first: the suite-trained teacher runs of the pair, else the ``teacher_metrics``
+  that distillation runs recorded for the loaded teacher (one evaluation per distinct teacher checkpoint,
+  shown as a plain value without ``n``);
+* a "Δ" column beside every pair: difference of means to the ``baseline`` row of the same pair (raw
+  difference, its sign is not flipped for lower-is-better metrics);
+* the best mean per column is bold (``**`` / ``\\textbf``) following the metric's ``higher_is_better``
+  (teacher row excluded; ties at the displayed precision are all marked; nothing is marked in a column
+  with fewer than two rows that have a value);
+* a "ref." column when records carry a published value for the metric, its source in a footnote;
+* a cell with no ``ok`` run shows "—" and a footnote (statuses and the exception line of the first error);
+  a partially failed cell shows the n of its ok runs and a footnote; a cell with no record is blank.
+
+Records of one (label, pair) that were produced by another configuration (params, recipe, data, models or
+method version changed without bumping the suite version) are not mixed: the configuration of the most
+recent record wins, one record per seed (the most recent), and a footnote counts the ignored ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdbench.results import RecordError, error_line, no_records_error, read_record, run_dirs
+
+FORMATS = ("md", "latex", "csv")
+LAYOUTS = ("auto", "method_x_domain")
+SELECTS = ("final", "best")
+BASELINE = "baseline"
+TEACHER = "teacher"
+NO_DOMAIN = "other"
+DOMAIN_ORDER = ("spatial", "dwt")
+#: Main metric per task, used when no ``ok`` record tells the metric.
+TASK_METRICS = {"classification": "top1", "detection": "AP", "segmentation": "mIoU"}
+CSV_COLUMNS = ("suite", "suite_version", "eval", "metric", "select", "higher_is_better", "row", "method", "pair",
+               "pair_index", "domain", "mean", "std", "n", "n_runs", "delta", "best", "reference",
+               "reference_source", "note")
+
+
+# ------------------------------------------------------------------------------------------- loading
+def _load(suite_dir: Path) -> list[dict]:
+    records = []
+    for d in run_dirs(suite_dir):
+        rec = read_record(d)
+        if rec is not None:
+            records.append(rec)
+    if not records:
+        raise no_records_error(suite_dir)
+    return records
+
+
+def _one_version(records: list[dict], suite_dir: Path, suite_version: int | None) -> list[dict]:
+    versions = sorted({r["suite_version"] for r in records}, key=str)
+    if suite_version is None:
+        if len(versions) > 1:
+            raise ValueError(f"{suite_dir} holds records of suite versions {', '.join(map(str, versions))}; "
+                             "numbers of different versions are not comparable: pass suite_version=N "
+                             "(CLI: --suite-version N)")
+        return records
+    chosen = [r for r in records if r["suite_version"] == suite_version]
+    if not chosen:
+        raise ValueError(f"{suite_dir} has no record of suite version {suite_version}; versions found: "
+                         f"{', '.join(map(str, versions))}")
+    return chosen
+
+
+def _config_key(rec: dict) -> str:
+    """What determines a run's numbers, seed excluded (the run_id's fields, in a form both writers share)."""
+    key = {k: rec.get(k) for k in ("kind", "method", "method_version", "params", "recipe", "data")}
+    key["student"] = (rec.get("student") or {}).get("model")
+    key["teacher"] = (rec.get("teacher") or {}).get("model")
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def _seed_key(seed: Any) -> tuple:
+    return (0, seed, "") if isinstance(seed, int) else (1, 0, str(seed))
+
+
+def _recency(rec: dict) -> tuple:
+    return (rec.get("finished_at") or rec.get("started_at") or "", rec.get("run_id") or "")
+
+
+def _current(recs: list[dict]) -> tuple[list[dict], int]:
+    """The records of one cell that belong together: the newest record's configuration, newest per seed."""
+    if not recs:
+        return [], 0
+    key = _config_key(max(recs, key=_recency))
+    by_seed: dict[Any, dict] = {}
+    for r in sorted((r for r in recs if _config_key(r) == key), key=_recency):
+        by_seed[r.get("seed")] = r
+    kept = sorted(by_seed.values(), key=lambda r: (_seed_key(r.get("seed")), r.get("run_id") or ""))
+    return kept, len(recs) - len(kept)
+
+
+def _metric_row(rows: list[dict], eval: str, metric: str, select: str) -> dict | None:
+    return next((m for m in rows or [] if m.get("eval") == eval and m.get("metric") == metric
+                 and m.get("select") == select), None)
+
+
+def _order(records: list[dict]) -> list[dict]:
+    return sorted(records, key=lambda r: (r["kind"] == TEACHER, r.get("pair_index", 0), r.get("method_index", 0),
+                                          _seed_key(r.get("seed")), r.get("run_id") or ""))
+
+
+def _choose_metric(records: list[dict], metric: str | None, eval: str, select: str) -> str:
+    """The metric asked for (checked to exist) or the first metric of the first ok record."""
+    available = sorted({(m["eval"], m["metric"], m["select"]) for r in records
+                        for m in (r.get("metrics") or []) + (r.get("teacher_metrics") or [])})
+    here = [m for e, m, s in available if e == eval and s == select]
+    listing = ", ".join(f"{m} (eval {e}, select {s})" for e, m, s in available) or "none"
+    if metric is not None:
+        if metric not in here and available:
+            raise ValueError(f"no record has metric {metric!r} for eval {eval!r}, select {select!r}; "
+                             f"available: {listing}")
+        return metric
+    for r in _order(records):
+        if r["status"] == "ok":
+            first = next((m["metric"] for m in r.get("metrics") or []
+                          if m["eval"] == eval and m["select"] == select), None)
+            if first is not None:
+                return first
+    if any(r["status"] == "ok" for r in records):
+        raise ValueError(f"no ok record has a metric for eval {eval!r}, select {select!r}; available: {listing}")
+    task = records[0].get("task")
+    if task not in TASK_METRICS:
+        raise ValueError(f"no ok record to take the metric from and no main metric known for task {task!r}; "
+                         "pass metric=")
+    return TASK_METRICS[task]
+
+
+def _higher_is_better(records: list[dict], metric: str, eval: str) -> bool:
+    flags = {bool(m["higher_is_better"]) for r in records
+             for m in (r.get("metrics") or []) + (r.get("teacher_metrics") or [])
+             if m["metric"] == metric and m["eval"] == eval}
+    if len(flags) > 1:
+        raise ValueError(f"records disagree on whether higher {metric!r} is better")
+    return flags.pop() if flags else True
+
+
+# ------------------------------------------------------------------------------------------- cells
+@dataclass
+class Cell:
+    """The aggregate of one (row, column): the ok values, what went wrong, Δ, best, reference."""
+
+    row: str
+    method: str
+    pair: str
+    pair_index: int
+    domain: str | None = None
+    values: list[float] = field(default_factory=list)
+    n_runs: int = 0
+    bad: Counter = field(default_factory=Counter)  # non-ok status -> count
+    first_error: str = ""
+    no_metric: int = 0  # ok runs that lack the metric
+    ignored: int = 0  # records of another configuration / superseded
+    plain: bool = False  # a fixed evaluation (loaded teacher), not a seed aggregate
+    ref: tuple[float, str] | None = None
+    delta: float | None = None
+    best: bool = False
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else math.nan
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (ddof=1); NaN below two values."""
+        return statistics.stdev(self.values) if len(self.values) > 1 else math.nan
+
+    @property
+    def where(self) -> str:
+        col = self.pair if self.domain is None else f"{self.pair}, {self.domain}"
+        return f"{self.row}, {col}"
+
+    def notes(self, metric: str, eval: str, select: str) -> list[str]:
+        """Footnote texts for this cell (failures, missing metric, ignored records)."""
+        out = []
+        if self.bad:
+            desc = ", ".join(f"{c} {s}" for s, c in sorted(self.bad.items()))
+            n_bad = sum(self.bad.values())
+            head = (f"no run finished ok ({desc})" if n_bad == self.n_runs
+                    else f"{self.n_runs - n_bad} of {self.n_runs} runs ok ({desc})")
+            out.append(f"{self.where}: {head}" + (f"; first error: {self.first_error}" if self.first_error else ""))
+        if self.no_metric:
+            out.append(f"{self.where}: {self.no_metric} ok run(s) without {metric} (eval {eval}, {select})")
+        if self.ignored:
+            out.append(f"{self.where}: {self.ignored} record(s) of an older configuration or method version "
+                       "ignored")
+        return out
+
+
+def _fill(cell: Cell, recs: list[dict], eval: str, metric: str, select: str) -> Cell:
+    kept, cell.ignored = _current(recs)
+    cell.n_runs = len(kept)
+    for r in kept:
+        if r["status"] != "ok":
+            cell.bad[r["status"]] += 1
+            cell.first_error = cell.first_error or error_line(r.get("error"))
+            continue
+        m = _metric_row(r.get("metrics"), eval, metric, select)
+        if m is None or not math.isfinite(float(m["value"])):
+            cell.no_metric += 1
+        else:
+            cell.values.append(float(m["value"]))
+    for r in kept:
+        ref = next((x for x in r.get("reference") or [] if x.get("metric") == metric), None)
+        if ref is not None:
+            cell.ref = (float(ref["value"]), str(ref.get("source") or ""))
+            break
+    return cell
+
+
+def _teacher_from_distill(cell: Cell, recs: list[dict], eval: str, metric: str, select: str) -> Cell:
+    """Teacher cell from the teacher_metrics distillation runs recorded (one value per distinct checkpoint).
+
+    A loaded teacher is evaluated once, so ``select`` falls back to "final" when the asked one is absent.
+    """
+    seen: dict[str, float] = {}
+    for r in _order(recs):
+        t = r.get("teacher") or {}
+        ident = str(t.get("sha256") or t.get("run") or t.get("weights") or t.get("model"))
+        rows = r.get("teacher_metrics") or []
+        m = _metric_row(rows, eval, metric, select) or _metric_row(rows, eval, metric, "final")
+        if m is not None and ident not in seen and math.isfinite(float(m["value"])):
+            seen[ident] = float(m["value"])
+    cell.values = list(seen.values())
+    cell.n_runs = len(cell.values)
+    cell.plain = True
+    return cell
+
+
+@dataclass
+class Group:
+    """One column group: a value column, then Δ and ref. columns when shown."""
+
+    pair: str
+    pair_index: int
+    domain: str | None
+    head: str  # header of the value column (markdown: the full header)
+    top: str | None = None  # LaTeX spanning header (the pair) when there are several pairs
+    sub: str = ""  # LaTeX value header under ``top``
+    delta: bool = False
+    ref: bool = False
+
+
+@dataclass
+class Grid:
+    rows: list[str]
+    methods: dict[str, str]
+    groups: list[Group]
+    cells: dict[tuple[str, int], Cell]  # (row, group index) -> cell
+    teacher: bool
+
+
+def _domain(rec: dict) -> str:
+    return str((rec.get("params") or {}).get("domain", NO_DOMAIN))
+
+
+def _build(records: list[dict], layout: str, eval: str, metric: str, select: str, higher: bool,
+           decimals: int) -> Grid:
+    distill = [r for r in records if r["kind"] != TEACHER]
+    teachers = [r for r in records if r["kind"] == TEACHER]
+    pairs: dict[str, int] = {}
+    for r in records:
+        pairs[r["pair"]] = min(pairs.get(r["pair"], r["pair_index"]), r["pair_index"])
+    pair_list = sorted(pairs, key=lambda p: (pairs[p], p))
+    multi = len(pair_list) > 1
+
+    # rows and the key of each distill record
+    if layout == "auto":
+        def row_of(r: dict) -> str:
+            return r["label"]
+    else:
+        clash: dict[tuple, set] = {}
+        for r in distill:
+            clash.setdefault((r["method"], r["pair"], _domain(r)), set()).add(r["label"])
+        bad = {k: v for k, v in clash.items() if len(v) > 1}
+        if bad:
+            (meth, pair, dom), labels = next(iter(bad.items()))
+            raise ValueError(f"layout method_x_domain needs one entry per (method, domain); {meth!r} "
+                             f"({dom}) on {pair} has labels {', '.join(sorted(labels))}; use layout='auto'")
+
+        def row_of(r: dict) -> str:
+            return r["method"]
+    first_index: dict[str, int] = {}
+    methods: dict[str, str] = {}
+    for r in distill:
+        k = row_of(r)
+        first_index[k] = min(first_index.get(k, r["method_index"]), r["method_index"])
+        methods.setdefault(k, r["method"])
+    rows = sorted(first_index, key=lambda k: (first_index[k], k))
+
+    # column groups
+    groups: list[Group] = []
+    for p in pair_list:
+        if layout == "auto":
+            groups.append(Group(p, pairs[p], None, head=p if multi else metric, top=p if multi else None, sub=metric))
+            continue
+        present = {_domain(r) for r in distill if r["pair"] == p}
+        if any(r["pair"] == p for r in teachers) or any(r["pair"] == p and r.get("teacher_metrics")
+                                                        for r in distill):
+            present.add(NO_DOMAIN)
+        doms = [d for d in DOMAIN_ORDER if d in present]
+        doms += sorted(present - set(DOMAIN_ORDER) - {NO_DOMAIN}) + ([NO_DOMAIN] if NO_DOMAIN in present else [])
+        for d in doms:
+            groups.append(Group(p, pairs[p], d, head=f"{p} · {d}" if multi else d, top=p if multi else None, sub=d))
+
+    def group_of(r: dict) -> int:
+        return next(i for i, g in enumerate(groups)
+                    if g.pair == r["pair"] and (g.domain is None or g.domain == _domain(r)))
+
+    cells: dict[tuple[str, int], Cell] = {}
+    buckets: dict[tuple[str, int], list[dict]] = {}
+    for r in distill:
+        buckets.setdefault((row_of(r), group_of(r)), []).append(r)
+    for (row, gi), recs in buckets.items():
+        g = groups[gi]
+        cells[(row, gi)] = _fill(Cell(row, methods[row], g.pair, g.pair_index, g.domain), recs, eval, metric, select)
+
+    # teacher row: suite-trained teacher runs, else the teacher metrics the distillation runs recorded
+    has_teacher = False
+    for gi, g in enumerate(groups):
+        if g.domain not in (None, NO_DOMAIN):
+            continue
+        cell = Cell(TEACHER, TEACHER, g.pair, g.pair_index, g.domain)
+        t_recs = [r for r in teachers if r["pair"] == g.pair]
+        if t_recs:
+            _fill(cell, t_recs, eval, metric, select)
+        else:
+            _teacher_from_distill(cell, [r for r in distill if r["pair"] == g.pair], eval, metric, select)
+        if cell.n_runs:
+            cells[(TEACHER, gi)] = cell
+            has_teacher = True
+
+    # Δ vs the baseline row of the same pair
+    base_row = BASELINE if BASELINE in rows else None
+    if base_row is None:  # a baseline entry given another label
+        named = [k for k in rows if methods[k] == BASELINE]
+        base_row = named[0] if len(named) == 1 else None
+    if base_row is not None:
+        for g in groups:
+            g.delta = True
+        for (row, gi), cell in cells.items():
+            if row in (TEACHER, base_row) or not cell.n:
+                continue
+            base = [c for (r2, g2), c in cells.items() if r2 == base_row and groups[g2].pair == cell.pair and c.n]
+            if base:
+                cell.delta = cell.mean - base[0].mean
+
+    # best mean per column (teacher excluded), at the displayed precision
+    for gi, g in enumerate(groups):
+        cand = [c for (row, g2), c in cells.items() if g2 == gi and row != TEACHER and c.n]
+        if len(cand) > 1:
+            key = [round(c.mean, decimals) for c in cand]
+            top = max(key) if higher else min(key)
+            for c, k in zip(cand, key):
+                c.best = k == top
+        g.ref = any(c.ref is not None for (row, g2), c in cells.items() if g2 == gi)
+    return Grid(rows=([TEACHER] if has_teacher else []) + rows, methods={TEACHER: TEACHER, **methods},
+                groups=groups, cells=cells, teacher=has_teacher)
+
+
+# ------------------------------------------------------------------------------------------- rendering
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "→": r"$\rightarrow$",
+        "±": r"$\pm$", "×": r"$\times$", "Δ": r"$\Delta$", "—": "---", "–": "--", "−": r"$-$",
+        "·": r"$\cdot$", "…": r"\ldots{}", "<": r"\textless{}", ">": r"\textgreater{}"}
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX specials (``_ % & $ # { } ~ ^ \\``) and map the few unicode symbols tables use."""
+    return "".join(_TEX.get(ch, ch) for ch in str(text))
+
+
+def _num(x: float, decimals: int, fmt: str, signed: bool = False) -> str:
+    s = f"{x:+.{decimals}f}" if signed else f"{x:.{decimals}f}"
+    if s.lstrip("+-").strip("0.") == "":  # "-0.00" -> "+0.00" / "0.00"
+        s = ("+" if signed else "") + s.lstrip("+-")
+    return "$-$" + s[1:] if fmt == "latex" and s.startswith("-") else s
+
+
+def _ref_num(x: float, fmt: str) -> str:
+    s = f"{x:g}"
+    return "$-$" + s[1:] if fmt == "latex" and s.startswith("-") else s
+
+
+class _Notes:
+    """Numbered footnotes in reading order; identical texts share a number."""
+
+    def __init__(self, fmt: str):
+        self.fmt = fmt
+        self.texts: list[str] = []
+
+    def mark(self, text: str) -> str:
+        if text not in self.texts:
+            self.texts.append(text)
+        i = self.texts.index(text) + 1
+        return f"[^{i}]" if self.fmt == "md" else f"$^{{{i}}}$"
+
+
+def _value_text(cell: Cell | None, decimals: int, fmt: str, marks: str) -> str:
+    if cell is None or cell.n_runs == 0:
+        return marks
+    if not cell.n:
+        return ("—" if fmt == "md" else "---") + marks
+    core = _num(cell.mean, decimals, fmt)
+    if cell.n > 1:
+        core += (" ± " if fmt == "md" else r" $\pm$ ") + _num(cell.std, decimals, fmt)
+    if cell.best:
+        core = f"**{core}**" if fmt == "md" else rf"\textbf{{{core}}}"
+    return core + ("" if cell.plain else f" (n={cell.n})") + marks
+
+
+def _matrix(grid: Grid, metric: str, eval: str, select: str, decimals: int, fmt: str) -> tuple[list, list]:
+    """Body rows as strings and the footnote texts, for md and latex."""
+    notes = _Notes(fmt)
+    body = []
+    for row in grid.rows:
+        line = [row if fmt == "md" else latex_escape(row)]
+        for gi, g in enumerate(grid.groups):
+            cell = grid.cells.get((row, gi))
+            marks = "".join(notes.mark(t) for t in (cell.notes(metric, eval, select) if cell else []))
+            line.append(_value_text(cell, decimals, fmt, marks))
+            if g.delta:
+                line.append("" if cell is None or cell.delta is None else _num(cell.delta, decimals, fmt, True))
+            if g.ref:
+                ref = cell.ref if cell is not None else None
+                line.append("" if ref is None else _ref_num(ref[0], fmt)
+                            + (notes.mark(f"ref.: {ref[1]}") if ref[1] else ""))
+        body.append(line)
+    return body, notes.texts
+
+
+def _legend(suite: str, version: Any, grid: Grid, metric: str, eval: str, select: str, higher: bool) -> str:
+    pairs = {g.pair for g in grid.groups}
+    parts = [f"{suite} v{version}: {metric} (eval {eval}, {select} epoch; "
+             f"{'higher' if higher else 'lower'} is better)" + (f" on {next(iter(pairs))}" if len(pairs) == 1 else "")
+             + ".",
+             "Cells: mean ± std over seeds (sample std), n = runs that finished ok."]
+    if grid.teacher:
+        parts.append("Teacher: the suite's teacher runs, or the loaded teacher evaluated once (no n).")
+    if any(g.delta for g in grid.groups):
+        parts.append("Δ: mean − baseline mean, same pair.")
+    parts.append("Bold: best mean per column (teacher excluded).")
+    if any(g.ref for g in grid.groups):
+        parts.append("ref.: published value.")
+    return " ".join(parts)
+
+
+def _markdown(grid: Grid, legend: str, metric: str, eval: str, select: str, decimals: int) -> str:
+    from tabulate import tabulate
+
+    headers = ["Method"]
+    for g in grid.groups:
+        headers += [g.head] + (["Δ"] if g.delta else []) + (["ref."] if g.ref else [])
+    body, notes = _matrix(grid, metric, eval, select, decimals, "md")
+    table = tabulate(body, headers=headers, tablefmt="pipe", disable_numparse=True,
+                     colalign=("left",) + ("right",) * (len(headers) - 1))
+    out = [table, "", legend]
+    if notes:
+        out += [""] + [f"[^{i}]: {t}" for i, t in enumerate(notes, 1)]
+    return "\n".join(out)
+
+
+def _latex(grid: Grid, legend: str, metric: str, eval: str, select: str, decimals: int) -> str:
+    widths = [1 + g.delta + g.ref for g in grid.groups]
+    ncol = 1 + sum(widths)
+    body, notes = _matrix(grid, metric, eval, select, decimals, "latex")
+    lines = [f"% {latex_escape(legend)}".replace("\n", " "),
+             r"\begin{tabular}{l" + " ".join("r" * w for w in widths) + "}", r"\toprule"]
+    if any(g.top for g in grid.groups):  # spanning pair headers over their sub-columns
+        spans: list[list] = []
+        col = 2
+        for g, w in zip(grid.groups, widths):
+            if spans and spans[-1][0] == g.top:
+                spans[-1][2] += w
+            else:
+                spans.append([g.top, col, w])
+            col += w
+        lines.append(" & ".join([""] + [rf"\multicolumn{{{w}}}{{c}}{{{latex_escape(t)}}}" for t, _, w in spans])
+                     + r" \\")
+        lines.append(" ".join(rf"\cmidrule(lr){{{c}-{c + w - 1}}}" for _, c, w in spans))
+    head = ["Method"]
+    for g in grid.groups:
+        head += [latex_escape(g.sub if g.top else g.head)] + ([r"$\Delta$"] if g.delta else []) + \
+                (["ref."] if g.ref else [])
+    lines += [" & ".join(head) + r" \\", r"\midrule"]
+    for i, line in enumerate(body):
+        lines.append(" & ".join(line) + r" \\")
+        if grid.teacher and i == 0 and len(body) > 1:
+            lines.append(r"\midrule")
+    lines.append(r"\bottomrule")
+    for i, t in enumerate(notes, 1):
+        lines.append(rf"\multicolumn{{{ncol}}}{{l}}{{\footnotesize $^{{{i}}}$ {latex_escape(t)}}} \\")
+    lines.append(r"\end{tabular}")
+    return "\n".join(lines)
+
+
+def _r(x: float) -> float:
+    """CSV precision: 6 decimals, enough for any metric and free of float noise (74.19999999999999)."""
+    return round(x, 6)
+
+
+def _csv(grid: Grid, suite: str, version: Any, metric: str, eval: str, select: str, higher: bool,
+         layout: str) -> str:
+    import pandas as pd
+
+    rows = []
+    for row in grid.rows:
+        for gi, g in enumerate(grid.groups):
+            cell = grid.cells.get((row, gi))
+            if cell is None:
+                continue
+            rows.append({
+                "suite": suite, "suite_version": version, "eval": eval, "metric": metric, "select": select,
+                "higher_is_better": higher, "row": row, "method": grid.methods.get(row, row), "pair": g.pair,
+                "pair_index": g.pair_index, "domain": g.domain if layout != "auto" else "",
+                "mean": _r(cell.mean) if cell.n else None, "std": _r(cell.std) if cell.n > 1 else None,
+                "n": cell.n, "n_runs": cell.n_runs, "delta": None if cell.delta is None else _r(cell.delta),
+                "best": cell.best,
+                "reference": cell.ref[0] if cell.ref else None, "reference_source": cell.ref[1] if cell.ref else "",
+                "note": " | ".join(cell.notes(metric, eval, select)),
+            })
+    return pd.DataFrame(rows, columns=list(CSV_COLUMNS)).to_csv(index=False, lineterminator="\n").rstrip("\n")
+
+
+# ------------------------------------------------------------------------------------------- public
+def make_table(suite_dir: str | os.PathLike, metric: str | None = None, select: str = "final", eval: str = "val",
+               fmt: str = "md", suite_version: int | None = None, layout: str = "auto", *,
+               decimals: int = 2) -> str:
+    """The paper table of the records under ``suite_dir`` (``<results>/<suite>``), as a string.
+
+    ``metric``: defaults to the first metric of the first ok record (top1 / AP / mIoU). ``select``: "final"
+    or "best" epoch. ``eval``: evaluation name. ``fmt``: "md" (pipe table, legend and footnotes below),
+    "latex" (booktabs tabular, footnotes as its last rows) or "csv" (one row per method × pair with mean, std,
+    n, delta, best; 6 decimals). ``suite_version``: the version to tabulate; records of several versions
+    without it are refused. ``layout``: "auto" (rows = labels, columns = pairs) or "method_x_domain"
+    (rows = method names, columns = ``params["domain"]`` values per pair; methods without a ``domain``
+    parameter, the teacher included, go to an "other" column). ``decimals``: displayed precision.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+    if select not in SELECTS:
+        raise ValueError(f"unknown select {select!r}; valid: {', '.join(SELECTS)}")
+    suite_dir = Path(suite_dir)
+    records = _one_version(_load(suite_dir), suite_dir, suite_version)
+    metric = _choose_metric(records, metric, eval, select)
+    higher = _higher_is_better(records, metric, eval)
+    grid = _build(records, layout, eval, metric, select, higher, decimals)
+    suite, version = records[0]["suite"], records[0]["suite_version"]
+    if fmt == "csv":
+        return _csv(grid, suite, version, metric, eval, select, higher, layout)
+    legend = _legend(suite, version, grid, metric, eval, select, higher)
+    if fmt == "md":
+        return _markdown(grid, legend, metric, eval, select, decimals)
+    return _latex(grid, legend, metric, eval, select, decimals)
+
+
+def status_table(suite_dir: str | os.PathLike) -> str:
+    """State of every run folder of a suite: run id (short), version, label, pair, seed, status, error line.
+
+    A folder without a record yet (running, or killed before writing one) shows "no record" (label/pair/seed
+    from its ``spec.json``); an unreadable record shows "corrupt" with the reason. A summary line ends it.
+    """
+    from tabulate import tabulate
+
+    suite_dir = Path(suite_dir)
+    dirs = run_dirs(suite_dir)
+    if not dirs:
+        raise no_records_error(suite_dir)
+    rows = []
+    for d in dirs:
+        try:
+            rec = read_record(d)
+            status, err = (rec["status"], error_line(rec.get("error"), 100)) if rec else ("no record", "")
+        except RecordError as e:
+            rec, status, err = None, "corrupt", error_line(str(e), 100)
+        if rec is None:
+            try:
+                rec = json.loads((d / "spec.json").read_text())
+            except (OSError, ValueError):
+                rec = {}
+        rows.append({"key": (str(rec.get("suite_version", "")), rec.get("pair_index", 0), rec.get("kind") != TEACHER,
+                             rec.get("method_index", 0), _seed_key(rec.get("seed")), d.name),
+                     "cells": [d.name[:8], rec.get("suite_version", ""), rec.get("label", ""), rec.get("pair", ""),
+                               rec.get("seed", ""), status, err]})
+    rows.sort(key=lambda r: r["key"])
+    table = tabulate([r["cells"] for r in rows], headers=["run", "v", "label", "pair", "seed", "status", "error"],
+                     tablefmt="simple", disable_numparse=True)
+    counts = Counter(r["cells"][5] for r in rows)
+    order = ["ok", "failed", "diverged", "timeout", "corrupt", "no record"]
+    summary = ", ".join(f"{counts[s]} {s}" for s in sorted(counts, key=lambda s: (order.index(s)
+                                                                                   if s in order else 99, s)))
+    return f"{table}\n\n{len(rows)} run(s) in {suite_dir / 'runs'}: {summary}"
+
+
+__all__ = ["make_table", "status_table", "latex_escape", "Cell", "FORMATS", "LAYOUTS", "TASK_METRICS"]
