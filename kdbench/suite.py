@@ -379,6 +379,8 @@ def validate_and_expand(path: Path, raw: dict) -> list[RunSpec]:
         raise _err(path, "methods", "expected a non-empty list of methods")
     methods = [_resolve_method(path, f"methods[{i}]", m, task) for i, m in enumerate(raw["methods"])]
     labels = [m[2] for m in methods]
+    if "teacher" in labels:
+        raise _err(path, "methods", "'teacher' is reserved for the teacher row of tables; choose another label")
     dup = sorted({l for l in labels if labels.count(l) > 1})
     if dup:
         raise _err(path, "methods", f"duplicate label(s) {dup}: give each entry its own 'label:'")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +88,29 @@ class TapModel(nn.Module):
             return [_get_module(self.net, tap[len("module:"):])]
         raise ValueError(f"model {self.name!r} cannot edit tap {tap!r} in its forward")
 
+    @contextlib.contextmanager
+    def edit_tap(self, tap: str, fn: Callable[[int, Tensor], Tensor]) -> Iterator[None]:
+        """Within the context, every forward replaces the i-th tensor of ``tap`` by ``fn(i, tensor)`` before the
+        network goes on with it (stage-1 prompt tuning edits a teacher feature this way). ``fn`` sees and returns
+        the tap's ``N×C×H×W`` form, whatever the network's own layout (tokens, channels-last)."""
+        handles = []
+        for i, mod in enumerate(self.tap_modules(tap)):
+            def hook(_m, _inp, out, _i=i):
+                return self._from_nchw(fn(_i, self._to_nchw(out)), out)
+
+            handles.append(mod.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _to_nchw(self, out: Tensor) -> Tensor:
+        return out
+
+    def _from_nchw(self, x: Tensor, like: Tensor) -> Tensor:
+        return x
+
     def wanted_semantic(self, wanted: set[str]) -> set[str]:
         """Semantic taps needed to serve ``wanted`` (a CAM needs the final map)."""
         return wanted | ({"final"} if "cam" in wanted else set())
@@ -146,10 +170,39 @@ class TimmModel(TapModel):
             self._n_int = len(self.net.feature_info)
         return self._n_int
 
+    def _stage_idx(self) -> list[int]:
+        return stage_indices(self._n_intermediates())
+
+    def tap_modules(self, tap):
+        if tap in ("stages", "final"):
+            mods = [self.net.get_submodule(self.net.feature_info[i]["module"]) for i in self._stage_idx()]
+            return mods if tap == "stages" else mods[-1:]
+        return super().tap_modules(tap)
+
+    def _to_nchw(self, out):
+        if out.dim() == 3:  # tokens N×L×C: drop the prefix (class/register) tokens, fold the patch grid
+            n_prefix = int(getattr(self.net, "num_prefix_tokens", 0) or 0)
+            tok = out[:, n_prefix:]
+            grid = getattr(getattr(self.net, "patch_embed", None), "grid_size", None)
+            h, w = (int(grid[0]), int(grid[1])) if grid is not None else (int(tok.shape[1] ** 0.5),) * 2
+            return tok.transpose(1, 2).reshape(out.shape[0], out.shape[2], h, w)
+        if out.dim() == 4 and getattr(self.net, "output_fmt", "NCHW") == "NHWC":
+            return out.permute(0, 3, 1, 2)
+        return out
+
+    def _from_nchw(self, x, like):
+        if like.dim() == 3:
+            n_prefix = int(getattr(self.net, "num_prefix_tokens", 0) or 0)
+            tok = x.flatten(2).transpose(1, 2)
+            return torch.cat([like[:, :n_prefix], tok], dim=1) if n_prefix else tok
+        if like.dim() == 4 and getattr(self.net, "output_fmt", "NCHW") == "NHWC":
+            return x.permute(0, 2, 3, 1)
+        return x
+
     def _semantic(self, x, wanted):
         if not (wanted - {"logits"}):
             return self.net(x), {}
-        idx = stage_indices(self._n_intermediates())
+        idx = self._stage_idx()
         final, inter = self.net.forward_intermediates(x, indices=idx)
         feats = {"stages": list(inter), "final": [inter[-1]]}
         feats["pooled"] = [self.net.forward_head(final, pre_logits=True)]
