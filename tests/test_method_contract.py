@@ -21,7 +21,7 @@ from kdbench.tasks.classification import ClassificationTask
 K = 10
 HETERO_TEACHERS = {
     "vit": ("timm:vit_tiny_patch16_224", dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2)),
-    "swin": ("timm:swin_tiny_patch4_window7_224", dict(img_size=32, embed_dim=16, depths=(1, 1, 1, 1),
+    "swin": ("timm:swin_tiny_patch4_window7_224", dict(img_size=64, embed_dim=16, depths=(1, 1, 1, 1),
                                                        num_heads=(1, 1, 1, 1), window_size=2)),
     "mixer": ("timm:mixer_s16_224", dict(img_size=64)),  # its builder pins patch 16, depth and width
 }
@@ -54,7 +54,7 @@ def _cases():
 def one_step(name: str, teacher_kind: str, params: dict | None = None):
     torch.manual_seed(0)
     task = ClassificationTask()
-    data = _data(size=64 if teacher_kind == "mixer" else 32)
+    data = _data(size=64 if teacher_kind in ("mixer", "swin") else 32)
     student = build_model("kdbench:resnet8", K, 3)
     if teacher_kind == "cnn":
         teacher = build_model("kdbench:resnet14", K, 3)

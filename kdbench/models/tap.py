@@ -13,6 +13,30 @@ from kdbench.method import Outputs
 SEMANTIC_TAPS = ("stages", "stages_preact", "final", "pooled", "cam", "logits")
 
 
+@contextlib.contextmanager
+def edit_tap(model: nn.Module, tap: str, fn: Callable[[int, Tensor], Tensor]) -> Iterator[None]:
+    """Within the context, every forward of ``model`` replaces the i-th tensor of ``tap`` by ``fn(i, tensor)``
+    before the network goes on with it (stage-1 prompt tuning edits a teacher feature this way).
+
+    ``model`` exposes ``tap_modules(tap)`` (the modules whose outputs are the tap's tensors). ``fn`` sees and
+    returns the ``N×C×H×W`` form; a TapModel converts from and to its network's own layout (tokens,
+    channels-last) through ``_to_nchw``/``_from_nchw``.
+    """
+    to_nchw = getattr(model, "_to_nchw", lambda out: out)
+    from_nchw = getattr(model, "_from_nchw", lambda x, like: x)
+    handles = []
+    for i, mod in enumerate(model.tap_modules(tap)):
+        def hook(_m, _inp, out, _i=i):
+            return from_nchw(fn(_i, to_nchw(out)), out)
+
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _get_module(net: nn.Module, path: str) -> nn.Module:
     try:
         return net.get_submodule(path)
@@ -88,22 +112,9 @@ class TapModel(nn.Module):
             return [_get_module(self.net, tap[len("module:"):])]
         raise ValueError(f"model {self.name!r} cannot edit tap {tap!r} in its forward")
 
-    @contextlib.contextmanager
-    def edit_tap(self, tap: str, fn: Callable[[int, Tensor], Tensor]) -> Iterator[None]:
-        """Within the context, every forward replaces the i-th tensor of ``tap`` by ``fn(i, tensor)`` before the
-        network goes on with it (stage-1 prompt tuning edits a teacher feature this way). ``fn`` sees and returns
-        the tap's ``N×C×H×W`` form, whatever the network's own layout (tokens, channels-last)."""
-        handles = []
-        for i, mod in enumerate(self.tap_modules(tap)):
-            def hook(_m, _inp, out, _i=i):
-                return self._from_nchw(fn(_i, self._to_nchw(out)), out)
-
-            handles.append(mod.register_forward_hook(hook))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+    def edit_tap(self, tap: str, fn: Callable[[int, Tensor], Tensor]):
+        """See :func:`edit_tap`."""
+        return edit_tap(self, tap, fn)
 
     def _to_nchw(self, out: Tensor) -> Tensor:
         return out

@@ -1,0 +1,190 @@
+"""AFP: Zhang, Mao, Chi, Wang, Zhang, Liu, Jin, Rao, "Knowledge distillation with adaptive frequency
+prompting", The Computer Journal 68(11):1785–1797, 2025. Spec: METHODS.md §9 (abstract only: [INTERP]).
+
+AFP = FreeKD-P (§7.3, §7.5) with
+
+* a hierarchical feature fusion (HFF) aligner: the ReviewKD ABF cascade (§4.2, :class:`ReviewFusion`) over
+  the student's multi-level features, producing teacher-shaped maps in place of ``φ(F^s)``;
+* adaptive prompts: per-sample token weights ``π = softmax_τ(Conv1×1_{C→T}(GAP(Conv3×3_{C→C}(R))))`` mix the
+  token masks, ``m = Σ_τ π_τ σ(M_τ)`` (FreeKD's unused ``MaskModule.prob`` branch, switched on);
+* ``LL_J`` distilled too, ``J = min(levels, ⌊log2(min(H,W))⌋)`` per map.
+
+The bands, masks, gates and the stage-1 driver are FreeKD's (:mod:`kdbench.methods.freekd`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kdbench.method import Batch, Distiller, Outputs, Taps, register_method
+from kdbench.methods.freekd import (
+    DISSIMILARITIES,
+    PromptSet,
+    PromptStageMixin,
+    RelationalGates,
+    pair_indices,
+    has_regression_taps,
+    spatial_tap_shapes,
+    clamp_levels,
+    fp32_region,
+    next_level_context,
+    reg_kd_loss,
+    resolve_tap,
+)
+from kdbench.methods.reviewkd import ReviewFusion
+
+__all__ = ["AdaptivePromptSet", "AFP"]
+
+
+class AdaptivePromptSet(PromptSet):
+    """A :class:`PromptSet` whose tokens are mixed per sample (§9 "adaptive prompt").
+
+    ``π(R) = softmax_τ(Conv1×1_{C→T}(GAP(Conv3×3_{C→C, pad 1}(R))))`` from the set's teacher guide ``R``
+    (``LL_J`` or ``LH_j+HL_j+HH_j``); the mask is ``Σ_τ π_τ σ(M_τ)``, in the stage-1 reconstruction and in the
+    distillation loss. One π branch per map, shared by its J+1 band sets (FreeKD's ``MaskModule`` has one
+    ``prob`` per map), convs initialised ``N(0, 2/fan_out)`` with zero bias as that code.
+    """
+
+    def __init__(self, channels: int, num_tokens: int = 2, levels: int = 3, init_std: float = 0.01):
+        super().__init__(channels, num_tokens, levels, init_std)
+        self.prob = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, num_tokens, kernel_size=1),
+        )
+        for m in self.prob.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+                nn.init.zeros_(m.bias)
+
+    def token_mix(self, k: int, guide: Tensor) -> Tensor:
+        """``π`` for band set ``k``: ``N×T``, rows summing to 1."""
+        with fp32_region(guide.device):
+            return torch.softmax(self.prob(guide.float()).flatten(1), dim=1)
+
+
+_AFP_TAPS = {"classification": ("stages", False), "detection": ("fpn", False)}
+_AFP_MU = {"classification": 1.0, "detection": 10.0}
+
+
+@register_method("afp")
+class AFP(PromptStageMixin, Distiller):
+    """Zhang et al., "Knowledge distillation with adaptive frequency prompting", Computer Journal 2025.
+    METHODS.md §9 ([INTERP]: FreeKD-P + ABF hierarchical fusion + adaptive token weights).
+
+    ``L = ce_weight·CE + mu·Σ_l Σ_{k=0..J_l} mean(ω^(r)_l · m_{l,k} · |HFF(F^s)_{l,k} − F^t_{l,k}|)``
+
+    * HFF: :class:`ReviewFusion` over the student maps (processed deep→shallow), outputs at the teacher's
+      channels and (run-time) resolution; ``mid = min(512, C_deepest)``.
+    * ``m_{l,k}``: adaptive masks of the frozen stage-1 :class:`AdaptivePromptSet` of map ``l`` on the teacher
+      band set ``k`` (``LL_J`` included); ``ω^(r)_l``: the §7.5 relational gates (mean 1 per sample).
+    * Detection with a ``"reg"`` tap on both networks: ``loss_reg = reg_weight·reg_kd_loss`` (else skipped).
+
+    Taps (``tap="auto"``): classification ``"stages"`` of both networks (post-ReLU, so the teacher's stage
+    modules can host the stage-1 prompts), paired deepest-aligned; detection ``"fpn"``. Maps too small for a
+    DWT level (``J_l = 0``) get no loss. ``mu=None``: 1 for classification, 10 for detection (FCOS, §9).
+    ``num_tokens=2`` (FreeKD paper's T). Stage 1 as FreeKD's (§7.4): tokens and π trained on the frozen teacher
+    for ``stage_iters`` steps with ``L_task + dis_weight·L_dis``.
+    """
+
+    tasks = frozenset({"classification", "detection"})
+    heterogeneous = True
+    citation = ("Zhang et al., Knowledge distillation with adaptive frequency prompting, Computer Journal 2025 "
+                "(METHODS.md §9)")
+    version = 1
+
+    def __init__(
+        self,
+        ctx,
+        *,
+        mu: float | None = None,
+        ce_weight: float = 1.0,
+        reg_weight: float = 1.0,
+        num_tokens: int = 2,
+        levels: int = 3,
+        tap: str = "auto",
+        stage_iters: int = 2000,
+        stage_lr: float = 1e-3,
+        stage_optimizer: str = "adam",
+        stage_seed: int = 0,
+        dissimilarity: str = "dice",
+        dis_weight: float = 1.0,
+    ):
+        super().__init__(ctx)
+        if dissimilarity not in DISSIMILARITIES:
+            raise ValueError(f"afp: dissimilarity must be one of {sorted(DISSIMILARITIES)}, got {dissimilarity!r}")
+        if stage_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"afp: stage_optimizer must be 'adam' or 'sgd', got {stage_optimizer!r}")
+        if int(num_tokens) != num_tokens or num_tokens < 1:
+            raise ValueError(f"afp: num_tokens must be a positive integer, got {num_tokens!r}")
+        self.mu = float(_AFP_MU.get(ctx.task, 1.0) if mu is None else mu)
+        self.task_loss_weight = float(ce_weight)
+        self.reg_weight = float(reg_weight)
+        self.tap, last_only = resolve_tap(ctx.task, tap, _AFP_TAPS)
+
+        s_shapes = spatial_tap_shapes(ctx, "student", self.tap, "afp")
+        t_shapes = spatial_tap_shapes(ctx, "teacher", self.tap, "afp")
+        self.s_index, self.t_index = pair_indices(len(s_shapes), len(t_shapes), last_only)
+        s_sel, t_sel = [s_shapes[i] for i in self.s_index], [t_shapes[i] for i in self.t_index]
+        self.t_channels = [sh[0] for sh in t_sel]
+        self.map_levels = [clamp_levels(levels, sh[1:]) for sh in t_sel]
+        if not any(self.map_levels):
+            raise ValueError(f"afp: no teacher map of tap {self.tap!r} is large enough for a DWT level "
+                             f"(shapes {t_sel})")
+        self.hff = ReviewFusion(
+            in_channels=[sh[0] for sh in s_sel],
+            out_channels=self.t_channels,
+            shapes=[sh[1:] for sh in s_sel],
+            out_shapes=[sh[1:] for sh in t_sel],
+        )
+        self.use_reg = has_regression_taps(ctx, self.reg_weight != 0.0)
+
+        self.num_tokens = int(num_tokens)
+        self._prompt_tap = self.tap
+        self._prompt_index = {str(i): self.t_index[i] for i, j in enumerate(self.map_levels) if j > 0}
+        self._stage = {"iters": int(stage_iters), "lr": float(stage_lr), "optimizer": stage_optimizer,
+                       "dissimilarity": dissimilarity, "dis_weight": float(dis_weight), "seed": int(stage_seed)}
+        self.prompts = self._seeded_prompts()
+        self.prompts.requires_grad_(False)
+        self.gates = nn.ModuleDict({k: RelationalGates(self.t_channels[int(k)]) for k in self._prompt_index})
+
+    def _build_prompts(self) -> nn.ModuleDict:
+        return nn.ModuleDict({k: AdaptivePromptSet(self.t_channels[int(k)], self.num_tokens, self.map_levels[int(k)])
+                              for k in self._prompt_index})
+
+    def taps(self) -> Taps:
+        extra = ("reg",) if self.use_reg else ()
+        return Taps(student=(self.tap,) + extra, teacher=(self.tap,) + extra)
+
+    def fuse(self, feats: Sequence[Tensor], out_sizes: Sequence[Sequence[int]]) -> list[Tensor]:
+        """HFF: the ABF cascade of ``self.hff`` run deep→shallow at the run-time sizes (each map fused at its own
+        resolution, output at ``out_sizes[i]``); returns the outputs shallow→deep."""
+        abfs = self.hff.abfs
+        if len(feats) != len(abfs) or len(out_sizes) != len(abfs):
+            raise ValueError(f"afp: expected {len(abfs)} maps and sizes, got {len(feats)} and {len(out_sizes)}")
+        outs: list[Tensor] = [None] * len(feats)  # type: ignore[list-item]
+        residual = None
+        for i in reversed(range(len(feats))):
+            outs[i], residual = abfs[i](feats[i], residual, None, tuple(int(v) for v in out_sizes[i]))
+        return outs
+
+    def forward(self, s: Outputs, t: Outputs, batch: Batch) -> dict[str, Tensor]:
+        self._check_stage()
+        feats_s, feats_t = s[self.tap], t[self.tap]
+        ft = [feats_t[i].detach().float() for i in self.t_index]
+        outs = [o.float() for o in self.fuse([feats_s[i] for i in self.s_index], [f.shape[-2:] for f in ft])]
+        ctx_s, ctx_t = next_level_context(outs), next_level_context(ft)
+        total = outs[0].new_zeros((), dtype=torch.float32)
+        for k, ps in self.prompts.items():
+            i = int(k)
+            w = self.gates[k](outs[i], ft[i], ctx_s[i], ctx_t[i])
+            total = total + ps.band_loss(outs[i], ft[i], channel_weights=w, include_low=True)
+        out = {"loss_afp": self.mu * total}
+        if self.use_reg:
+            out["loss_reg"] = self.reg_weight * reg_kd_loss(s["reg"], [r.detach() for r in t["reg"]])
+        return out
