@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
+    except BrokenPipeError:  # e.g. `kdbench run S --dry-run | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted: finished runs are recorded; `kdbench run` again resumes the rest", file=sys.stderr)
         return 130

@@ -127,3 +127,25 @@ def test_dry_run_prints_matrix_without_data(write_suite, tmp_path):
     assert "3 runs" in r.stdout and "suite-trained" in r.stdout
     v = _cli("validate", str(write_suite(d)))
     assert v.returncode == 1 and "CIFAR-100 not found" in v.stderr and "cifar-100-python" in v.stderr
+
+
+def test_prompt_stage_is_cached_and_reused(write_suite, tmp_path):
+    d = tiny_suite(methods=[{"name": "freekd", "params": {"stage_iters": 3}},
+                            {"name": "freekd", "label": "freekd-paper", "params": {"stage_iters": 3, "variant": "paper"}}],
+                   seeds=[0, 1])
+    d["data"]["image_size"] = 16
+    results = tmp_path / "res"
+    recs = launch(load_suite(write_suite(d)), results, executor="debug", log=lambda s: None)
+    runs = [r for r in recs if r["kind"] == "distill"]
+    assert [r["status"] for r in runs] == ["ok"] * 4
+    stages = list((results / "tiny" / "stages").iterdir())
+    assert len(stages) == 1, "one teacher, one stage config: one artifact"
+    assert [r["stage"]["reused"] for r in runs] == [False, True, True, True]
+    assert len({r["stage"]["hash"] for r in runs}) == 1
+    art = stages[0] / "stage.pt"
+    mtime = art.stat().st_mtime_ns
+    # a new seed reuses the artifact without recomputing it
+    d["seeds"] = [2]
+    more = launch(load_suite(write_suite(d)), results, executor="debug", log=lambda s: None)
+    assert all(r["stage"]["reused"] for r in more if r["kind"] == "distill")
+    assert art.stat().st_mtime_ns == mtime
