@@ -43,6 +43,7 @@ class Outputs:
 
     logits: Tensor | None
     feats: dict[str, list[Tensor]] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # task-specific (e.g. a detector's own losses)
 
     def __getitem__(self, tap: str) -> list[Tensor]:
         try:

@@ -102,7 +102,6 @@ def _file_lock(path: Path):
 def _prepare_stage(method, spec: RunSpec, results: Path, teacher, teacher_id: str, task, data, device) -> dict | None:
     """Run (once) or load the method's pre-distillation stage, cached by the hash of what determines it."""
     import torch
-    from torch.utils.data import DataLoader
 
     cfg = method.stage_config()
     if cfg is None:
@@ -119,8 +118,8 @@ def _prepare_stage(method, spec: RunSpec, results: Path, teacher, teacher_id: st
         else:
             g = torch.Generator().manual_seed(int(cfg.get("seed", 0)) if isinstance(cfg, dict) else 0)
             torch.manual_seed(int(cfg.get("seed", 0)) if isinstance(cfg, dict) else 0)
-            loader = DataLoader(data.train, batch_size=int(spec.recipe["batch_size"]), shuffle=True,
-                                drop_last=len(data.train) >= int(spec.recipe["batch_size"]), generator=g)
+            loader = task.loader(data.train, int(spec.recipe["batch_size"]), shuffle=True,
+                                 drop_last=len(data.train) >= int(spec.recipe["batch_size"]), generator=g)
             t0 = time.perf_counter()
             state = method.run_stage(teacher, loader, device)
             state = {k: v.detach().cpu() for k, v in state.items()}
@@ -212,9 +211,7 @@ def _run(spec: RunSpec, results: Path, run_dir: Path, record: dict) -> None:
                              "params": sum(p.numel() for p in teacher.parameters()), "run": spec.teacher_run}
         teacher.to(device).eval().requires_grad_(False)
         if not spec.teacher_run:
-            from torch.utils.data import DataLoader
-
-            loader = DataLoader(data.val, batch_size=int(spec.recipe.get("eval_batch_size", 256)))
+            loader = task.loader(data.val, int(spec.recipe.get("eval_batch_size", 256)))
             tm = task.evaluate(teacher, loader, device)
             record["teacher_metrics"] = _metric_rows(tm, "final", task)
 
@@ -222,6 +219,7 @@ def _run(spec: RunSpec, results: Path, run_dir: Path, record: dict) -> None:
                         (spec.teacher or {}).get("model", ""))
     torch.manual_seed(spec.seed)
     method = METHODS.get(spec.method)(ctx, **spec.params)
+    record["params_resolved"] = resolved_params(method, spec.params)
     taps = method.taps()
     student.check_taps(taps.student)
     if teacher is not None:
@@ -272,3 +270,13 @@ def build_context(task, data, recipe: dict, student, teacher, device, student_mo
     return Context(task=task.name, num_classes=data.num_classes, epochs=int(recipe["epochs"]), steps_per_epoch=steps,
                    dataset_size=len(data.train), student_model=student_model, teacher_model=teacher_model,
                    probe=probe, task_loss=task.loss)
+
+
+def resolved_params(method, params: dict) -> dict:
+    """The hyperparameters as the method resolved them: a parameter left at ``None`` ("the task's default") is
+    replaced by the value the method stored under the same attribute name, so the record shows what ran."""
+    out = {}
+    for k, v in params.items():
+        got = getattr(method, k, v) if v is None else v
+        out[k] = got if isinstance(got, (int, float, str, bool, list, tuple, type(None))) else v
+    return out

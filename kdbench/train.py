@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from kdbench.method import Batch, Distiller
 
@@ -138,8 +137,8 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
         start_epoch = ck["epoch"] + 1
     else:
         step_times = [0.0, 0]
-    eval_loader = DataLoader(data.val, batch_size=int(recipe.get("eval_batch_size", 256)), shuffle=False,
-                             num_workers=int(recipe.get("num_workers", 0)))
+    eval_loader = task.loader(data.val, int(recipe.get("eval_batch_size", 256)),
+                              num_workers=int(recipe.get("num_workers", 0)))
     t_start = time.perf_counter()
     wall_before = res.wall_time_s
 
@@ -150,8 +149,8 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
     for epoch in bar:
         torch.manual_seed(epoch_seed(seed, epoch))
         g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-        loader = DataLoader(data.train, batch_size=bs, shuffle=True, drop_last=n_train >= bs, generator=g,
-                            num_workers=int(recipe.get("num_workers", 0)))
+        loader = task.loader(data.train, bs, shuffle=True, drop_last=n_train >= bs, generator=g,
+                             num_workers=int(recipe.get("num_workers", 0)))
         sums: dict[str, float] = {}
         n_steps = 0
         for i, (x, y) in enumerate(loader):
@@ -161,13 +160,13 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
             for grp, lr0 in zip(opt.param_groups, base_lrs):
                 grp["lr"] = lr0 * lr_factor(recipe["schedule"], step, steps_per_epoch, epochs)
             t0 = time.perf_counter()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = task.to_device(x, y, device)
             with torch.autocast(device_type=device.type, enabled=use_amp):
-                s_out = student(x, taps.student)
+                s_out = task.forward(student, x, y, taps.student)
                 t_out = None
                 if teacher is not None:
                     with torch.no_grad():
-                        t_out = teacher(x, taps.teacher)
+                        t_out = task.forward(teacher, x, None, taps.teacher)
                 task_loss = task.loss(s_out, y)
                 terms = method(s_out, t_out, Batch(inputs=x, targets=y, epoch=epoch, step=step, epochs=epochs,
                                                    steps_per_epoch=steps_per_epoch))

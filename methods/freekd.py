@@ -620,6 +620,7 @@ class FreeKD(PromptStageMixin, Distiller):
         self.variant = variant
         self.mask_weight = float(mask_weight)
         self.mu = float(_FREEKD_MU.get(ctx.task, 1.0) if mse_weight is None else mse_weight)
+        self.mse_weight = self.mu  # the resolved value, under the parameter's own name (recorded)
         self.reg_weight = float(reg_weight)
         self.include_low = bool(include_low)
         self.tap, self.last_only = resolve_tap(ctx.task, tap, _FREEKD_TAPS)

@@ -11,10 +11,11 @@ from torch import Tensor
 
 from kdbench.method import Outputs
 from kdbench.registry import DATASETS, TASKS
+from kdbench.tasks.base import Task
 
 
 @TASKS.register("classification")
-class ClassificationTask:
+class ClassificationTask(Task):
     name = "classification"
     evals = ("val",)
     primary_metric = "top1"

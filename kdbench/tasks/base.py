@@ -1,0 +1,30 @@
+"""What every task provides to the harness. The training loop and the runner talk to tasks only through this."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+
+class Task:
+    name = ""
+    evals: tuple[str, ...] = ("val",)
+    primary_metric = ""
+    metrics: dict[str, bool] = {}  # metric name -> higher is better
+    collate = None  # a DataLoader collate_fn, for batches that are not stacked tensors (detection targets)
+
+    def loader(self, dataset, batch_size: int, *, shuffle: bool = False, generator=None, drop_last: bool = False,
+               num_workers: int = 0) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
+                          num_workers=num_workers, collate_fn=self.collate)
+
+    def to_device(self, x: Any, y: Any, device) -> tuple[Any, Any]:
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def forward(self, model, x, y, taps):
+        """One network's forward for training: ``Outputs``. ``y`` is given to the student (detectors compute
+        their losses inside the forward) and is ``None`` for the teacher."""
+        return model(x, taps)
+
+    # to implement: check_data, build_data, build_model, example_input, loss, evaluate
