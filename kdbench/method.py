@@ -179,3 +179,40 @@ def no_autocast():
     return torch.autocast(device_type="cuda", enabled=False) if torch.cuda.is_available() else torch.autocast(
         device_type="cpu", enabled=False
     )
+
+
+# -- helpers shared by feature-map methods --------------------------------------------------------------
+def resolve_tap(ctx: Context, tap: str, defaults: dict[str, str], who: str) -> str:
+    """``tap`` itself, or for ``"auto"`` the method's default tap for the context's task."""
+    if tap != "auto":
+        return tap
+    if ctx.task not in defaults:
+        raise ValueError(f"{who}: no default tap for task {ctx.task!r}; pass tap=")
+    return defaults[ctx.task]
+
+
+def paired_map_shapes(ctx: Context, tap: str, who: str, max_levels: int | None = None
+                      ) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """Student and teacher ``C×H×W`` shapes of a tap's maps, level by level (the first ``max_levels``).
+
+    The two networks must give the same number of levels, each a ``C×H×W`` map; the error says which does not.
+    """
+    if max_levels is not None and (int(max_levels) != max_levels or max_levels < 1):
+        raise ValueError(f"{who}: max_levels must be a positive integer or None, got {max_levels!r}")
+    shapes_s, shapes_t = ctx.shapes("student", tap), ctx.shapes("teacher", tap)
+    if max_levels is not None:
+        shapes_s, shapes_t = shapes_s[: int(max_levels)], shapes_t[: int(max_levels)]
+    if len(shapes_s) != len(shapes_t) or not shapes_s:
+        raise ValueError(f"{who}: tap {tap!r} has {len(shapes_s)} student and {len(shapes_t)} teacher levels; "
+                         "they must be equal and non-zero (set max_levels?)")
+    for side, shapes in (("student", shapes_s), ("teacher", shapes_t)):
+        bad = [s for s in shapes if len(s) != 3]
+        if bad:
+            raise ValueError(f"{who}: tap {tap!r} of the {side} gives shapes {bad}; {who} needs C×H×W maps")
+    return shapes_s, shapes_t
+
+
+def channel_adapters(shapes_s, shapes_t, bias: bool = True) -> nn.ModuleList:
+    """One student-side 1×1 conv ``C_s → C_t`` per level (identity where the channels already match)."""
+    return nn.ModuleList(nn.Conv2d(ss[0], st[0], kernel_size=1, bias=bias) if ss[0] != st[0] else nn.Identity()
+                         for ss, st in zip(shapes_s, shapes_t))

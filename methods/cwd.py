@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench.freq import autocast_disabled, haar_high_bands
-from kdbench.method import Distiller, Taps, register_method
+from kdbench.method import channel_adapters, Distiller, paired_map_shapes, register_method, resolve_tap, Taps
 
 # Default loss weight per task (METHODS.md §2): mmrazor's FPN (per level) and segmentation-logits settings.
 # Classification has no reference setting; kdbench uses the feature-map (FPN) weight on the "final" map.
@@ -103,12 +103,7 @@ class CWD(Distiller):
             raise ValueError(f"cwd: domain must be 'spatial' or 'dwt', got {domain!r}")
         if int(dwt_levels) != dwt_levels or dwt_levels < 1:
             raise ValueError(f"cwd: dwt_levels must be a positive integer, got {dwt_levels!r}")
-        if max_levels is not None and (int(max_levels) != max_levels or max_levels < 1):
-            raise ValueError(f"cwd: max_levels must be a positive integer or None, got {max_levels!r}")
-        if tap == "auto":
-            if ctx.task not in DEFAULT_TAP:
-                raise ValueError(f"cwd: no default tap for task {ctx.task!r}; pass tap=")
-            tap = DEFAULT_TAP[ctx.task]
+        tap = resolve_tap(ctx, tap, DEFAULT_TAP, "cwd")
         if weight is None:
             if ctx.task not in DEFAULT_WEIGHT:
                 raise ValueError(f"cwd: no default weight for task {ctx.task!r}; pass weight=")
@@ -119,21 +114,9 @@ class CWD(Distiller):
         self.dwt_levels = int(dwt_levels)
         self.tap = tap
 
-        shapes_s, shapes_t = ctx.shapes("student", tap), ctx.shapes("teacher", tap)
-        if max_levels is not None:
-            shapes_s, shapes_t = shapes_s[: int(max_levels)], shapes_t[: int(max_levels)]
-        if len(shapes_s) != len(shapes_t) or not shapes_s:
-            raise ValueError(f"cwd: tap {tap!r} has {len(shapes_s)} student and {len(shapes_t)} teacher levels; "
-                             "they must be equal and non-zero (set max_levels?)")
-        for side, shapes in (("student", shapes_s), ("teacher", shapes_t)):
-            bad = [s for s in shapes if len(s) != 3]
-            if bad:
-                raise ValueError(f"cwd: tap {tap!r} of the {side} gives shapes {bad}; CWD needs C×H×W maps")
+        shapes_s, shapes_t = paired_map_shapes(ctx, tap, "cwd", max_levels)
         self.num_levels = len(shapes_s)
-        self.adapters = nn.ModuleList(
-            nn.Conv2d(ss[0], st[0], kernel_size=1, bias=True) if ss[0] != st[0] else nn.Identity()
-            for ss, st in zip(shapes_s, shapes_t)
-        )
+        self.adapters = channel_adapters(shapes_s, shapes_t, bias=True)
 
     def taps(self) -> Taps:
         return Taps(student=(self.tap,), teacher=(self.tap,))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench.freq import autocast_disabled, haar_high_bands
-from kdbench.method import Distiller, Taps, register_method
+from kdbench.method import channel_adapters, Distiller, paired_map_shapes, register_method, resolve_tap, Taps
 
 DEFAULT_TAP = {"detection": "fpn", "segmentation": "final", "classification": "final"}
 
@@ -125,32 +125,15 @@ class PKD(Distiller):
             raise ValueError(f"pkd: domain must be 'spatial' or 'dwt', got {domain!r}")
         if int(dwt_levels) != dwt_levels or dwt_levels < 1:
             raise ValueError(f"pkd: dwt_levels must be a positive integer, got {dwt_levels!r}")
-        if max_levels is not None and (int(max_levels) != max_levels or max_levels < 1):
-            raise ValueError(f"pkd: max_levels must be a positive integer or None, got {max_levels!r}")
-        if tap == "auto":
-            if ctx.task not in DEFAULT_TAP:
-                raise ValueError(f"pkd: no default tap for task {ctx.task!r}; pass tap=")
-            tap = DEFAULT_TAP[ctx.task]
+        tap = resolve_tap(ctx, tap, DEFAULT_TAP, "pkd")
         self.weight = float(weight)
         self.domain = domain
         self.dwt_levels = int(dwt_levels)
         self.tap = tap
 
-        shapes_s, shapes_t = ctx.shapes("student", tap), ctx.shapes("teacher", tap)
-        if max_levels is not None:
-            shapes_s, shapes_t = shapes_s[: int(max_levels)], shapes_t[: int(max_levels)]
-        if len(shapes_s) != len(shapes_t) or not shapes_s:
-            raise ValueError(f"pkd: tap {tap!r} has {len(shapes_s)} student and {len(shapes_t)} teacher levels; "
-                             "they must be equal and non-zero (set max_levels?)")
-        for side, shapes in (("student", shapes_s), ("teacher", shapes_t)):
-            bad = [s for s in shapes if len(s) != 3]
-            if bad:
-                raise ValueError(f"pkd: tap {tap!r} of the {side} gives shapes {bad}; PKD needs C×H×W maps")
+        shapes_s, shapes_t = paired_map_shapes(ctx, tap, "pkd", max_levels)
         self.num_levels = len(shapes_s)
-        self.adapters = nn.ModuleList(
-            nn.Conv2d(ss[0], st[0], kernel_size=1, bias=False) if ss[0] != st[0] else nn.Identity()
-            for ss, st in zip(shapes_s, shapes_t)
-        )
+        self.adapters = channel_adapters(shapes_s, shapes_t, bias=False)
 
     def taps(self) -> Taps:
         return Taps(student=(self.tap,), teacher=(self.tap,))
