@@ -42,9 +42,14 @@ def cmd_run(a) -> int:
         print(_matrix(suite, waves))
         return 0
     check_data_available(suite)
-    records = launch(suite, a.results, executor=a.executor, parallel=a.parallel, pattern=a.filter)
+    records = launch(suite, a.results, executor=a.executor, parallel=a.parallel, pattern=a.filter,
+                     wait=not a.no_wait)
     bad = [r for r in records if r["status"] != "ok"]
     suite_dir = Path(a.results) / suite.name
+    if a.no_wait:
+        print(f"submitted; `kdbench status {suite_dir}` shows the state of every run, "
+              f"`kdbench table {suite_dir}` the table once they are done.")
+        return 0
     if not a.no_table:
         from kdbench.tables import make_table
 
@@ -136,9 +141,11 @@ def cmd_table(a) -> int:
 
 
 def cmd_status(a) -> int:
+    from kdbench.launch import job_states
     from kdbench.tables import status_table
 
-    print(status_table(Path(a.results_dir)))
+    jobs = job_states(Path(a.results_dir))  # {} unless runs were submitted to SLURM
+    print(status_table(Path(a.results_dir), jobs=jobs, tail=a.tail))
     return 0
 
 
@@ -159,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--parallel", type=int, help="runs at a time (local) / array parallelism (slurm)")
     r.add_argument("--dry-run", action="store_true", help="resolve the suite and print the run matrix; run nothing")
     r.add_argument("--no-table", action="store_true", help="do not print the table at the end")
+    r.add_argument("--no-wait", action="store_true",
+                   help="slurm: submit the whole suite (stages as job dependencies) and return at once")
     r.set_defaults(fn=cmd_run)
 
     v = sub.add_parser("validate", help="validate suites fully (models, methods, params, data) without running")
@@ -187,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="state of every run of a suite")
     s.add_argument("results_dir", help="RESULTS/SUITE folder")
+    s.add_argument("--tail", type=int, default=5, metavar="N",
+                   help="last N lines of the error of every run that did not finish ok (default 5; 0: none)")
     s.set_defaults(fn=cmd_status)
     return p
 

@@ -3,7 +3,12 @@
 Whatever happens, a record is written atomically at ``<results>/<suite>/runs/<run_id>/record.json``:
 ``ok``, ``failed`` (with the traceback tail) or ``diverged``. A run whose record already says ``ok`` is not
 redone; an interrupted run resumes from its last epoch checkpoint. KeyboardInterrupt and SystemExit write no
-record (the run is not over: it will resume).
+record (the run is not over: it will resume; SystemExit is how submitit ends a job it has just requeued).
+
+A job with several tasks trains one run with torch.distributed (``kdbench/ddp.py``): every rank runs
+``run_one``, only rank 0 writes (spec, record, checkpoint, model) and returns the written record.
+``requeues`` (set by ``kdbench.launch.RunJob`` when SLURM requeued the job after a time limit or a
+preemption) is noted in the record's ``scheduler`` with the job id.
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ def environment(device: Any = None) -> dict:
 def scheduler_info() -> dict:
     info = {"job_id": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID"),
             "array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID")}
+    if os.environ.get("SLURM_RESTART_COUNT"):  # set by SLURM in a requeued job
+        info["restart_count"] = int(os.environ["SLURM_RESTART_COUNT"])
     try:
         import submitit
 
@@ -133,8 +140,9 @@ def _prepare_stage(method, spec: RunSpec, results: Path, teacher, teacher_id: st
     return {"dir": str(stage_dir), "hash": digest, "reused": reused}
 
 
-def run_one(spec: RunSpec, results: str | os.PathLike = "results") -> dict:
+def run_one(spec: RunSpec, results: str | os.PathLike = "results", *, requeues: int = 0) -> dict:
     """Train and evaluate one run; write and return its record. Idempotent: an ``ok`` record is returned as is."""
+    from kdbench import ddp
     from kdbench.results import read_record, write_record
 
     results = Path(results)
@@ -142,8 +150,16 @@ def run_one(spec: RunSpec, results: str | os.PathLike = "results") -> dict:
     old = read_record(run_dir)
     if old is not None and old.get("status") == "ok":
         return old
+    with ddp.initialized() as dist:
+        return _run_one(spec, results, run_dir, requeues, dist)
+
+
+def _run_one(spec: RunSpec, results: Path, run_dir: Path, requeues: int, dist) -> dict:
+    from kdbench.results import write_record
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True, default=str))
+    if dist.is_main:
+        (run_dir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True, default=str))
     record: dict[str, Any] = {
         "schema": 1, "run_id": spec.run_id, "kind": spec.kind, "suite": spec.suite,
         "suite_version": spec.suite_version, "task": spec.task, "method": spec.method, "label": spec.label,
@@ -152,10 +168,10 @@ def run_one(spec: RunSpec, results: str | os.PathLike = "results") -> dict:
         "student": {"model": spec.student["model"], "params": None}, "seed": spec.seed, "recipe": spec.recipe,
         "data": spec.data, "evals": list(spec.evals), "status": "failed", "error": None, "metrics": [],
         "teacher_metrics": [], "reference": list(spec.reference), "cost": {}, "env": {},
-        "scheduler": scheduler_info(), "started_at": _now(), "finished_at": None,
+        "scheduler": {**scheduler_info(), "requeues": int(requeues)}, "started_at": _now(), "finished_at": None,
     }
     try:
-        _run(spec, results, run_dir, record)
+        _run(spec, results, run_dir, record, dist)
         record["status"] = "ok"
     except (KeyboardInterrupt, SystemExit):
         raise
@@ -165,11 +181,12 @@ def run_one(spec: RunSpec, results: str | os.PathLike = "results") -> dict:
         record["status"] = "diverged" if isinstance(e, Diverged) else "failed"
         record["error"] = traceback.format_exc()[-TRACEBACK_TAIL:]
     record["finished_at"] = _now()
-    write_record(run_dir, record)
+    if dist.is_main:
+        write_record(run_dir, record)
     return record
 
 
-def _run(spec: RunSpec, results: Path, run_dir: Path, record: dict) -> None:
+def _run(spec: RunSpec, results: Path, run_dir: Path, record: dict, dist) -> None:
     import torch
 
     from kdbench.models.sources import load_weights
@@ -180,7 +197,7 @@ def _run(spec: RunSpec, results: Path, run_dir: Path, record: dict) -> None:
     threads = os.environ.get("KDBENCH_THREADS") or spec.resources.get("cpus_per_task")
     if threads:
         torch.set_num_threads(int(threads))
-    device = _select_device()
+    device = dist.device() if dist.enabled else _select_device()
     record["env"] = environment(device)
     task = TASKS.get(spec.task)()
     data = task.build_data(spec.data)
@@ -228,7 +245,8 @@ def _run(spec: RunSpec, results: Path, run_dir: Path, record: dict) -> None:
 
     res = fit(student=student, teacher=teacher, method=method, task=task, data=data, recipe=spec.recipe,
               run_dir=run_dir, seed=spec.seed, device=device, desc=f"{spec.label} {spec.pair} s{spec.seed}",
-              primary=task.primary_metric, higher_is_better=task.metrics.get(task.primary_metric, True))
+              primary=task.primary_metric, higher_is_better=task.metrics.get(task.primary_metric, True),
+              dist=dist)
     record["metrics"] = _metric_rows(res.final, "final", task) + _metric_rows(res.best, "best", task)
     record["best_epoch"] = res.best_epoch
     record["cost"] = {"wall_time_s": round(res.wall_time_s, 3), "step_time_s": res.step_time_s,
@@ -237,6 +255,10 @@ def _run(spec: RunSpec, results: Path, run_dir: Path, record: dict) -> None:
     record["scheduler"]["resumes"] = res.resumes
     if stage is not None:
         record["stage"] = stage
+    if dist.enabled:
+        record["scheduler"]["world_size"] = dist.world
+    if not dist.is_main:
+        return
     # keep the trained network: a suite-trained teacher is loaded from it; students are kept for later evals
     tmp = run_dir / f"model.pt.tmp{os.getpid()}"
     torch.save(student.net.state_dict(), tmp)

@@ -574,42 +574,79 @@ def make_table(suite_dir: str | os.PathLike, metric: str | None = None, select: 
     return _latex(grid, legend, metric, eval, select, decimals)
 
 
-def status_table(suite_dir: str | os.PathLike) -> str:
+def status_table(suite_dir: str | os.PathLike, jobs: dict[str, dict] | None = None, tail: int = 0) -> str:
     """State of every run folder of a suite: run id (short), version, label, pair, seed, status, error line.
 
     A folder without a record yet (running, or killed before writing one) shows "no record" (label/pair/seed
     from its ``spec.json``); an unreadable record shows "corrupt" with the reason. A summary line ends it.
+
+    ``jobs`` (``kdbench.launch.job_states``: run id -> the latest SLURM submission, with a ``status`` of
+    pending / running / completed / cancelled / timeout / failed / unknown) adds a "job" column and lets the
+    scheduler speak where the record cannot: a run whose job is pending or running shows that (unless this
+    very job already wrote its record); a job that ended without writing a record (cancelled, time limit,
+    killed) shows the job's state and error. A record written by the job, or after it was submitted, wins.
+    ``tail``: below the table, the last ``tail`` lines of the error of every run that is not ok.
     """
     from tabulate import tabulate
 
     suite_dir = Path(suite_dir)
-    dirs = run_dirs(suite_dir)
-    if not dirs:
+    jobs = jobs or {}
+    dirs = {d.name: d for d in run_dirs(suite_dir)}
+    if not dirs and not jobs:
         raise no_records_error(suite_dir)
     rows = []
-    for d in dirs:
-        try:
-            rec = read_record(d)
-            status, err = (rec["status"], error_line(rec.get("error"), 100)) if rec else ("no record", "")
-        except RecordError as e:
-            rec, status, err = None, "corrupt", error_line(str(e), 100)
-        if rec is None:
+    for name in sorted(set(dirs) | set(jobs)):
+        d = dirs.get(name)
+        rec, status, err, full = None, "no record", "", ""
+        if d is not None:
             try:
-                rec = json.loads((d / "spec.json").read_text())
+                rec = read_record(d)
+                if rec:
+                    status, full = rec["status"], rec.get("error") or ""
+            except RecordError as e:
+                rec, status, full = None, "corrupt", str(e)
+        job = jobs.get(name)
+        job_cell = ""
+        if job:
+            sched = (rec.get("scheduler") or {}) if rec else {}
+            mine = rec is not None and str(sched.get("job_id")) == str(job.get("job_id"))
+            newer = rec is not None and str(rec.get("finished_at") or "") >= str(job.get("submitted_at") or "~")
+            requeues = sched.get("requeues") if mine else None
+            job_cell = str(job.get("job_id", "")) + (f" (requeued {requeues}x)" if requeues else "")
+            if job.get("status") in ("pending", "running") and not mine:
+                status, full = job["status"], ""
+            elif job.get("status") in ("cancelled", "timeout", "failed") and not (mine or newer):
+                status, full = job["status"], job.get("error") or ""
+        err = error_line(full, 100)
+        info = rec
+        if info is None:
+            try:
+                info = json.loads((d / "spec.json").read_text()) if d is not None else dict(job or {})
             except (OSError, ValueError):
-                rec = {}
-        rows.append({"key": (str(rec.get("suite_version", "")), rec.get("pair_index", 0), rec.get("kind") != TEACHER,
-                             rec.get("method_index", 0), _seed_key(rec.get("seed")), d.name),
-                     "cells": [d.name[:8], rec.get("suite_version", ""), rec.get("label", ""), rec.get("pair", ""),
-                               rec.get("seed", ""), status, err]})
+                info = dict(job or {})
+        cells = [name[:8], info.get("suite_version", ""), info.get("label", ""), info.get("pair", ""),
+                 info.get("seed", ""), status] + ([job_cell] if jobs else []) + [err]
+        rows.append({"key": (str(info.get("suite_version", "")), info.get("pair_index", 0),
+                             info.get("kind") != TEACHER, info.get("method_index", 0), _seed_key(info.get("seed")),
+                             name),
+                     "cells": cells, "full": full if status != "ok" else "", "status": status})
     rows.sort(key=lambda r: r["key"])
-    table = tabulate([r["cells"] for r in rows], headers=["run", "v", "label", "pair", "seed", "status", "error"],
-                     tablefmt="simple", disable_numparse=True)
-    counts = Counter(r["cells"][5] for r in rows)
-    order = ["ok", "failed", "diverged", "timeout", "corrupt", "no record"]
+    headers = ["run", "v", "label", "pair", "seed", "status"] + (["job"] if jobs else []) + ["error"]
+    table = tabulate([r["cells"] for r in rows], headers=headers, tablefmt="simple", disable_numparse=True)
+    tails = []
+    if tail > 0:
+        for r in rows:
+            lines = [ln for ln in str(r["full"]).rstrip().splitlines() if ln.strip()]
+            if lines:
+                c = r["cells"]
+                tails.append(f"- {c[0]} {c[2]} {c[3]} seed {c[4]} ({r['status']}):")
+                tails += ["    " + ln for ln in lines[-tail:]]
+    counts = Counter(r["status"] for r in rows)
+    order = ["ok", "running", "pending", "failed", "diverged", "timeout", "cancelled", "corrupt", "no record"]
     summary = ", ".join(f"{counts[s]} {s}" for s in sorted(counts, key=lambda s: (order.index(s)
                                                                                    if s in order else 99, s)))
-    return f"{table}\n\n{len(rows)} run(s) in {suite_dir / 'runs'}: {summary}"
+    middle = ("\n\nerrors (last lines):\n" + "\n".join(tails)) if tails else ""
+    return f"{table}{middle}\n\n{len(rows)} run(s) in {suite_dir / 'runs'}: {summary}"
 
 
 __all__ = ["make_table", "status_table", "latex_escape", "Cell", "FORMATS", "LAYOUTS", "TASK_METRICS"]

@@ -4,6 +4,13 @@ every epoch and exact resume from it, a non-finite-loss guard, a progress bar, p
 
 Reproducibility: every epoch reseeds the global RNG and the data order from ``(seed, epoch)``, so a run resumed
 from its last checkpoint continues exactly as an uninterrupted one would.
+
+Distributed runs (``dist`` with world > 1, see ``kdbench/ddp.py``): each rank trains on its slice of every
+global batch with synchronised batch norm and averaged gradients; only rank 0 evaluates (metrics broadcast)
+and writes the checkpoint and the log. With world 1 the loop is exactly the single-process one.
+
+``KDBENCH_STEP_SLEEP_S`` (environment, testing only): seconds to sleep after every training step, to make
+a tiny run slow enough to hit a scheduler time limit; it changes no number (not even the step time).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdbench import ddp
 from kdbench.method import Batch, Distiller
 
 
@@ -103,7 +111,7 @@ def _peak_mem_mb(device: torch.device) -> float:
 
 def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, task, data, recipe: dict,
         run_dir: Path, seed: int, device: torch.device, desc: str = "", primary: str = "top1",
-        higher_is_better: bool = True) -> FitResult:
+        higher_is_better: bool = True, dist: ddp.Dist = ddp.SINGLE) -> FitResult:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl"
@@ -118,6 +126,12 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
     if teacher is not None:
         teacher.to(device).eval()
         teacher.requires_grad_(False)
+    if dist.enabled:  # synchronised BN, identical starting weights on every rank
+        ddp.sync_batchnorm(student, dist, device)
+        ddp.sync_batchnorm(method, dist, device)
+        ddp.broadcast_module(student, dist)
+        ddp.broadcast_module(method, dist)
+    sleep_s = float(os.environ.get("KDBENCH_STEP_SLEEP_S") or 0)
     params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
     opt = build_optimizer(params, recipe["optimizer"])
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -145,12 +159,19 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
     from tqdm.auto import tqdm
 
     bar = tqdm(range(start_epoch, epochs + 1), desc=desc or "train", initial=start_epoch - 1, total=epochs,
-               disable=None, leave=False, dynamic_ncols=True)
+               disable=None if dist.is_main else True, leave=False, dynamic_ncols=True)
     for epoch in bar:
         torch.manual_seed(epoch_seed(seed, epoch))
         g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-        loader = task.loader(data.train, bs, shuffle=True, drop_last=n_train >= bs, generator=g,
-                             num_workers=int(recipe.get("num_workers", 0)))
+        scale = 1.0
+        if dist.enabled:  # this rank's slice of each global batch, in the order one process would draw
+            idx, local_bs, global_bs = ddp.shard_indices(n_train, bs, steps_per_epoch, g, dist)
+            scale = ddp.loss_scale(local_bs, global_bs, dist)
+            loader = task.loader(torch.utils.data.Subset(data.train, idx), local_bs,
+                                 num_workers=int(recipe.get("num_workers", 0)))
+        else:
+            loader = task.loader(data.train, bs, shuffle=True, drop_last=n_train >= bs, generator=g,
+                                 num_workers=int(recipe.get("num_workers", 0)))
         sums: dict[str, float] = {}
         n_steps = 0
         for i, (x, y) in enumerate(loader):
@@ -172,11 +193,12 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
                                                    steps_per_epoch=steps_per_epoch))
             loss = method.task_loss_weight * task_loss.float() + sum((v.float() for v in terms.values()),
                                                                      torch.zeros((), device=device))
-            if not torch.isfinite(loss):
+            if not ddp.all_finite(loss, dist):
                 vals = {k: float(v.detach()) for k, v in {"loss_task": task_loss, **terms}.items()}
                 raise Diverged(f"non-finite loss at epoch {epoch}, step {i}: {vals}")
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss * scale if dist.enabled else loss).backward()
+            ddp.average_gradients(params, dist)
             if recipe.get("grad_clip"):
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, float(recipe["grad_clip"]))
@@ -188,11 +210,15 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
             step_times[1] += 1
             n_steps += 1
             for k, v in {"loss": loss, "loss_task": task_loss, **terms}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * (scale / dist.world)
+            if sleep_s:
+                time.sleep(sleep_s)
+        sums = ddp.sum_over_ranks(sums, dist, device)  # the global batch's mean losses
         entry = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "steps": n_steps,
                  **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()}}
         if epoch % int(recipe.get("eval_every", 1)) == 0 or epoch == epochs:
-            metrics = task.evaluate(student, eval_loader, device)
+            metrics = task.evaluate(student, eval_loader, device) if dist.is_main else None
+            metrics = ddp.broadcast_object(metrics, dist)
             entry.update({f"val_{k}": v for k, v in metrics.items()})
             better = (not res.best or (metrics[primary] > res.best[primary] if higher_is_better
                                        else metrics[primary] < res.best[primary]))
@@ -201,6 +227,8 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
             bar.set_postfix({primary: f"{metrics[primary]:.2f}", "loss": f"{entry.get('train_loss', 0):.3f}"})
         res.history.append(entry)
         res.wall_time_s = wall_before + time.perf_counter() - t_start
+        if not dist.is_main:
+            continue
         _atomic_save({"epoch": epoch, "student": student.state_dict(), "method": method.state_dict(),
                       "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "history": res.history,
                       "best": res.best, "best_epoch": res.best_epoch, "wall_time_s": res.wall_time_s,
