@@ -242,6 +242,10 @@ def test_tiny_suite_via_slurm_matches_local(slurm, time_limit_job, write_suite, 
     lines = []
     remote = launch(load_suite(path), tmp_path / "slurm", executor="slurm", log=lines.append)
     assert [r["status"] for r in remote] == ["ok", "ok", "ok"], [r.get("error") for r in remote]
+    # records come back in the order jobs finish: compare them by run and order them teacher, baseline, kd
+    order = {"teacher": 0, "baseline": 1, "kd": 2}
+    remote = sorted(remote, key=lambda r: order[r["label"]])
+    local = sorted(local, key=lambda r: order[r["label"]])
     assert [r["run_id"] for r in remote] == [r["run_id"] for r in local]
     for a, b in zip(remote, local):
         assert a["metrics"] == b["metrics"] and a["teacher_metrics"] == b["teacher_metrics"]
