@@ -84,12 +84,23 @@ class TorchvisionSource(Source):
     def names(self):
         from torchvision import models
 
-        return sorted(models.list_models(module=models))
+        from kdbench.models.detection import DETECTOR_NAMES  # "detection": Faster R-CNN/RetinaNet/FCOS on FPN
+        from kdbench.models.segmentation import torchvision_segmentation_names  # "segmentation": DeepLabV3/FCN/LR-ASPP
+
+        return sorted(models.list_models(module=models)) + list(DETECTOR_NAMES) + torchvision_segmentation_names()
 
     def build(self, name, num_classes, in_chans, **kwargs):
         from torchvision import models
 
+        from kdbench.models.detection import DETECTOR_NAMES, build_detector
+
         self.check(name)
+        if name in DETECTOR_NAMES:  # "detection": num_classes includes the background
+            return build_detector(name, num_classes, in_chans, **kwargs)
+        from kdbench.models.segmentation import build_torchvision_segmenter, torchvision_segmentation_names
+
+        if name in torchvision_segmentation_names():  # "segmentation": kdbench/models/segmentation.py
+            return build_torchvision_segmenter(name, num_classes, in_chans, **kwargs)
         net = models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
         if in_chans != 3:
             conv = getattr(net, "conv1", None)

@@ -1,0 +1,166 @@
+"""Cost of distillation on a detector pair (issue "Dense prediction", performance benchmark; not a timed test).
+
+For a RetinaNet pair (default: the coco_detection pair, RetinaNet-R101 -> RetinaNet-R50, 256-channel FPN) on
+``--size`` px images (default 512, batch 2) on the CPU it prints
+
+* ``teacher full``: the teacher's forward as a detector runs it in eval mode (backbone + FPN + heads + anchors +
+  post-processing), ``teacher fpn``: backbone + FPN only (what kdbench runs for FPN-only methods), and the
+  saving ``1 - fpn / full``;
+* ``student step``: one training step of the student alone (forward with targets, backward, SGD step);
+* per method: one distillation step as ``kdbench.train.fit`` runs it (student forward with its taps, teacher
+  forward with its taps under no_grad, the method's terms, backward, SGD step), and its ratio to
+  ``teacher full + student step`` (the cost of a naive distillation step that runs the whole teacher).
+
+Times are medians over ``--repeats`` after one warm-up. Inputs are random images with random boxes (weights are
+random too: timing does not depend on them, except the post-processing of a trained teacher, which keeps more
+boxes). FreeKD/AFP use their seeded prompts (stage 1 is a one-off cost, not part of a step).
+
+    python benchmarks/bench_detection.py [--size 512] [--batch 2] [--threads N] [--repeats 3]
+    python -m benchmarks.bench_detection --teacher retinanet_resnet50_fpn --student retinanet_resnet18_fpn
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from anywhere: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+
+def _images(batch: int, size: int, num_classes: int, seed: int = 0):
+    from torchvision.models.detection.image_list import ImageList
+
+    g = torch.Generator().manual_seed(seed)
+    x = ImageList(torch.randn(batch, 3, size, size, generator=g), [(size, size)] * batch)
+    targets = []
+    for _ in range(batch):
+        n = 5
+        xy = torch.rand(n, 2, generator=g) * size * 0.7
+        wh = 16 + torch.rand(n, 2, generator=g) * size * 0.3
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).clamp(max=size),
+                        "labels": torch.randint(1, num_classes, (n,), generator=g)})
+    return x, targets
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def run(teacher_name: str = "retinanet_resnet101_fpn", student_name: str = "retinanet_resnet50_fpn",
+        size: int = 512, batch: int = 2, repeats: int = 3, methods: list[str] | None = None, fpn_channels: int = 256,
+        num_classes: int = 81, log=print) -> dict:
+    from types import SimpleNamespace
+
+    from kdbench.method import Batch
+    from kdbench.models.detection import build_detector
+    from kdbench.registry import METHODS
+    from kdbench.runner import build_context
+    from kdbench.tasks.detection import DetectionTask
+
+    task = DetectionTask()
+    torch.manual_seed(0)
+    teacher = build_detector(teacher_name, num_classes, fpn_channels=fpn_channels, frozen_bn=True)
+    teacher.eval().requires_grad_(False)
+    x, y = _images(batch, size, num_classes)
+
+    def student_and_opt():
+        torch.manual_seed(0)
+        s = build_detector(student_name, num_classes, fpn_channels=fpn_channels).train()
+        return s
+
+    res: dict = {"teacher": teacher_name, "student": student_name, "size": size, "batch": batch,
+                 "threads": torch.get_num_threads()}
+    with torch.no_grad():
+        res["teacher_full_s"] = _median_time(lambda: teacher(x, detect=True), repeats)
+        res["teacher_fpn_s"] = _median_time(lambda: teacher(x, ("fpn",)), repeats)
+    res["fpn_saving"] = 1.0 - res["teacher_fpn_s"] / res["teacher_full_s"]
+    log(f"{teacher_name} -> {student_name}, {batch}×3×{size}×{size}, {res['threads']} threads, median of {repeats}")
+    log(f"  teacher forward, full (heads + post-processing): {res['teacher_full_s']:.3f} s")
+    log(f"  teacher forward, backbone + FPN only:            {res['teacher_fpn_s']:.3f} s  "
+        f"(saving {100 * res['fpn_saving']:.1f}%)")
+
+    data = SimpleNamespace(num_classes=num_classes - 1, train=[None] * batch, val=None)
+    task_probe = SimpleNamespace(name="detection", example_input=lambda d: x, loss=task.loss)
+    names = methods or [n for n, c in METHODS.items() if "detection" in c.tasks]
+    variants = []
+    for n in names:
+        variants.append((n, n, {}))
+        if "domain" in METHODS.get(n).param_defaults():
+            variants.append((f"{n}-dwt", n, {"domain": "dwt"}))
+    res["student_step_s"] = None
+    res["methods"] = {}
+    for label, name, params in variants:
+        student = student_and_opt()
+        ctx = build_context(task_probe, data, {"epochs": 1, "batch_size": batch}, student,
+                            teacher if METHODS.get(name).needs_teacher else None, torch.device("cpu"))
+        cls = METHODS.get(name)
+        method = cls(ctx, **cls.check_params(params))
+        if method.stage_config() is not None:
+            method.load_stage({k: v.clone() for k, v in method.prompts.state_dict().items()})
+        taps = method.taps()
+        student.train()
+        method.train()
+        opt = torch.optim.SGD([p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad],
+                              lr=1e-4, momentum=0.9)
+        b = Batch(inputs=x, targets=y, epoch=1, step=0, epochs=1, steps_per_epoch=1)
+
+        def step():
+            s_out = task.forward(student, x, y, taps.student)
+            t_out = None
+            if cls.needs_teacher:
+                with torch.no_grad():
+                    t_out = task.forward(teacher, x, None, taps.teacher)
+            terms = method(s_out, t_out, b)
+            loss = method.task_loss_weight * task.loss(s_out, y) + sum(terms.values(), torch.zeros(()))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        t = _median_time(step, repeats)
+        if name == "baseline":
+            res["student_step_s"] = t
+            log(f"  student train step (baseline):                   {t:.3f} s")
+        res["methods"][label] = t
+    ref = res["teacher_full_s"] + (res["student_step_s"] or float("nan"))
+    log(f"  distillation step / (teacher full forward + student step = {ref:.3f} s):")
+    for label, t in res["methods"].items():
+        log(f"    {label:<10} {t:7.3f} s   ratio {t / ref:.3f}")
+    res["ratios"] = {k: v / ref for k, v in res["methods"].items()}
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default="retinanet_resnet101_fpn")
+    p.add_argument("--student", default="retinanet_resnet50_fpn")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--fpn-channels", type=int, default=256)
+    p.add_argument("--methods", nargs="*", help="methods to time (default: every detection method; "
+                                                "those with a domain parameter also as -dwt)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    methods = a.methods or None
+    if methods and "baseline" not in methods:
+        methods = ["baseline"] + methods
+    run(a.teacher, a.student, a.size, a.batch, a.repeats, methods, a.fpn_channels)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
