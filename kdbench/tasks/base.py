@@ -6,6 +6,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from kdbench.registry import DATASETS
+
 
 class Task:
     name = ""
@@ -27,4 +29,22 @@ class Task:
         their losses inside the forward) and is ``None`` for the teacher."""
         return model(x, taps)
 
-    # to implement: check_data, build_data, build_model, example_input, loss, evaluate
+    # -- data: a suite's ``data:`` names a dataset plugin of this task; its other keys are the plugin's options
+    @classmethod
+    def dataset_plugin(cls, name: str):
+        plugin = DATASETS.get(name)
+        if plugin.task != cls.name:
+            valid = ", ".join(sorted(n for n, p in DATASETS.items() if p.task == cls.name))
+            raise ValueError(f"dataset {name!r} is for task {plugin.task!r}, not {cls.name}; "
+                             f"{cls.name} datasets: {valid}")
+        return plugin()
+
+    def check_data(self, data: dict[str, Any]) -> None:
+        opts = {k: v for k, v in data.items() if k not in ("name", "root")}
+        self.dataset_plugin(data["name"]).check(data.get("root"), **opts)
+
+    def build_data(self, data: dict[str, Any]):
+        opts = {k: v for k, v in data.items() if k not in ("name", "root")}
+        return self.dataset_plugin(data["name"]).build(data.get("root"), **opts)
+
+    # to implement: build_model, example_input, loss, evaluate

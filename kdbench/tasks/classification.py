@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench.method import Outputs
-from kdbench.registry import DATASETS, TASKS
+from kdbench.registry import TASKS
 from kdbench.tasks.base import Task
 
 
@@ -19,22 +19,6 @@ class ClassificationTask(Task):
     name = "classification"
     evals = ("val",)
     primary_metric = "top1"
-
-    # -- data ------------------------------------------------------------------------------------
-    @staticmethod
-    def dataset_plugin(name: str):
-        plugin = DATASETS.get(name)
-        if plugin.task != "classification":
-            raise ValueError(f"dataset {name!r} is for task {plugin.task!r}, not classification")
-        return plugin()
-
-    def check_data(self, data: dict[str, Any]) -> None:
-        opts = {k: v for k, v in data.items() if k not in ("name", "root")}
-        self.dataset_plugin(data["name"]).check(data.get("root"), **opts)
-
-    def build_data(self, data: dict[str, Any]):
-        opts = {k: v for k, v in data.items() if k not in ("name", "root")}
-        return self.dataset_plugin(data["name"]).build(data.get("root"), **opts)
 
     # -- models ----------------------------------------------------------------------------------
     def build_model(self, spec: dict[str, Any], data):

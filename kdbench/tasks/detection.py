@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from kdbench.method import Outputs
-from kdbench.registry import DATASETS, TASKS
+from kdbench.registry import TASKS
 from kdbench.tasks.base import Task
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -88,22 +88,6 @@ class DetectionTask(Task):
     primary_metric = "AP"
     metrics = {m: True for m in METRIC_NAMES}
     collate = staticmethod(_collate)
-
-    # -- data ------------------------------------------------------------------------------------
-    @staticmethod
-    def dataset_plugin(name: str):
-        plugin = DATASETS.get(name)
-        if plugin.task != "detection":
-            raise ValueError(f"dataset {name!r} is for task {plugin.task!r}, not detection")
-        return plugin()
-
-    def check_data(self, data: dict[str, Any]) -> None:
-        opts = {k: v for k, v in data.items() if k not in ("name", "root")}
-        self.dataset_plugin(data["name"]).check(data.get("root"), **opts)
-
-    def build_data(self, data: dict[str, Any]):
-        opts = {k: v for k, v in data.items() if k not in ("name", "root")}
-        return self.dataset_plugin(data["name"]).build(data.get("root"), **opts)
 
     # -- models ----------------------------------------------------------------------------------
     def build_model(self, spec: dict[str, Any], data):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench.method import Outputs
-from kdbench.registry import DATASETS, TASKS
+from kdbench.registry import TASKS
 from kdbench.tasks.base import Task
 
 IGNORE_INDEX = 255
@@ -96,23 +96,6 @@ class SegmentationTask(Task):
     primary_metric = "mIoU"
     metrics = {"mIoU": True, "aAcc": True, "mAcc": True, "loss": False}  # plus "IoU/<class>" (higher is better)
     collate = staticmethod(pad_collate)
-
-    # -- data ------------------------------------------------------------------------------------
-    @staticmethod
-    def dataset_plugin(name: str):
-        plugin = DATASETS.get(name)
-        if plugin.task != "segmentation":
-            raise ValueError(f"dataset {name!r} is for task {plugin.task!r}, not segmentation; segmentation "
-                             f"datasets: {', '.join(n for n, p in DATASETS.items() if p.task == 'segmentation')}")
-        return plugin()
-
-    def check_data(self, data: dict[str, Any]) -> None:
-        opts = {k: v for k, v in data.items() if k not in ("name", "root")}
-        self.dataset_plugin(data["name"]).check(data.get("root"), **opts)
-
-    def build_data(self, data: dict[str, Any]):
-        opts = {k: v for k, v in data.items() if k not in ("name", "root")}
-        return self.dataset_plugin(data["name"]).build(data.get("root"), **opts)
 
     # -- models ----------------------------------------------------------------------------------
     def build_model(self, spec: dict[str, Any], data):
