@@ -11,9 +11,11 @@ For a RetinaNet pair (default: the coco_detection pair, RetinaNet-R101 -> Retina
   forward with its taps under no_grad, the method's terms, backward, SGD step), and its ratio to
   ``teacher full + student step`` (the cost of a naive distillation step that runs the whole teacher).
 
-Times are medians over ``--repeats`` after one warm-up. Inputs are random images with random boxes (weights are
-random too: timing does not depend on them, except the post-processing of a trained teacher, which keeps more
-boxes). FreeKD/AFP use their seeded prompts (stage 1 is a one-off cost, not part of a step).
+Times are the minimum over ``--repeats`` (median in parentheses) after one warm-up, taken round robin over
+all entries, so that other load on the machine (which only ever adds time) biases no entry. Inputs are random
+images with random boxes (weights are random too: timing does not depend on them, except the post-processing
+of a trained teacher, which keeps more boxes). FreeKD/AFP use their seeded prompts (stage 1 is a one-off cost,
+not part of a step).
 
     python benchmarks/bench_detection.py [--size 512] [--batch 2] [--threads N] [--repeats 3]
     python -m benchmarks.bench_detection --teacher retinanet_resnet50_fpn --student retinanet_resnet18_fpn
@@ -48,14 +50,10 @@ def _images(batch: int, size: int, num_classes: int, seed: int = 0):
     return x, targets
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def run(teacher_name: str = "retinanet_resnet101_fpn", student_name: str = "retinanet_resnet50_fpn",
@@ -74,40 +72,23 @@ def run(teacher_name: str = "retinanet_resnet101_fpn", student_name: str = "reti
     teacher = build_detector(teacher_name, num_classes, fpn_channels=fpn_channels, frozen_bn=True)
     teacher.eval().requires_grad_(False)
     x, y = _images(batch, size, num_classes)
-
-    def student_and_opt():
-        torch.manual_seed(0)
-        s = build_detector(student_name, num_classes, fpn_channels=fpn_channels).train()
-        return s
-
-    res: dict = {"teacher": teacher_name, "student": student_name, "size": size, "batch": batch,
-                 "threads": torch.get_num_threads()}
-    with torch.no_grad():
-        res["teacher_full_s"] = _median_time(lambda: teacher(x, detect=True), repeats)
-        res["teacher_fpn_s"] = _median_time(lambda: teacher(x, ("fpn",)), repeats)
-    res["fpn_saving"] = 1.0 - res["teacher_fpn_s"] / res["teacher_full_s"]
-    log(f"{teacher_name} -> {student_name}, {batch}×3×{size}×{size}, {res['threads']} threads, median of {repeats}")
-    log(f"  teacher forward, full (heads + post-processing): {res['teacher_full_s']:.3f} s")
-    log(f"  teacher forward, backbone + FPN only:            {res['teacher_fpn_s']:.3f} s  "
-        f"(saving {100 * res['fpn_saving']:.1f}%)")
-
     data = SimpleNamespace(num_classes=num_classes - 1, train=[None] * batch, val=None)
     task_probe = SimpleNamespace(name="detection", example_input=lambda d: x, loss=task.loss)
     names = methods or [n for n, c in METHODS.items() if "detection" in c.tasks]
     variants = []
-    for n in names:
+    for n in sorted(names, key=lambda n: n != "baseline"):
         variants.append((n, n, {}))
         if "domain" in METHODS.get(n).param_defaults():
             variants.append((f"{n}-dwt", n, {"domain": "dwt"}))
-    res["student_step_s"] = None
-    res["methods"] = {}
-    for label, name, params in variants:
-        student = student_and_opt()
-        ctx = build_context(task_probe, data, {"epochs": 1, "batch_size": batch}, student,
-                            teacher if METHODS.get(name).needs_teacher else None, torch.device("cpu"))
+
+    def make_step(name: str, params: dict):
+        torch.manual_seed(0)
+        student = build_detector(student_name, num_classes, fpn_channels=fpn_channels).train()
         cls = METHODS.get(name)
+        ctx = build_context(task_probe, data, {"epochs": 1, "batch_size": batch}, student,
+                            teacher if cls.needs_teacher else None, torch.device("cpu"))
         method = cls(ctx, **cls.check_params(params))
-        if method.stage_config() is not None:
+        if method.stage_config() is not None:  # seeded prompts: stage 1 is a one-off cost, not part of a step
             method.load_stage({k: v.clone() for k, v in method.prompts.state_dict().items()})
         taps = method.taps()
         student.train()
@@ -116,7 +97,7 @@ def run(teacher_name: str = "retinanet_resnet101_fpn", student_name: str = "reti
                               lr=1e-4, momentum=0.9)
         b = Batch(inputs=x, targets=y, epoch=1, step=0, epochs=1, steps_per_epoch=1)
 
-        def step():
+        def step():  # kdbench.train.fit's inner loop
             s_out = task.forward(student, x, y, taps.student)
             t_out = None
             if cls.needs_teacher:
@@ -128,16 +109,40 @@ def run(teacher_name: str = "retinanet_resnet101_fpn", student_name: str = "reti
             loss.backward()
             opt.step()
 
-        t = _median_time(step, repeats)
-        if name == "baseline":
-            res["student_step_s"] = t
-            log(f"  student train step (baseline):                   {t:.3f} s")
-        res["methods"][label] = t
-    ref = res["teacher_full_s"] + (res["student_step_s"] or float("nan"))
+        return step
+
+    def full():
+        with torch.no_grad():
+            teacher(x, detect=True)
+
+    def fpn():
+        with torch.no_grad():
+            teacher(x, ("fpn",))
+
+    fns = {"teacher_full": full, "teacher_fpn": fpn}
+    fns.update({label: make_step(name, params) for label, name, params in variants})
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+    for _ in range(repeats):  # round robin: a slow spell of the machine hits every entry alike
+        for k, fn in fns.items():
+            times[k].append(_time(fn))
+    best = {k: min(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res: dict = {"teacher": teacher_name, "student": student_name, "size": size, "batch": batch,
+                 "threads": torch.get_num_threads(), "repeats": repeats, "min_s": best, "median_s": med}
+    res["fpn_saving"] = 1.0 - best["teacher_fpn"] / best["teacher_full"]
+    ref = best["teacher_full"] + best["baseline"]
+    res["ratios"] = {label: best[label] / ref for label, _, _ in variants}
+    log(f"{teacher_name} -> {student_name}, {batch}x3x{size}x{size}, {res['threads']} threads, "
+        f"min (median) of {repeats}")
+    log(f"  teacher forward, full (heads + post-processing): {best['teacher_full']:7.3f} s ({med['teacher_full']:.3f})")
+    log(f"  teacher forward, backbone + FPN only:            {best['teacher_fpn']:7.3f} s ({med['teacher_fpn']:.3f})"
+        f"  -> saving {100 * res['fpn_saving']:.1f}%")
+    log(f"  student train step (baseline):                   {best['baseline']:7.3f} s ({med['baseline']:.3f})")
     log(f"  distillation step / (teacher full forward + student step = {ref:.3f} s):")
-    for label, t in res["methods"].items():
-        log(f"    {label:<10} {t:7.3f} s   ratio {t / ref:.3f}")
-    res["ratios"] = {k: v / ref for k, v in res["methods"].items()}
+    for label, _, _ in variants:
+        log(f"    {label:<10} {best[label]:7.3f} s ({med[label]:.3f})   ratio {res['ratios'][label]:.3f}")
     return res
 
 
