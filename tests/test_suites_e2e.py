@@ -28,7 +28,7 @@ def test_every_suite_dry_runs_without_data(suite, tmp_path):
 
 def _shrink(suite: Path) -> list[str]:
     """--set overrides that make a suite run in seconds: 1 epoch of 2 steps, 1 seed, short prompt stages."""
-    raw = __import__("yaml").safe_load(suite.read_text())
+    raw = load_suite(suite).raw  # with its include merged
     sets = ["recipe.epochs=1", "recipe.max_steps_per_epoch=2", "recipe.batch_size=8", "recipe.num_workers=0",
             "recipe.amp=false", "seeds=[0]", "data.image_size=32", "recipe.eval_batch_size=200"]
     for i, m in enumerate(raw["methods"]):
@@ -71,12 +71,13 @@ def _write_teachers(suite: Path, ckpt: Path, kwargs_sets: list[str], monkeypatch
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("suite", ["quickstart.yaml", "cifar100_homogeneous.yaml", "cifar100_heterogeneous.yaml"])
+@pytest.mark.parametrize("suite", ["quickstart.yaml", "digits_methods.yaml", "cifar100_homogeneous.yaml",
+                                   "cifar100_heterogeneous.yaml"])
 def test_cifar_suites_run_end_to_end_shrunk(suite, tmp_path, monkeypatch):
     monkeypatch.setenv("KDBENCH_DATA", str(tmp_path / "data"))
     write_cifar100(tmp_path / "data" / "cifar100", n_train_per_class=2, n_test_per_class=1)
     sets = _shrink(SUITES / suite)
-    if suite == "quickstart.yaml":
+    if suite in ("quickstart.yaml", "digits_methods.yaml"):
         sets += ["pairs.0.teacher.train.recipe.epochs=1"]
     else:
         _write_teachers(SUITES / suite, tmp_path / "ckpt", sets, monkeypatch)
