@@ -14,7 +14,8 @@ SLURM (``executor="slurm"``), decisions beyond DESIGN.md §6:
   baseline, start at once). ``--kill-on-invalid-dep=yes``: when a teacher fails, its dependents are
   cancelled instead of pending forever. A teacher that is still pending/running from an earlier
   submission is depended on, not resubmitted; nothing pending or running is submitted twice.
-* Resources: the suite's ``resources:`` (submitit's generic names plus ``slurm_*`` passed through);
+* Resources: the suite's ``resources:`` (submitit's generic names plus ``slurm_*`` passed through), updated
+  for a suite-trained teacher by its ``train: {resources: ...}`` (one array per distinct set of resources);
   ``slurm_array_parallelism`` from ``--parallel`` or the suite. Defaults: ``timeout_min`` 24 h (submitit's
   own default, 5 min, kills real runs); ``tasks_per_node = gpus_per_node`` when it is above 1 (DDP, one
   task per GPU) and then ``srun --kill-on-bad-exit=1`` so a crashed rank ends the job instead of leaving
@@ -41,7 +42,6 @@ import datetime as _dt
 import fnmatch
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -161,7 +161,9 @@ def launch(suite: Suite, results: str | os.PathLike = "results", executor: str =
         if executor == "debug":
             records += _run_debug(wave, results, log)
         else:
-            records += _run_local(suite, wave, results, parallel or default_parallel(suite.resources), log)
+            # the suite's resources, or a suite-trained teacher's own (teacher.train.resources)
+            records += _run_local(suite, wave, results, parallel or min(default_parallel(s.resources) for s in wave),
+                                  log)
     return records
 
 
@@ -426,7 +428,6 @@ def submit_slurm(suite: Suite, todo_waves: list[list[RunSpec]], results: Path, p
     active = {rid: e for rid, e in known.items() if e["status"] in ACTIVE}
     job_of = {rid: e["job_id"] for rid, e in active.items()}
     folder = _job_folder(results, suite).resolve()  # absolute: `kdbench status` may run from elsewhere
-    params = slurm_parameters(suite.resources, parallel)
     submitted: list[dict] = []
     for stage, wave in enumerate(todo_waves):
         groups: dict[tuple, list[RunSpec]] = {}
@@ -437,8 +438,9 @@ def submit_slurm(suite: Suite, todo_waves: list[list[RunSpec]], results: Path, p
                     "submitted earlier)")
                 continue
             deps = (job_of[spec.teacher_run],) if spec.teacher_run in job_of else ()
-            groups.setdefault(deps, []).append(spec)
-        for deps, specs in groups.items():
+            groups.setdefault((deps, json.dumps(spec.resources, sort_keys=True)), []).append(spec)
+        for (deps, _), specs in groups.items():
+            params = slurm_parameters(specs[0].resources, parallel)
             ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES)
             extra = {"slurm_dependency": "afterok:" + ":".join(deps)} if deps else {}
             ex.update_parameters(name=f"kdbench-{suite.name}", **params, **extra,
@@ -448,7 +450,7 @@ def submit_slurm(suite: Suite, todo_waves: list[list[RunSpec]], results: Path, p
                 jobs = ex.map_array(RunJob(), specs, [str(results)] * len(specs))
             except Exception as e:  # sbatch's message says what is wrong (partition, account, limits...)
                 raise SlurmError(f"SLURM refused the {len(specs)} run(s) of stage {stage} of {suite.name} "
-                                 f"(resources {suite.resources}): {e}") from None
+                                 f"(resources {specs[0].resources}): {e}") from None
             entries = []
             for job, spec in zip(jobs, specs):
                 job_of[spec.run_id] = str(job.job_id)

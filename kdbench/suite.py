@@ -56,7 +56,7 @@ OPTIMIZERS = {"sgd": {"lr", "momentum", "weight_decay", "nesterov"}, "adamw": {"
 SCHEDULES = {"multistep": {"milestones", "gamma", "warmup_epochs"}, "cosine": {"warmup_epochs", "min_lr"},
              "constant": {"warmup_epochs"}}
 MODEL_KEYS = {"model", "weights", "kwargs", "train"}
-TEACHER_TRAIN_KEYS = {"recipe", "data", "seed"}
+TEACHER_TRAIN_KEYS = {"recipe", "data", "seed", "resources"}
 PAIR_KEYS = {"name", "teacher", "student", "params"}
 METHOD_KEYS = {"name", "label", "params"}
 RESOURCE_KEYS = {"gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes", "tasks_per_node",
@@ -311,6 +311,7 @@ def _model_spec(path: Path, where: str, spec: Any, teacher: bool) -> dict:
     if "train" in spec:
         tr = spec["train"] or {}
         _check_keys(path, f"{where}.train", tr, TEACHER_TRAIN_KEYS)
+        _check_keys(path, f"{where}.train.resources", tr.get("resources") or {}, RESOURCE_KEYS)
         out["train"] = tr
     return out
 
@@ -421,7 +422,8 @@ def validate_and_expand(path: Path, raw: dict) -> list[RunSpec]:
                             teacher=None, teacher_run=None, method="baseline",
                             method_version=METHODS.get("baseline").version,
                             params={}, seed=int(tr.get("seed", 0)), label="teacher", pair=pname, pair_index=p_i,
-                            method_index=-1, **common)
+                            method_index=-1, **{**common, "resources": {**common["resources"],
+                                                                         **_jsonable(tr.get("resources") or {})}})
             if tspec.run_id not in {x.run_id for x in specs}:  # the same teacher for several pairs: trained once
                 specs.append(tspec)
             teacher_run = tspec.run_id

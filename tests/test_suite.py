@@ -57,6 +57,19 @@ def test_unknown_method_lists_choices(write_suite):
     assert "Did you mean 'kd'" in msg and "Valid methods:" in msg and "baseline" in msg
 
 
+def test_teacher_train_resources_apply_to_the_teacher_run_only(write_suite):
+    """A suite-trained teacher often runs alone in its stage: it may ask for more (cpus, gpus, time) than each
+    distillation run. Resources never enter the run_id."""
+    d = tiny_suite(resources={"cpus_per_task": 1, "timeout_min": 30})
+    s0 = load_suite(write_suite(d))
+    d["pairs"][0]["teacher"]["train"]["resources"] = {"cpus_per_task": 2}
+    s = load_suite(write_suite(d))
+    teacher, *runs = s.specs
+    assert teacher.kind == "teacher" and teacher.resources == {"cpus_per_task": 2, "timeout_min": 30}
+    assert all(r.resources == {"cpus_per_task": 1, "timeout_min": 30} for r in runs)
+    assert [x.run_id for x in s.specs] == [x.run_id for x in s0.specs]
+
+
 def test_unknown_param_lists_valid(write_suite):
     msg = err(write_suite, tiny_suite(methods=[{"name": "kd", "params": {"T": 3}}]))
     assert "methods[0].params" in msg and "unknown parameter(s) 'T'" in msg and "temperature=4.0" in msg
@@ -81,6 +94,8 @@ def test_unknown_param_lists_valid(write_suite):
     (lambda d: d["pairs"][0]["teacher"].update(weights="x.pt"), "a teacher needs exactly one of 'weights"),
     (lambda d: d["pairs"][0].update(studnt={}), "pairs[0].studnt: unknown key"),
     (lambda d: d.update(resources={"gpus": 1}), "resources.gpus: unknown key; valid keys here: cpus_per_task"),
+    (lambda d: d["pairs"][0]["teacher"]["train"].update(resources={"cpu": 2}),
+     "pairs[0].teacher.train.resources.cpu: unknown key; valid keys here: cpus_per_task"),
     (lambda d: d.update(methods=["baseline", {"name": "kd"}, {"name": "kd"}]), "duplicate label(s) ['kd']"),
     (lambda d: d.update(suite="other"), "suite: must equal the file stem 'tiny'"),
     (lambda d: d.update(evals=[{"name": "coco-c"}]), "evals[0].name: unknown eval 'coco-c' for classification"),
