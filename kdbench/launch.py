@@ -1,5 +1,6 @@
 """Executors: ``debug`` (in process, pdb works), ``local`` (submitit LocalExecutor subprocesses, at most
-``parallel`` at a time: submitit itself would start every job at once), ``slurm`` (submitit job arrays).
+``parallel`` at a time: submitit itself would start every job at once; each runs up to ``LOCAL_RUNS_PER_JOB`` runs
+in turn), ``slurm`` (submitit job arrays).
 
 Runs are launched in waves (suite-trained teachers first, then the runs that load them). A run whose record
 says ``ok`` is skipped; any other run (failed, diverged, interrupted) is launched again and resumes from its
@@ -183,30 +184,43 @@ def _job_folder(results: Path, suite: Suite) -> Path:
     return results / suite.name / ".submitit" / stamp
 
 
-def _collect(job, spec: RunSpec, results: Path) -> dict:
+#: runs per local job: a new process pays ~5-10 s of imports (torch, its optimizer's dynamo hooks, the data
+#: libraries) before it trains, more than a small run's training; a few runs per process amortise it, while a
+#: process that dies (killed, out of memory) takes at most this many runs with it (recorded failed, rerun next time)
+LOCAL_RUNS_PER_JOB = 4
+
+
+def run_many(specs: list[RunSpec], results: str) -> list[dict]:
+    """Several runs one after another in one process (a local job)."""
+    from kdbench.runner import run_one
+
+    return [run_one(spec, results) for spec in specs]
+
+
+def _collect(job, specs: list[RunSpec], results: Path) -> list[dict]:
     try:
-        rec = job.result()
+        return job.result()
     except Exception as e:  # the job died without returning (killed, OOM, cancelled) or raised outside run_one
         tail = ""
         try:
             tail = (job.stderr() or "")[-3000:]
         except Exception:
             pass
-        rec = _crash_record(spec, results, f"job {job.job_id} ended without a result: {e}\n{tail}")
-    return rec
+        # runs the job finished keep their records; the others get one that says why
+        return [_crash_record(spec, results, f"job {job.job_id} ended without a result: {e}\n{tail}")
+                for spec in specs]
 
 
 def _run_local(suite: Suite, wave: list[RunSpec], results: Path, parallel: int, log) -> list[dict]:
     import submitit
 
-    from kdbench.runner import run_one
-
     res = suite.resources
     ex = submitit.LocalExecutor(folder=_job_folder(results, suite))
-    ex.update_parameters(timeout_min=int(res.get("timeout_min") or 24 * 60),
-                         gpus_per_node=int(res.get("gpus_per_node") or 0))
     threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
-    queue = list(wave)
+    per_job = max(1, min(LOCAL_RUNS_PER_JOB, -(-len(wave) // parallel)))
+    ex.update_parameters(timeout_min=int(res.get("timeout_min") or 24 * 60) * per_job,
+                         gpus_per_node=int(res.get("gpus_per_node") or 0))
+    queue = [wave[i:i + per_job] for i in range(0, len(wave), per_job)]
     running: list[tuple] = []
     out: list[dict] = []
     old_threads = os.environ.get("KDBENCH_THREADS")
@@ -214,17 +228,17 @@ def _run_local(suite: Suite, wave: list[RunSpec], results: Path, parallel: int, 
     try:
         while queue or running:
             while queue and len(running) < parallel:
-                spec = queue.pop(0)
-                running.append((ex.submit(run_one, spec, str(results)), spec))
+                specs = queue.pop(0)
+                running.append((ex.submit(run_many, specs, str(results)), specs))
             time.sleep(0.5)
             still = []
-            for job, spec in running:
+            for job, specs in running:
                 if job.done():
-                    rec = _collect(job, spec, results)
-                    log(_summary(rec))
-                    out.append(rec)
+                    for rec in _collect(job, specs, results):
+                        log(_summary(rec))
+                        out.append(rec)
                 else:
-                    still.append((job, spec))
+                    still.append((job, specs))
             running = still
     except KeyboardInterrupt:
         for job, _ in running:

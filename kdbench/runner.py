@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -46,11 +47,11 @@ def environment(device: Any = None) -> dict:
 
     env = {"kdbench": kdbench.__version__, "python": platform.python_version(), "torch": torch.__version__,
            "host": socket.gethostname(), "device": str(device) if device is not None else None}
-    for mod in ("torchvision", "timm"):
+    for dist in ("torchvision", "timm"):  # from the installed metadata: importing them costs seconds per run
         try:
-            env[mod] = __import__(mod).__version__
-        except Exception:  # pragma: no cover
-            env[mod] = None
+            env[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+            env[dist] = None
     if device is not None and getattr(device, "type", "") == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     src = Path(kdbench.__file__).resolve().parent.parent
