@@ -214,12 +214,13 @@ def _collect(job, specs: list[RunSpec], results: Path) -> list[dict]:
 def _run_local(suite: Suite, wave: list[RunSpec], results: Path, parallel: int, log) -> list[dict]:
     import submitit
 
-    res = suite.resources
     ex = submitit.LocalExecutor(folder=_job_folder(results, suite))
     threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
     per_job = max(1, min(LOCAL_RUNS_PER_JOB, -(-len(wave) // parallel)))
-    ex.update_parameters(timeout_min=int(res.get("timeout_min") or 24 * 60) * per_job,
-                         gpus_per_node=int(res.get("gpus_per_node") or 0))
+    # each run's own resources (a suite-trained teacher may carry its own): the largest of the wave
+    timeout = max(int(s.resources.get("timeout_min") or 24 * 60) for s in wave)
+    ex.update_parameters(timeout_min=timeout * per_job,
+                         gpus_per_node=max(int(s.resources.get("gpus_per_node") or 0) for s in wave))
     queue = [wave[i:i + per_job] for i in range(0, len(wave), per_job)]
     running: list[tuple] = []
     out: list[dict] = []
