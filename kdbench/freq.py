@@ -1,4 +1,4 @@
-"""Orthonormal 2-D Haar DWT/IDWT and FFT helpers shared by the frequency-domain methods. METHODS.md §6.
+"""Orthonormal 2-D Haar DWT/IDWT and FFT helpers shared by the frequency-domain methods. docs/methods.md §6.
 
 Every transform works per channel on ``(N, C, H, W)`` tensors, runs in float32 with autocast disabled
 (the input is cast to float32; the outputs are float32 even under ``torch.autocast``) and is differentiable.

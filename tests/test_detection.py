@@ -232,7 +232,7 @@ def test_every_detection_method_one_step(name, kind, data):
     taps = method.taps()
     assert "fpn" in taps.teacher
     if name in ("freekd", "afp"):
-        assert "reg" in taps.teacher and method.use_reg  # regression KD (METHODS.md §7.1)
+        assert "reg" in taps.teacher and method.use_reg  # regression KD (docs/methods.md §7.1)
     student.check_taps(taps.student)
     teacher.check_taps(taps.teacher)
     student.train()

@@ -1,4 +1,4 @@
-"""Tests of the Haar DWT in kdbench/freq.py (METHODS.md §6)."""
+"""Tests of the Haar DWT in kdbench/freq.py (docs/methods.md §6)."""
 
 import math
 import warnings

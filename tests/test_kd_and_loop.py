@@ -71,7 +71,7 @@ def test_a_method_file_dropped_into_methods_is_picked_up():
     name = f"zz_drop_{uuid.uuid4().hex[:8]}"
     f = folder / f"{name}.py"
     f.write_text(textwrap.dedent(f'''
-        """A throw-away method written by a test. METHODS.md §1."""
+        """A throw-away method written by a test. docs/methods.md §1."""
         from kdbench.method import Distiller, register_method
 
         @register_method("{name}")

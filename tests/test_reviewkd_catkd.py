@@ -1,4 +1,4 @@
-"""ReviewKD (METHODS.md §4) and CAT-KD (METHODS.md §5): losses by hand, ABF structure, method wiring."""
+"""ReviewKD (docs/methods.md §4) and CAT-KD (docs/methods.md §5): losses by hand, ABF structure, method wiring."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""UHKD (METHODS.md §10, [INTERP]): spectral pipeline, FTM invariance, FAM learnability, multi-level wiring."""
+"""UHKD (docs/methods.md §10, [INTERP]): spectral pipeline, FTM invariance, FAM learnability, multi-level wiring."""
 
 from __future__ import annotations
 
