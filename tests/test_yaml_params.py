@@ -1,5 +1,5 @@
 """Strict suite YAML (kdbench/yamlio.py) and method parameters type-checked against their annotations
-(``Distiller.check_params``): issue 11's "accepted when it should be refused" cases."""
+(``Distiller.check_params``), and ``--parallel`` >= 1: issue 11's "accepted when it should be refused" cases."""
 
 import os
 import subprocess
@@ -247,3 +247,16 @@ def test_every_registered_method_default_passes_its_own_check():
             checked += 1
         assert cls.check_params(dict(defaults)) == resolved, name  # the defaults written out: same run
     assert checked >= 40
+
+
+# ----------------------------------------------------------------------------------- command-line bounds
+@pytest.mark.parametrize("value,expect", [("-1", "must be at least 1, got -1"), ("0", "must be at least 1, got 0"),
+                                          ("two", "expected an integer >= 1, got 'two'")])
+def test_parallel_must_be_a_positive_integer(capsys, value, expect):
+    from kdbench.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:  # before: --parallel -1 looped forever
+        build_parser().parse_args(["run", "s.yaml", "--parallel", value])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"kdbench run: error: argument --parallel: {expect}"
+    assert build_parser().parse_args(["run", "s.yaml", "--parallel", "3"]).parallel == 3
