@@ -16,6 +16,17 @@ def _add_suite_args(p: argparse.ArgumentParser, many: bool = False) -> None:
                    help="override a suite value, e.g. --set recipe.epochs=2 (repeatable)")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--parallel 0`` or ``-1`` would never start a run)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def _matrix(suite, specs_waves) -> str:
     from tabulate import tabulate
 
@@ -163,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="debug: in process; local: subprocesses on this machine (default); slurm: job arrays")
     r.add_argument("--results", default="results", help="results folder (default: results/)")
     r.add_argument("--filter", metavar="GLOB", help="only runs whose label, method or pair matches GLOB")
-    r.add_argument("--parallel", type=int, help="runs at a time (local) / array parallelism (slurm)")
+    r.add_argument("--parallel", type=_positive_int, metavar="N",
+                   help="runs at a time (local) / array parallelism (slurm); N >= 1")
     r.add_argument("--dry-run", action="store_true", help="resolve the suite and print the run matrix; run nothing")
     r.add_argument("--no-table", action="store_true", help="do not print the table at the end")
     r.add_argument("--no-wait", action="store_true",

@@ -19,7 +19,11 @@ Tap names (resolved by the task for each model; each value is a *list* of tensor
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -152,20 +156,171 @@ class Distiller(nn.Module):
         return out
 
     @classmethod
+    def param_annotations(cls) -> dict[str, Any]:
+        """The keyword-only hyperparameters' annotations, evaluated (``from __future__ import annotations``
+        makes them strings); a parameter without one, or whose annotation cannot be evaluated, is absent."""
+        fn = cls.__init__
+        try:
+            hints = typing.get_type_hints(fn)
+        except Exception:  # one unresolvable annotation: evaluate the others one by one
+            hints = {}
+            for name, ann in getattr(fn, "__annotations__", {}).items():
+                try:
+                    hints[name] = eval(ann, getattr(fn, "__globals__", {})) if isinstance(ann, str) else ann
+                except Exception:
+                    pass
+        return {name: hints[name] for name, p in inspect.signature(fn).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and name in hints}
+
+    @classmethod
     def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        """Reject unknown keys (listing the valid ones); return the params resolved over the defaults."""
+        """Reject unknown keys (listing the valid ones) and values of the wrong type; return the params
+        resolved over the defaults.
+
+        Types come from the signature's annotations (``check_param_value``): a ``float`` parameter takes an
+        int, a float or a numeric string such as ``"1e1"`` (how YAML 1.1 reads an exponent without a dot)
+        and gets a float; ``int`` takes integers only, ``bool`` booleans only; ``Literal[...]`` one of its
+        choices; ``X | None`` also null; ``tuple``/``list``/``Sequence`` a list with items of the given type.
+        """
         defaults = cls.param_defaults()
+        method = getattr(cls, "registry_name", cls.__name__)
         unknown = sorted(set(params) - set(defaults))
         if unknown:
             valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "(none)"
             raise ValueError(
                 f"unknown parameter(s) {', '.join(map(repr, unknown))} for method "
-                f"{getattr(cls, 'registry_name', cls.__name__)!r}; valid: {valid}"
+                f"{method!r}; valid: {valid}"
             )
-        return {**defaults, **params}
+        hints = cls.param_annotations()
+        resolved = {**defaults, **params}
+        for name, value in resolved.items():
+            if name not in hints:
+                continue
+            try:  # defaults are converted too: `weight: 2` and the default 2.0 are the same run
+                resolved[name] = check_param_value(value, hints[name])
+            except _ParamTypeError:
+                if name not in params:  # a default the annotation does not describe (e.g. a required param)
+                    continue
+                raise ValueError(f"parameter {name!r} of method {method!r} must be {describe_type(hints[name])}, "
+                                 f"got {value!r} ({_type_word(value)})") from None
+        return resolved
 
     def extra_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# -- hyperparameter type checks (Distiller.check_params) ------------------------------------------------
+# A numeric string as YAML 1.1 leaves one (``1e1``, ``5e-4``, ``1.0e4``); also plain decimals written in quotes.
+_NUMERIC_STRING = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$")
+_NONE_TYPE = type(None)
+
+
+class _ParamTypeError(Exception):
+    pass
+
+
+def _type_word(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list",
+            tuple: "a list", dict: "a mapping", _NONE_TYPE: "null"}.get(type(value), type(value).__name__)
+
+
+def describe_type(ann: Any) -> str:
+    """How a parameter annotation reads in an error message."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if ann is _NONE_TYPE or ann is None:
+        return "null"
+    if ann is float:
+        return "a number (float)"
+    if ann is int:
+        return "an integer"
+    if ann is bool:
+        return "true or false"
+    if ann is str:
+        return "a string"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(a) for a in args)
+    if origin in (tuple, list, collections.abc.Sequence) or ann in (tuple, list, collections.abc.Sequence):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} items (" + ", ".join(describe_type(a) for a in args) + ")"
+        return f"a list of {describe_type(args[0])}" if args else "a list"
+    if origin in (dict, collections.abc.Mapping) or ann in (dict, collections.abc.Mapping):
+        return f"a mapping of {describe_type(args[0])} to {describe_type(args[1])}" if args else "a mapping"
+    return getattr(ann, "__name__", str(ann))
+
+
+def check_param_value(value: Any, ann: Any, convert: bool = True) -> Any:
+    """``value`` checked against the annotation ``ann`` (raises _ParamTypeError), converted where the annotation
+    asks (float parameters get floats). Annotations this does not know (``Any``, other generics) accept anything.
+    With ``convert=False`` a numeric string is not taken for a float (used to try union members exactly first).
+    """
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if ann is Any or ann is inspect.Parameter.empty:
+        return value
+    if ann is None or ann is _NONE_TYPE:
+        if value is None:
+            return None
+        raise _ParamTypeError
+    if ann is bool:
+        if isinstance(value, bool):
+            return value
+        raise _ParamTypeError
+    if ann is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _ParamTypeError
+    if ann is float:
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if convert and isinstance(value, str) and _NUMERIC_STRING.match(value.strip()):
+                return float(value.strip().replace("_", ""))
+        except OverflowError:
+            pass
+        raise _ParamTypeError
+    if ann is str:
+        if isinstance(value, str):
+            return value
+        raise _ParamTypeError
+    if origin is typing.Literal:
+        for choice in args:  # exact type too: Literal[1] does not take True
+            if type(value) is type(choice) and value == choice:
+                return value
+        raise _ParamTypeError
+    if origin in (typing.Union, types.UnionType):
+        for exact in (False, True) if convert else (False,):  # a member that fits as is wins over a conversion
+            for member in args:
+                try:
+                    return check_param_value(value, member, convert=exact)
+                except _ParamTypeError:
+                    pass
+        raise _ParamTypeError
+    seq = origin in (tuple, list, collections.abc.Sequence) or ann in (tuple, list, collections.abc.Sequence)
+    if seq:
+        if not isinstance(value, (list, tuple)):
+            raise _ParamTypeError
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise _ParamTypeError
+            items = [check_param_value(v, a, convert) for v, a in zip(value, args)]
+        elif args:
+            items = [check_param_value(v, args[0], convert) for v in value]
+        else:
+            items = list(value)
+        return tuple(items) if (origin or ann) is tuple else items
+    if origin in (dict, collections.abc.Mapping) or ann in (dict, collections.abc.Mapping):
+        if not isinstance(value, dict):
+            raise _ParamTypeError
+        if not args:
+            return dict(value)
+        return {check_param_value(k, args[0], convert): check_param_value(v, args[1], convert)
+                for k, v in value.items()}
+    if isinstance(ann, type):
+        if isinstance(value, ann):
+            return value
+        raise _ParamTypeError
+    return value  # an annotation this check does not understand: accepted as is
 
 
 def fp32(*tensors: Tensor) -> Sequence[Tensor] | Tensor:

@@ -165,14 +165,12 @@ def deep_merge(base: Any, over: Any) -> Any:
 
 
 def _read_yaml(path: Path) -> dict:
+    from kdbench.yamlio import YamlError, load_file  # strict: duplicate keys, size/alias bounds, UTF-8
+
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SuiteError(f"suite file not found: {path}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SuiteError(f"{path}: not valid YAML: {e}") from None
+        data = load_file(path, what="suite file")
+    except YamlError as e:
+        raise SuiteError(str(e)) from None
     if not isinstance(data, dict):
         raise SuiteError(f"{path}: a suite must be a YAML mapping, got {type(data).__name__}")
     return data
