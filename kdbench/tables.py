@@ -721,14 +721,11 @@ class _RowStats:
     ref_source: str = ""
 
 
-def _robustness_rows(records: list[dict], pair: str, metric: str, classification: bool, reference: str
-                     ) -> tuple[list[_RowStats], list[str]]:
-    from kdbench import robustness as RB
-
+def robustness_entries(records: list[dict], pair: str, metric: str) -> list[tuple[str, str, list[tuple[float, dict]]]]:
+    """The models of ``pair`` that have corruption results: ``(label, method, [(clean value, grid)] per seed)``
+    in table order (teacher first), ``grid`` = ``{(corruption, severity): value}`` of ``metric``."""
     models = {k: v for k, v in _model_records(records).items() if k[1] == pair}
     grids, orphans = _corruption_grids(records, metric)
-    notes: list[str] = []
-    # teacher: a suite-trained teacher has records; a loaded teacher only eval records + teacher_metrics
     entries: list[tuple[str, str, int, list[tuple[float, dict]]]] = []
     labels = {lab for (lab, p) in models} | {lab for (lab, p, _) in orphans if p == pair}
     for lab in labels:
@@ -739,7 +736,7 @@ def _robustness_rows(records: list[dict], pair: str, metric: str, classification
             g = grids.get(r["run_id"])
             if m is not None and g:
                 items.append((float(m["value"]), g))
-        if lab == TEACHER and not recs:
+        if lab == TEACHER and not recs:  # a loaded teacher: clean value from the distillation runs
             clean = None
             for r in _order([r for r in records if r["pair"] == pair and r["kind"] == "distill"]):
                 m = _metric_row(r.get("teacher_metrics"), "val", metric, "final")
@@ -754,6 +751,16 @@ def _robustness_rows(records: list[dict], pair: str, metric: str, classification
             index = -1 if lab == TEACHER else min((r.get("method_index", 0) for r in recs), default=0)
             entries.append((lab, method, index, items))
     entries.sort(key=lambda e: (e[2], e[0]))
+    return [(lab, method, items) for lab, method, _, items in entries]
+
+
+def _robustness_rows(records: list[dict], pair: str, metric: str, classification: bool, reference: str
+                     ) -> tuple[list[_RowStats], list[str]]:
+    from kdbench import robustness as RB
+
+    models = {k: v for k, v in _model_records(records).items() if k[1] == pair}
+    notes: list[str] = []
+    entries = [(lab, method, 0, items) for lab, method, items in robustness_entries(records, pair, metric)]
     ref_clean = ref_grid = None
     if classification:
         ref = next((e for e in entries if e[0] == reference), None)

@@ -137,3 +137,29 @@ def test_cost_table(tmp_path):
     floor = csv[(csv.row == "kd") & (csv.column == "x_floor")].iloc[0]["mean"]
     assert floor == pytest.approx(0.021 / (0.011 + 0.011))
     assert r"\times" in make_table(tmp_path / "s", layout="cost", fmt="latex")
+
+
+def test_save_figures_writes_png_and_pdf(tmp_path):
+    import sys
+
+    detection_suite(tmp_path / "s")
+    had_mpl = "matplotlib" in sys.modules
+    from kdbench import plots
+
+    assert had_mpl or "matplotlib" not in sys.modules  # imported only when a figure is made
+    paths = plots.save_figures(tmp_path / "s")
+    assert sorted(p.name for p in paths) == ["robustness_heatmap.pdf", "robustness_heatmap.png",
+                                             "robustness_severity.pdf", "robustness_severity.png"]
+    for p in paths:
+        assert p.parent == tmp_path / "s" / "figures" and p.stat().st_size > 1000
+        assert p.read_bytes()[:4] in (b"\x89PNG", b"%PDF")
+    # the plotted numbers: kd's heatmap row is the drop 44 - 25 = 19 on every benchmark corruption
+    fig = plots.heatmap_figure(list(R.iter_records(tmp_path / "s")))
+    data = fig.axes[0].images[0].get_array().filled(math.nan)  # rows teacher, baseline, kd; 15 + spatter
+    assert data.shape == (3, 16) and float(data[2, 0]) == pytest.approx(19.0)
+    assert float(data[1, 0]) == pytest.approx(41.0 - 17.5) and math.isnan(float(data[0, 15]))
+
+    save(tmp_path / "t", make_record("baseline", 0, 0, 70.0))
+    with pytest.raises(ValueError, match="run the robustness sweep first"):
+        plots.save_figures(tmp_path / "t")
+    assert not (tmp_path / "t" / "figures").exists()
