@@ -283,3 +283,33 @@ def test_mce_and_relative_mce_by_hand():
     assert math.isnan(out["blur"])
     same = RB.error_summary(70.0, r, 70.0, r)
     assert same["mCE"] == pytest.approx(100.0) and same["rel_mCE"] == pytest.approx(100.0)
+
+
+def test_sweep_with_the_real_classification_task_on_digits(tmp_path):
+    """Digits at 32×32 (the 8×8 originals are refused with the image_size hint) through ClassificationTask."""
+    import torch
+
+    from kdbench.data.digits import Digits
+    from kdbench.method import Outputs
+    from kdbench.tasks.classification import ClassificationTask
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = torch.nn.Linear(32 * 32, 10)
+
+        def forward(self, x):
+            return Outputs(logits=self.fc(x.flatten(1)))
+
+    task = ClassificationTask()
+    small = Digits().build(image_size=8).val
+    with pytest.raises(ValueError, match="8×8 pixels is too small.*digits: data.image_size: 32"):
+        RB.with_image_fn(small, RB.Corruptor("fog", 1))[0]
+    val = torch.utils.data.Subset(Digits().build(image_size=32).val, list(range(24)))
+    rows = RB.evaluate_corruptions(Linear(), task, val, "cpu", corruptions=["gaussian_noise"], severities=[1, 5],
+                                   cell_dir=tmp_path, batch_size=8, log=lambda s: None)
+    top1 = {r["severity"]: r["value"] for r in rows if r["metric"] == "top1"}
+    assert set(top1) == {1, 5} and all(0 <= v <= 100 for v in top1.values())
+    assert {r["metric"] for r in rows} == {"top1", "top5", "loss", "images_per_s"}
+    assert all(r["higher_is_better"] is (r["metric"] != "loss") for r in rows)
