@@ -185,6 +185,11 @@ def throughput(images: Sequence[np.ndarray], corruptions: Sequence[str], severit
 
 
 # ------------------------------------------------------------------------------------------- sweep
+def warm_up(corruption: str, severity: int) -> None:
+    """Run ``corruption`` once on a blank 32×32 image (JIT compilation, file loading) in this process."""
+    corrupt(np.zeros((MIN_SIDE, MIN_SIDE, 3), dtype=np.uint8), corruption, severity, "warm-up")
+
+
 def cell_path(cell_dir: str | Path, corruption: str, severity: int) -> Path:
     return Path(cell_dir) / f"{corruption}_s{int(severity)}.json"
 
@@ -256,6 +261,8 @@ def evaluate_corruptions(net, task, val_dataset, device, *, corruptions, severit
             continue
         ds = (with_image_fn(val_dataset, Corruptor(c, s)) if released is None
               else cifar100c_dataset(released, c, s, like=val_dataset))
+        if released is None:  # compile/load what the corruption needs once here (glass blur's numba kernel takes
+            warm_up(c, s)     # ~10 s to compile), so that forked workers inherit it and images/s is fair
         loader = task.loader(ds, batch_size, num_workers=num_workers)
         t0 = time.perf_counter()
         values = task.evaluate(net, loader, device)
