@@ -251,7 +251,7 @@ def evaluate_corruptions(net, task, val_dataset, device, *, corruptions, severit
     metrics = dict(task.metrics)
     rows: list[dict] = []
     todo = [(c, s) for c in names for s in sevs]
-    done = 0
+    done, checked = 0, False
     for i, (c, s) in enumerate(todo, 1):
         path = cell_path(cell_dir, c, s)
         cell = read_cell(path, c, s, n)
@@ -263,6 +263,9 @@ def evaluate_corruptions(net, task, val_dataset, device, *, corruptions, severit
               else cifar100c_dataset(released, c, s, like=val_dataset))
         if released is None:  # compile/load what the corruption needs once here (glass blur's numba kernel takes
             warm_up(c, s)     # ~10 s to compile), so that forked workers inherit it and images/s is fair
+        if num_workers > 0 and not checked:  # a bad image (too small, wrong dtype) fails here in one line,
+            ds[0]                              # not inside a worker's traceback
+            checked = True
         loader = task.loader(ds, batch_size, num_workers=num_workers)
         t0 = time.perf_counter()
         values = task.evaluate(net, loader, device)

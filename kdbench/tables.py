@@ -881,8 +881,8 @@ def robustness_table(records: list[dict], fmt: str = "md", *, metric: str | None
         cols = _robust_cols(classification, metric, rows, higher)
         grid = _summary_grid(rows, cols, decimals, reference if classification else BASELINE)
         caption = (f"{suite} v{version}, {pair}: corruption robustness ("
-                   + ("CE normalised by " + reference + " (mean of its seeds' errors); mCE, rel. mCE and CE per "
-                      "family in %, lower is better" if classification else
+                   + ("CE normalised by " + reference + ", the reference model, its errors averaged over its "
+                      "seeds; mCE, rel. mCE and CE per family in %, lower is better" if classification else
                       f"mPC = mean {metric} over 15 corruptions × severities, rPC = mPC / clean in %; families: "
                       f"mean {metric}")
                    + "; extra corruptions apart). Cells: mean ± std over seeds; Δ vs baseline; bold: best "

@@ -315,3 +315,11 @@ def test_sweep_with_the_real_classification_task_on_digits(tmp_path):
     assert set(top1) == {1, 5} and all(0 <= v <= 100 for v in top1.values())
     assert {r["metric"] for r in rows} == {"top1", "top5", "loss", "images_per_s"}
     assert all(r["higher_is_better"] is (r["metric"] != "loss") for r in rows)
+
+
+def test_sweep_refuses_small_images_before_workers_start(tmp_path):
+    ds = _tensor_images(n=4, size=16)
+    with pytest.raises(ValueError, match="16×16 pixels is too small"):
+        RB.evaluate_corruptions(None, _MeanBrightness(), ds, "cpu", corruptions="fog", severities=[1],
+                                cell_dir=tmp_path, batch_size=2, num_workers=2, log=lambda s: None)
+    assert not list(tmp_path.iterdir())

@@ -163,3 +163,21 @@ def test_save_figures_writes_png_and_pdf(tmp_path):
     with pytest.raises(ValueError, match="run the robustness sweep first"):
         plots.save_figures(tmp_path / "t")
     assert not (tmp_path / "t" / "figures").exists()
+
+
+def test_loaded_teacher_row_takes_its_clean_value_from_the_distillation_runs(tmp_path):
+    kd = make_record("kd", 0, 0, 72.0, teacher_value=80.0)
+    teacher = make_record("teacher", 0, 0, 80.0)  # never saved: a checkpoint teacher has no run record
+    grid = {(c, s): 80.0 - 10 * s for c in RB.BENCHMARK for s in (1, 3)}
+    save(tmp_path / "s", kd, eval_record(kd, {k: 60.0 for k in grid}), eval_record(teacher, grid))
+    csv = pd.read_csv(__import__("io").StringIO(make_table(tmp_path / "s", layout="robustness", fmt="csv")))
+    t = csv[csv.row == "teacher"].set_index("column")["mean"]
+    # classification with no baseline: mCE columns empty, a note says why; clean value 80 from teacher_metrics
+    assert t["clean"] == 80.0 and math.isnan(t["mCE"])
+    assert "no corruption results of the reference 'baseline'" in make_table(tmp_path / "s", layout="robustness")
+    csv = pd.read_csv(__import__("io").StringIO(make_table(tmp_path / "s", layout="robustness", fmt="csv",
+                                                           reference="teacher")))
+    k = csv[csv.row == "kd"].set_index("column")["mean"]
+    # kd errors 40 everywhere; teacher errors 30 (s1) and 50 (s3): CE_c = 80 / 80 = 100 %;
+    # relative: (40-28)*2 / ((30-20) + (50-20)) = 24 / 40 = 60 %
+    assert k["mCE"] == pytest.approx(100.0) and k["rel_mCE"] == pytest.approx(60.0)
