@@ -181,3 +181,17 @@ def test_loaded_teacher_row_takes_its_clean_value_from_the_distillation_runs(tmp
     # kd errors 40 everywhere; teacher errors 30 (s1) and 50 (s3): CE_c = 80 / 80 = 100 %;
     # relative: (40-28)*2 / ((30-20) + (50-20)) = 24 / 40 = 60 %
     assert k["mCE"] == pytest.approx(100.0) and k["rel_mCE"] == pytest.approx(60.0)
+
+
+def test_published_reference_column(tmp_path):
+    base = _det("baseline", 0, 40.0)
+    kd = _det("kd", 0, 44.0)
+    kd["reference"] = [{"metric": "mPC", "value": 21.5, "source": "Michaelis et al. 2019, Table 2"}]
+    grid = {(c, s): 20.0 for c in RB.BENCHMARK for s in (1, 2)}
+    save(tmp_path / "s", base, kd, eval_record(base, grid, "AP"), eval_record(kd, grid, "AP"))
+    md = make_table(tmp_path / "s", layout="robustness")
+    head = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    assert head[:5] == ["Method", "clean AP", "mPC", "Δ", "ref."]
+    kd_line = [c.strip() for c in md.splitlines()[3].strip("|").split("|")]
+    assert kd_line[0] == "kd" and kd_line[4] == "21.5"
+    assert "ref. (kd): Michaelis et al. 2019, Table 2" in md
