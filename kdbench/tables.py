@@ -36,7 +36,7 @@ from typing import Any
 from kdbench.results import RecordError, error_line, no_records_error, read_record, run_dirs
 
 FORMATS = ("md", "latex", "csv")
-LAYOUTS = ("auto", "method_x_domain")
+LAYOUTS = ("auto", "method_x_domain", "robustness", "cost")
 SELECTS = ("final", "best")
 BASELINE = "baseline"
 TEACHER = "teacher"
@@ -543,7 +543,7 @@ def _csv(grid: Grid, suite: str, version: Any, metric: str, eval: str, select: s
 # ------------------------------------------------------------------------------------------- public
 def make_table(suite_dir: str | os.PathLike, metric: str | None = None, select: str = "final", eval: str = "val",
                fmt: str = "md", suite_version: int | None = None, layout: str = "auto", *,
-               decimals: int = 2) -> str:
+               decimals: int = 2, reference: str = BASELINE) -> str:
     """The paper table of the records under ``suite_dir`` (``<results>/<suite>``), as a string.
 
     ``metric``: defaults to the first metric of the first ok record (top1 / AP / mIoU). ``select``: "final"
@@ -552,7 +552,9 @@ def make_table(suite_dir: str | os.PathLike, metric: str | None = None, select: 
     n, delta, best; 6 decimals). ``suite_version``: the version to tabulate; records of several versions
     without it are refused. ``layout``: "auto" (rows = labels, columns = pairs) or "method_x_domain"
     (rows = method names, columns = ``params["domain"]`` values per pair; methods without a ``domain``
-    parameter, the teacher included, go to an "other" column). ``decimals``: displayed precision.
+    parameter, the teacher included, go to an "other" column), "robustness" (:func:`robustness_table`;
+    ``reference``: the row whose errors normalise the CE of classification suites) or "cost"
+    (:func:`cost_table`). ``decimals``: displayed precision.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
@@ -562,6 +564,10 @@ def make_table(suite_dir: str | os.PathLike, metric: str | None = None, select: 
         raise ValueError(f"unknown select {select!r}; valid: {', '.join(SELECTS)}")
     suite_dir = Path(suite_dir)
     records = _one_version(_load(suite_dir), suite_dir, suite_version)
+    if layout == "robustness":
+        return robustness_table(records, fmt, metric=metric, reference=reference, decimals=decimals)
+    if layout == "cost":
+        return cost_table(records, fmt, decimals=decimals)
     metric = _choose_metric(records, metric, eval, select)
     higher = _higher_is_better(records, metric, eval)
     grid = _build(records, layout, eval, metric, select, higher, decimals)
@@ -649,4 +655,384 @@ def status_table(suite_dir: str | os.PathLike, jobs: dict[str, dict] | None = No
     return f"{table}{middle}\n\n{len(rows)} run(s) in {suite_dir / 'runs'}: {summary}"
 
 
-__all__ = ["make_table", "status_table", "latex_escape", "Cell", "FORMATS", "LAYOUTS", "TASK_METRICS"]
+__all__ = ["make_table", "robustness_table", "cost_table", "status_table", "latex_escape", "Cell", "FORMATS",
+           "LAYOUTS", "TASK_METRICS"]
+
+
+# ------------------------------------------------------------------------------------------- robustness layout
+EVAL_KIND = "eval"
+CORRUPTION_EVAL = "corruptions"
+ROBUST_FAMILIES = ("noise", "blur", "weather", "digital")
+
+
+@dataclass
+class _Col:
+    key: str  # summary key (robustness.performance_summary / error_summary) or cost field
+    head: str
+    higher: bool | None  # None: not ranked
+    delta: bool = False
+    ref: bool = False
+    kind: str = "num"  # num | ratio (×) | int
+
+
+def _stat(values: list[float]) -> tuple[float, float, int]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return math.nan, math.nan, 0
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else math.nan), len(vals)
+
+
+def _newest(recs: list[dict]) -> dict:
+    return max(recs, key=_recency)
+
+
+def _model_records(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """ok teacher/distill records per (label, pair), newest configuration, one per seed."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        if r["kind"] in (TEACHER, "distill"):
+            out.setdefault((r["label"], r["pair"]), []).append(r)
+    return {k: [r for r in _current(v)[0] if r["status"] == "ok"] for k, v in out.items()}
+
+
+def _corruption_grids(records: list[dict], metric: str) -> tuple[dict[str, dict], dict[tuple, dict]]:
+    """Per target run_id: ``{(corruption, severity): value}`` from ok eval records (newest wins per cell); and per
+    (label, pair, seed) of eval records whose target has no record here (a loaded teacher) the same grid."""
+    by_target: dict[str, dict] = {}
+    orphan_key: dict[str, tuple] = {}
+    for r in sorted((r for r in records if r["kind"] == EVAL_KIND and r["status"] == "ok"), key=_recency):
+        g = by_target.setdefault(str(r.get("target")), {})
+        orphan_key[str(r.get("target"))] = (r["label"], r["pair"], r.get("seed"))
+        for m in r.get("metrics") or []:
+            if m.get("eval") == CORRUPTION_EVAL and m.get("metric") == metric and m.get("select", "final") == "final":
+                v = float(m["value"])
+                if math.isfinite(v):
+                    g[(str(m["corruption"]), int(m["severity"]))] = v
+    return by_target, {orphan_key[t]: g for t, g in by_target.items()}
+
+
+@dataclass
+class _RowStats:
+    label: str
+    method: str
+    per_seed: list[dict] = field(default_factory=list)  # summary dicts
+    cells: list[int] = field(default_factory=list)  # grid sizes
+    ref: float | None = None
+    ref_source: str = ""
+
+
+def robustness_entries(records: list[dict], pair: str, metric: str) -> list[tuple[str, str, list[tuple[float, dict]]]]:
+    """The models of ``pair`` that have corruption results: ``(label, method, [(clean value, grid)] per seed)``
+    in table order (teacher first), ``grid`` = ``{(corruption, severity): value}`` of ``metric``."""
+    models = {k: v for k, v in _model_records(records).items() if k[1] == pair}
+    grids, orphans = _corruption_grids(records, metric)
+    entries: list[tuple[str, str, int, list[tuple[float, dict]]]] = []
+    labels = {lab for (lab, p) in models} | {lab for (lab, p, _) in orphans if p == pair}
+    for lab in labels:
+        recs = models.get((lab, pair), [])
+        items = []
+        for r in recs:
+            m = _metric_row(r.get("metrics"), "val", metric, "final")
+            g = grids.get(r["run_id"])
+            if m is not None and g:
+                items.append((float(m["value"]), g))
+        if lab == TEACHER and not recs:  # a loaded teacher: clean value from the distillation runs
+            clean = None
+            for r in _order([r for r in records if r["pair"] == pair and r["kind"] == "distill"]):
+                m = _metric_row(r.get("teacher_metrics"), "val", metric, "final")
+                if m is not None:
+                    clean = float(m["value"])
+                    break
+            for (l2, p2, _), g in orphans.items():
+                if l2 == TEACHER and p2 == pair and clean is not None and g:
+                    items.append((clean, g))
+        if items:
+            method = recs[0]["method"] if recs else (TEACHER if lab == TEACHER else lab)
+            index = -1 if lab == TEACHER else min((r.get("method_index", 0) for r in recs), default=0)
+            entries.append((lab, method, index, items))
+    entries.sort(key=lambda e: (e[2], e[0]))
+    return [(lab, method, items) for lab, method, _, items in entries]
+
+
+def _robustness_rows(records: list[dict], pair: str, metric: str, classification: bool, reference: str
+                     ) -> tuple[list[_RowStats], list[str]]:
+    from kdbench import robustness as RB
+
+    models = {k: v for k, v in _model_records(records).items() if k[1] == pair}
+    notes: list[str] = []
+    entries = [(lab, method, 0, items) for lab, method, items in robustness_entries(records, pair, metric)]
+    ref_clean = ref_grid = None
+    if classification:
+        ref = next((e for e in entries if e[0] == reference), None)
+        if ref is None:
+            notes.append(f"{pair}: no corruption results of the reference {reference!r}: mCE needs them")
+        else:
+            ref_clean = statistics.fmean(c for c, _ in ref[3])
+            keys = set.intersection(*(set(g) for _, g in ref[3]))
+            ref_grid = {k: statistics.fmean(g[k] for _, g in ref[3]) for k in keys}
+    rows = []
+    for lab, method, _, items in entries:
+        st = _RowStats(lab, method)
+        for clean, g in items:
+            if classification:
+                s = {"clean": clean, **(RB.error_summary(clean, g, ref_clean, ref_grid) if ref_grid else {})}
+            else:
+                s = RB.performance_summary(clean, g)
+                s["clean"] = s.pop("P")
+            st.per_seed.append(s)
+            st.cells.append(sum(1 for c, _ in g if c in RB.BENCHMARK))
+        for r in models.get((lab, pair), []):
+            refs = {x.get("metric"): x for x in r.get("reference") or []}
+            x = refs.get("mCE" if classification else "mPC")
+            if x is not None:
+                st.ref, st.ref_source = float(x["value"]), str(x.get("source") or "")
+                break
+        rows.append(st)
+    most = max((c for st in rows for c in st.cells), default=0)
+    for st in rows:
+        short = [c for c in st.cells if c < most]
+        if short:
+            notes.append(f"{st.label}, {pair}: {len(short)} model(s) with {min(short)} of {most} benchmark "
+                         "corrupted sets evaluated (sweep not finished)")
+    return rows, notes
+
+
+def _robust_cols(classification: bool, metric: str, rows: list[_RowStats], higher: bool) -> list[_Col]:
+    has_extra = any(math.isfinite(s.get("extra", math.nan)) for st in rows for s in st.per_seed)
+    has_ref = any(st.ref is not None for st in rows)
+    if classification:
+        cols = [_Col("clean", f"clean {metric}", higher), _Col("mCE", "mCE", False, delta=True, ref=has_ref),
+                _Col("rel_mCE", "rel. mCE", False)]
+        cols += [_Col(f, f"CE {f}", False) for f in ROBUST_FAMILIES]
+        return cols + ([_Col("extra", "CE extra", False)] if has_extra else [])
+    cols = [_Col("clean", f"clean {metric}", higher), _Col("mPC", "mPC", higher, delta=True, ref=has_ref),
+            _Col("rPC", "rPC", True, kind="ratio")]
+    cols += [_Col(f, f, higher) for f in ROBUST_FAMILIES]
+    return cols + ([_Col("extra", "extra", higher)] if has_extra else [])
+
+
+def _fmt_stat(mean: float, std: float, n: int, decimals: int, fmt: str, bold: bool) -> str:
+    if not n:
+        return "—" if fmt == "md" else "---"
+    core = _num(mean, decimals, fmt)
+    if n > 1 and math.isfinite(std):
+        core += (" ± " if fmt == "md" else r" $\pm$ ") + _num(std, decimals, fmt)
+    if bold:
+        core = f"**{core}**" if fmt == "md" else rf"\textbf{{{core}}}"
+    return core
+
+
+def _summary_grid(rows: list[_RowStats], cols: list[_Col], decimals: int, baseline: str
+                  ) -> dict[tuple[str, str], dict]:
+    """(label, column key) -> mean, std, n, delta, best."""
+    out: dict[tuple[str, str], dict] = {}
+    for st in rows:
+        for c in cols:
+            mean, std, n = _stat([s.get(c.key, math.nan) for s in st.per_seed])
+            if c.kind == "ratio":
+                mean, std = 100 * mean, 100 * std  # rPC in %
+            out[(st.label, c.key)] = {"mean": mean, "std": std, "n": n, "delta": None, "best": False}
+    base = next((st.label for st in rows if st.label == baseline), None) or \
+        next((st.label for st in rows if st.method == BASELINE), None)
+    for c in cols:
+        if c.delta and base is not None and out[(base, c.key)]["n"]:
+            for st in rows:
+                cell = out[(st.label, c.key)]
+                if st.label not in (base, TEACHER) and cell["n"]:
+                    cell["delta"] = cell["mean"] - out[(base, c.key)]["mean"]
+        cand = [out[(st.label, c.key)] for st in rows if st.label != TEACHER and out[(st.label, c.key)]["n"]]
+        if c.higher is not None and len(cand) > 1:
+            keys = [round(x["mean"], decimals) for x in cand]
+            top = max(keys) if c.higher else min(keys)
+            for x, k in zip(cand, keys):
+                x["best"] = k == top
+    return out
+
+
+def robustness_table(records: list[dict], fmt: str = "md", *, metric: str | None = None, reference: str = BASELINE,
+                     decimals: int = 2) -> str:
+    """The corruption-robustness table of one suite version's records (``layout="robustness"``).
+
+    Rows: the methods of each pair (teacher and baseline included) that have corruption results (eval records,
+    ``kind: "eval"``, whose ``target`` is the model's run). Detection/segmentation: clean value P of the target
+    run, mPC (mean over the 15 benchmark corruptions × severities), its Δ vs the baseline, rPC = mPC / P (in %),
+    the mean per family (noise, blur, weather, digital) and the extra corruptions apart. Classification: clean
+    top-1, mCE and relative mCE (Hendrycks & Dietterich) with the ``reference`` row's errors (mean over its
+    seeds) as the normaliser, the mean CE per family. Cells: mean ± std over seeds; bold: best per column
+    (teacher excluded). ``fmt``: md, latex or csv."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    task = records[0].get("task")
+    metric = metric or TASK_METRICS.get(task)
+    if metric is None:
+        raise ValueError(f"no main metric known for task {task!r}; pass metric=")
+    if not any(r["kind"] == EVAL_KIND for r in records):
+        raise ValueError("no corruption results in these records (no eval record): run the robustness sweep first")
+    classification = task == "classification"
+    higher = _higher_is_better([r for r in records if r["kind"] != EVAL_KIND], metric, "val")
+    pairs = sorted({r["pair"] for r in records}, key=lambda p: (min(r["pair_index"] for r in records
+                                                                    if r["pair"] == p), p))
+    suite, version = records[0]["suite"], records[0]["suite_version"]
+    blocks, csv_rows = [], []
+    for pair in pairs:
+        rows, notes = _robustness_rows(records, pair, metric, classification, reference)
+        if not rows:
+            continue
+        cols = _robust_cols(classification, metric, rows, higher)
+        grid = _summary_grid(rows, cols, decimals, reference if classification else BASELINE)
+        caption = (f"{suite} v{version}, {pair}: corruption robustness ("
+                   + ("CE normalised by " + reference + ", the reference model, its errors averaged over its "
+                      "seeds; mCE, rel. mCE and CE per family in %, lower is better" if classification else
+                      f"mPC = mean {metric} over 15 corruptions × severities, rPC = mPC / clean in %; families: "
+                      f"mean {metric}")
+                   + "; extra corruptions apart). Cells: mean ± std over seeds; Δ vs baseline; bold: best "
+                   "(teacher excluded).")
+        if fmt == "csv":
+            for st in rows:
+                for c in cols:
+                    g = grid[(st.label, c.key)]
+                    csv_rows.append({"suite": suite, "suite_version": version, "pair": pair, "row": st.label,
+                                     "method": st.method, "column": c.key,
+                                     "mean": _r(g["mean"]) if g["n"] else None,
+                                     "std": _r(g["std"]) if g["n"] > 1 else None, "n": g["n"],
+                                     "delta": None if g["delta"] is None else _r(g["delta"]), "best": g["best"],
+                                     "reference": st.ref if c.ref else None,
+                                     "reference_source": st.ref_source if c.ref else "",
+                                     "reference_model": reference if classification else ""})
+            continue
+        headers = ["Method"]
+        for c in cols:
+            headers += [c.head] + (["Δ"] if c.delta else []) + (["ref."] if c.ref else [])
+        headers.append("n")
+        body = []
+        for st in rows:
+            line = [st.label if fmt == "md" else latex_escape(st.label)]
+            for c in cols:
+                g = grid[(st.label, c.key)]
+                line.append(_fmt_stat(g["mean"], g["std"], g["n"], decimals, fmt, g["best"]))
+                if c.delta:
+                    line.append("" if g["delta"] is None else _num(g["delta"], decimals, fmt, True))
+                if c.ref:
+                    line.append("" if st.ref is None else _ref_num(st.ref, fmt))
+            line.append(str(len(st.per_seed)))
+            body.append(line)
+        if fmt == "md":
+            from tabulate import tabulate
+
+            text = tabulate(body, headers=headers, tablefmt="pipe", disable_numparse=True,
+                            colalign=("left",) + ("right",) * (len(headers) - 1))
+            extra = [f"- {n}" for n in notes] + [f"- ref. ({st.label}): {st.ref_source}" for st in rows
+                                                  if st.ref is not None and st.ref_source]
+            blocks.append("\n".join([text, "", caption] + (["", *extra] if extra else [])))
+        else:
+            lines = [f"% {latex_escape(caption)}", r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}", r"\toprule",
+                     " & ".join(latex_escape(h) for h in headers) + r" \\", r"\midrule"]
+            lines += [" & ".join(line) + r" \\" for line in body]
+            lines.append(r"\bottomrule")
+            for n in notes:
+                lines.append(rf"\multicolumn{{{len(headers)}}}{{l}}{{\footnotesize {latex_escape(n)}}} \\")
+            lines.append(r"\end{tabular}")
+            blocks.append("\n".join(lines))
+    if fmt == "csv":
+        import pandas as pd
+
+        cols_csv = ["suite", "suite_version", "pair", "row", "method", "column", "mean", "std", "n", "delta", "best",
+                    "reference", "reference_source", "reference_model"]
+        return pd.DataFrame(csv_rows, columns=cols_csv).to_csv(index=False, lineterminator="\n").rstrip("\n")
+    if not blocks:
+        raise ValueError("no model has both a clean result and corruption results")
+    return "\n\n".join(blocks)
+
+
+# ------------------------------------------------------------------------------------------- cost layout
+FLOOR_NOTE = ("× floor: step time / (baseline step + teacher forward per step, cost.teacher_forward_s); "
+              "\"—\" where the runs did not record the teacher's forward time")
+
+
+def cost_table(records: list[dict], fmt: str = "md", *, decimals: int = 2) -> str:
+    """What each method costs (``layout="cost"``), per pair: mean over the ok seeds of the training step time
+    (ms), that step relative to the baseline's step and to the floor (teacher forward + student step: the
+    baseline's step plus ``cost.teacher_forward_s`` when the records hold it), the method's extra parameters,
+    peak memory (MB) and wall time (s). Teacher runs are listed for reference, without ratios."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    suite, version = records[0]["suite"], records[0]["suite_version"]
+    models = _model_records(records)
+    pairs = sorted({p for _, p in models}, key=lambda p: (min(r["pair_index"] for r in records if r["pair"] == p),
+                                                          p))
+    fields = [("step_ms", "step (ms)"), ("x_baseline", "× baseline"), ("x_floor", "× floor"),
+              ("extra_params", "extra params"), ("peak_mem_mb", "peak mem (MB)"), ("wall_time_s", "wall (s)")]
+    blocks, csv_rows = [], []
+    for pair in pairs:
+        entries = [(lab, recs) for (lab, p), recs in models.items() if p == pair and recs]
+        entries.sort(key=lambda e: (e[0] != TEACHER, min(r.get("method_index", 0) for r in e[1]), e[0]))
+
+        def mean_of(recs, key):
+            return _stat([float((r.get("cost") or {}).get(key)) for r in recs
+                          if isinstance((r.get("cost") or {}).get(key), (int, float))])
+
+        base = next((recs for lab, recs in entries if lab == BASELINE), None) or \
+            next((recs for lab, recs in entries if recs[0]["method"] == BASELINE and recs[0]["kind"] != TEACHER), None)
+        base_step = mean_of(base, "step_time_s")[0] if base else math.nan
+        rows = []
+        for lab, recs in entries:
+            step = mean_of(recs, "step_time_s")
+            tf = mean_of(recs, "teacher_forward_s")
+            teacher_row = recs[0]["kind"] == TEACHER
+            floor = base_step + tf[0] if tf[2] and math.isfinite(base_step) else math.nan
+            vals = {"step_ms": (1000 * step[0], 1000 * step[1], step[2]),
+                    "x_baseline": ((step[0] / base_step, math.nan, step[2])
+                                   if step[2] and base_step and math.isfinite(base_step) and not teacher_row
+                                   else (math.nan, math.nan, 0)),
+                    "x_floor": ((step[0] / floor, math.nan, step[2]) if step[2] and math.isfinite(floor)
+                                and not teacher_row else (math.nan, math.nan, 0)),
+                    "extra_params": mean_of(recs, "extra_params"), "peak_mem_mb": mean_of(recs, "peak_mem_mb"),
+                    "wall_time_s": mean_of(recs, "wall_time_s")}
+            rows.append((lab, recs[0]["method"], len(recs), vals))
+        if fmt == "csv":
+            for lab, method, n, vals in rows:
+                for key, _ in fields:
+                    m, sd, k = vals[key]
+                    csv_rows.append({"suite": suite, "suite_version": version, "pair": pair, "row": lab,
+                                     "method": method, "column": key, "mean": _r(m) if k else None,
+                                     "std": _r(sd) if k > 1 and math.isfinite(sd) else None, "n": k})
+            continue
+        dash = "—" if fmt == "md" else "---"
+
+        def show(key, m, sd, k):
+            if not k or not math.isfinite(m):
+                return dash
+            if key in ("x_baseline", "x_floor"):
+                return f"{m:.2f}×" if fmt == "md" else f"{m:.2f}$\\times$"
+            if key == "extra_params":
+                return f"{int(round(m)):,}"
+            d = 1 if key in ("peak_mem_mb", "wall_time_s") else decimals
+            core = _num(m, d, fmt)
+            if k > 1 and math.isfinite(sd):
+                core += (" ± " if fmt == "md" else r" $\pm$ ") + _num(sd, d, fmt)
+            return core
+
+        headers = ["Method"] + [h for _, h in fields] + ["n"]
+        body = [[lab if fmt == "md" else latex_escape(lab)] + [show(key, *vals[key]) for key, _ in fields] + [str(n)]
+                for lab, method, n, vals in rows]
+        caption = (f"{suite} v{version}, {pair}: training cost, mean ± std over ok seeds. × baseline: step time / "
+                   "the baseline's step. " + FLOOR_NOTE + ". Extra params: parameters the method trains besides "
+                   "the student. Teacher: its own training run, no ratio.")
+        if fmt == "md":
+            from tabulate import tabulate
+
+            blocks.append(tabulate(body, headers=headers, tablefmt="pipe", disable_numparse=True,
+                                   colalign=("left",) + ("right",) * (len(headers) - 1)) + "\n\n" + caption)
+        else:
+            lines = [f"% {latex_escape(caption)}", r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}", r"\toprule",
+                     " & ".join(latex_escape(h) for h in headers) + r" \\", r"\midrule"]
+            lines += [" & ".join(b) + r" \\" for b in body] + [r"\bottomrule", r"\end{tabular}"]
+            blocks.append("\n".join(lines))
+    if fmt == "csv":
+        import pandas as pd
+
+        return pd.DataFrame(csv_rows, columns=["suite", "suite_version", "pair", "row", "method", "column", "mean",
+                                               "std", "n"]).to_csv(index=False, lineterminator="\n").rstrip("\n")
+    if not blocks:
+        raise ValueError("no ok teacher or distillation record to take costs from")
+    return "\n\n".join(blocks)

@@ -57,9 +57,15 @@ class TensorImages(Dataset):
 
     ``transform`` (optional) maps one normalised ``C×H×W`` float image to another, using the global torch RNG
     (the training loop seeds it per epoch, so augmentation is reproducible and resumable).
+
+    ``image_fn`` (optional, e.g. a corruption): ``fn(image, index) -> image`` on the raw ``H×W×C`` (``H×W`` for
+    one channel) uint8 image before normalisation and ``transform``; it must keep the size. Float images (in
+    [0, 1], e.g. digits) are quantised to uint8 (``round(255 x)``) for it and read back as ``uint8 / 255``.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, transform: Callable | None = None):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, transform: Callable | None = None,
+                 image_fn: Callable | None = None):
+        self.image_fn = image_fn
         self.images = images
         self.labels = labels.long()
         self.mean = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
@@ -69,10 +75,23 @@ class TensorImages(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _raw(self, i: int) -> torch.Tensor:
+        """Image ``i`` as float in [0, 1] (uint8 / 255), through ``image_fn`` when one is set."""
+        img = self.images[i]
+        if self.image_fn is None:
+            return img.float() / 255.0 if img.dtype == torch.uint8 else img.float()
+        if img.dtype != torch.uint8:
+            img = (img.float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+        arr = img.permute(1, 2, 0).numpy()
+        arr = arr[..., 0] if arr.shape[2] == 1 else arr
+        out = np.asarray(self.image_fn(np.ascontiguousarray(arr), int(i)))
+        if out.shape != arr.shape or out.dtype != np.uint8:
+            raise ValueError(f"image_fn must return a uint8 image of shape {arr.shape}, got {out.dtype} {out.shape}")
+        out = torch.from_numpy(np.ascontiguousarray(out)).reshape(img.shape[1], img.shape[2], -1).permute(2, 0, 1)
+        return out.float() / 255.0
+
     def __getitem__(self, i: int):
-        x = self.images[i].float()
-        if self.images.dtype == torch.uint8:
-            x = x / 255.0
+        x = self._raw(i)
         x = (x - self.mean) / self.std
         if self.transform is not None:
             x = self.transform(x)

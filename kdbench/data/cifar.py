@@ -108,3 +108,71 @@ def write_cifar100(root: str | os.PathLike, n_train_per_class: int = 5, n_test_p
     with open(out / "meta", "wb") as f:
         pickle.dump(meta, f)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ CIFAR-100-C
+C_LAYOUT = ("FOLDER/<corruption>.npy (uint8 N×32×32×3: severities 1-5 stacked, n images each, N = 5 n) and "
+            "FOLDER/labels.npy (N labels), as Hendrycks' released CIFAR-100-C")
+
+
+def cifar100c_slice(folder: str | os.PathLike, corruption: str, severity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images (uint8 ``n×32×32×3``, memory-mapped) and labels of one (corruption, severity) of a CIFAR-100-C
+    folder: rows ``(severity - 1) n`` to ``severity n`` of ``<corruption>.npy``."""
+    from kdbench.robustness import ALL, check_severities
+
+    folder = Path(folder)
+    s = check_severities([severity])[0]
+    if corruption not in ALL:
+        raise ValueError(f"unknown corruption {corruption!r}; valid: {', '.join(ALL)}")
+    path, lpath = folder / f"{corruption}.npy", folder / "labels.npy"
+    for p in (path, lpath):
+        if not p.is_file():
+            raise DataLayoutError(f"CIFAR-100-C: no file {p}. Expected layout: {C_LAYOUT}")
+    images = np.load(path, mmap_mode="r")
+    labels = np.load(lpath, mmap_mode="r")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or len(images) % 5:
+        raise DataLayoutError(f"{path}: expected uint8 N×H×W×3 with N a multiple of 5, got {images.dtype} "
+                              f"{tuple(images.shape)}")
+    if len(labels) != len(images):
+        raise DataLayoutError(f"{lpath} has {len(labels)} labels for {len(images)} images in {path}")
+    n = len(images) // 5
+    return images[(s - 1) * n: s * n], np.asarray(labels[(s - 1) * n: s * n], dtype=np.int64)
+
+
+def cifar100c_dataset(folder: str | os.PathLike, corruption: str, severity: int, like: TensorImages) -> TensorImages:
+    """One (corruption, severity) of a CIFAR-100-C folder as a dataset normalised (and resized) as ``like``
+    (the clean CIFAR-100 validation set)."""
+    images, labels = cifar100c_slice(folder, corruption, severity)
+    x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()
+    return TensorImages(x, torch.from_numpy(labels), like.mean.flatten().tolist(), like.std.flatten().tolist(),
+                        like.transform)
+
+
+def write_cifar100_c(cifar_root: str | os.PathLike, out: str | os.PathLike, corruptions="benchmark",
+                     max_images: int | None = None) -> Path:
+    """Generate a CIFAR-100-C folder (released layout, all five severities) from the CIFAR-100 test set at
+    ``cifar_root`` with kdbench's corruption engine (each image seeded by its test-set index). ``max_images``
+    keeps the first test images only (for tests). Existing ``.npy`` files of the same size are kept."""
+    from kdbench.robustness import SEVERITIES, corrupt, resolve_corruptions
+
+    te = _load(_folder(cifar_root) / "test")
+    data = np.asarray(te[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    labels = np.asarray(te[b"fine_labels"], dtype=np.int64)
+    if max_images is not None:
+        data, labels = data[: int(max_images)], labels[: int(max_images)]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(data)
+    for name in resolve_corruptions(corruptions):
+        path = out / f"{name}.npy"
+        if path.is_file() and np.load(path, mmap_mode="r").shape == (5 * n, 32, 32, 3):
+            continue
+        arr = np.empty((5 * n, 32, 32, 3), dtype=np.uint8)
+        for s in SEVERITIES:
+            for i in range(n):
+                arr[(s - 1) * n + i] = corrupt(data[i], name, s, i)
+        tmp = out / f".{name}.tmp.npy"
+        np.save(tmp, arr)
+        os.replace(tmp, path)
+    np.save(out / "labels.npy", np.tile(labels.astype(np.uint8 if labels.max() < 256 else np.int64), 5))
+    return out

@@ -207,7 +207,8 @@ class CityscapesSegmentation(Dataset):
     """``(image, label)`` pairs of one split; ``train=True`` applies the random scale/crop/flip pipeline."""
 
     def __init__(self, files: Sequence[tuple[Path, Path]], *, train: bool, crop_size=(512, 512),
-                 scale_range=(0.5, 2.0), flip=True, cat_max_ratio=0.75):
+                 scale_range=(0.5, 2.0), flip=True, cat_max_ratio=0.75, image_fn=None):
+        self.image_fn = image_fn  # fn(H×W×3 uint8, index) -> same size, before scaling/cropping (corruptions)
         self.files = list(files)
         self.train = train
         self.crop_size = _crop_hw(list(crop_size) if not isinstance(crop_size, int) else crop_size)
@@ -249,6 +250,14 @@ class CityscapesSegmentation(Dataset):
         if (img.size[1], img.size[0]) != label.shape:
             raise DataLayoutError(f"{img_path} is {img.size[0]}×{img.size[1]} but {label_path} is "
                                   f"{label.shape[1]}×{label.shape[0]}")
+        if self.image_fn is not None:
+            from PIL import Image
+
+            raw = np.asarray(img)
+            out = np.asarray(self.image_fn(raw, int(i)))
+            if out.shape != raw.shape or out.dtype != np.uint8:
+                raise ValueError(f"image_fn changed {img_path} from uint8 {raw.shape} to {out.dtype} {out.shape}")
+            img = Image.fromarray(np.ascontiguousarray(out))
         if not self.train:
             return self._normalise(np.asarray(img)), torch.from_numpy(label.astype(np.int64))
         from PIL import Image

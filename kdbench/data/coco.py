@@ -77,7 +77,9 @@ class CocoDetection(Dataset):
     ``scale`` (``(s_y, s_x)``: resized / original)."""
 
     def __init__(self, root: str | os.PathLike, split: str, *, train: bool, min_size: int, max_size: int,
-                 flip_prob: float = 0.5, label_mode: str = "contiguous", max_images: int | None = None):
+                 flip_prob: float = 0.5, label_mode: str = "contiguous", max_images: int | None = None,
+                 image_fn=None):
+        self.image_fn = image_fn  # fn(H×W×3 uint8, COCO image id) -> same size, before resizing (corruptions)
         self.root = Path(root)
         self.split = split
         self.ann_file = self.root / "annotations" / f"instances_{split}.json"
@@ -126,6 +128,11 @@ class CocoDetection(Dataset):
         info = self.coco.imgs[img_id]
         img = _read_image(self.img_dir / info["file_name"])
         h, w = int(img.shape[1]), int(img.shape[2])
+        if self.image_fn is not None:  # boxes stay valid: the image keeps its size
+            out = np.asarray(self.image_fn(img.permute(1, 2, 0).numpy(), int(img_id)))
+            if out.shape != (h, w, 3) or out.dtype != np.uint8:
+                raise ValueError(f"image_fn changed image {img_id} from uint8 {(h, w, 3)} to {out.dtype} {out.shape}")
+            img = torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1)
         nh, nw = resized_size(h, w, self.min_size, self.max_size)
         img = TF.resize(img, [nh, nw], antialias=True).float().div_(255.0)
         boxes, labels = self._annotations(img_id)

@@ -20,12 +20,49 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _decode(loader, path, image_fn, i: int):
+    """The PIL image at ``path``, through ``image_fn(H×W×3 uint8, index)`` when one is set (same size kept)."""
+    img = loader(str(path))
+    if image_fn is None:
+        return img
+    from PIL import Image
+
+    raw = np.asarray(img.convert("RGB"))
+    out = np.asarray(image_fn(raw, int(i)))
+    if out.shape != raw.shape or out.dtype != np.uint8:
+        raise ValueError(f"image_fn changed {path} from uint8 {raw.shape} to {out.dtype} {out.shape}")
+    return Image.fromarray(np.ascontiguousarray(out))
+
+
+class _Folder(Dataset):
+    """torchvision's ImageFolder listing (``samples``, ``targets``, ``classes``, ``class_to_idx``) with an
+    ``image_fn`` hook on the decoded image, before the transform (resize, crop, normalisation)."""
+
+    def __init__(self, folder: Path, transform, image_fn=None):
+        from torchvision import datasets
+
+        inner = datasets.ImageFolder(str(folder))
+        self.loader = inner.loader
+        self.samples, self.targets = list(inner.samples), list(inner.targets)
+        self.classes, self.class_to_idx = list(inner.classes), dict(inner.class_to_idx)
+        self.transform = transform
+        self.image_fn = image_fn
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, target = self.samples[i]
+        return self.transform(_decode(self.loader, path, self.image_fn, i)), target
+
+
 class _AnnotatedFolder(Dataset):
     """Tiny-ImageNet validation: images in one folder, labels in a tab-separated annotation file."""
 
-    def __init__(self, folder: Path, annotations: Path, class_to_idx: dict[str, int], transform):
+    def __init__(self, folder: Path, annotations: Path, class_to_idx: dict[str, int], transform, image_fn=None):
         from torchvision.datasets.folder import default_loader
 
+        self.image_fn = image_fn
         self.loader = default_loader
         self.samples = []
         for line in annotations.read_text().splitlines():
@@ -40,7 +77,7 @@ class _AnnotatedFolder(Dataset):
 
     def __getitem__(self, i):
         path, target = self.samples[i]
-        return self.transform(self.loader(str(path))), target
+        return self.transform(_decode(self.loader, path, self.image_fn, i)), target
 
 
 @DATASETS.register("imagefolder")
@@ -58,7 +95,7 @@ class ImageFolderData(DatasetPlugin):
 
     def build(self, root=None, *, image_size: int = 224, train_fraction: float = 1.0, augment: bool = True,
               fraction_seed: int = 0, resize: int | None = None) -> ClassificationData:
-        from torchvision import datasets, transforms as T
+        from torchvision import transforms as T
 
         self.check(root)
         root = Path(root)
@@ -69,12 +106,12 @@ class ImageFolderData(DatasetPlugin):
         else:
             t_train = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), norm])
         t_val = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), norm])
-        train = datasets.ImageFolder(str(root / "train"), transform=t_train)
+        train = _Folder(root / "train", transform=t_train)
         ann = root / "val" / "val_annotations.txt"
         if ann.is_file() and (root / "val" / "images").is_dir():
             val = _AnnotatedFolder(root / "val" / "images", ann, train.class_to_idx, t_val)
         else:
-            val = datasets.ImageFolder(str(root / "val"), transform=t_val)
+            val = _Folder(root / "val", transform=t_val)
             if val.classes != train.classes:
                 raise DataLayoutError(f"{root / 'val'} has classes that differ from {root / 'train'}")
         if len(train) == 0 or len(val) == 0:
