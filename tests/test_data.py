@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdbench.data.base import DataLayoutError, stratified_fraction
+from kdbench.data.base import DataFileError, DataLayoutError, stratified_fraction
 from kdbench.data.cifar import CIFAR100, write_cifar100
 from kdbench.data.digits import Digits
 from kdbench.data.imagefolder import ImageFolderData, write_imagefolder
@@ -56,6 +56,87 @@ def test_cifar100_missing_layout_names_path_and_layout(tmp_path):
     with pytest.raises(DataLayoutError) as e:
         CIFAR100().check(str(tmp_path / "nowhere"))
     assert "nowhere" in str(e.value) and "cifar-100-python/{train,test,meta}" in str(e.value)
+
+
+def _one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg and "Traceback" not in msg
+    return msg
+
+
+def _rewrite(path, **changes):
+    d = pickle.load(open(path, "rb"), encoding="bytes")
+    for k, v in changes.items():
+        if v is None:
+            del d[k.encode()]
+        else:
+            d[k.encode()] = v
+    with open(path, "wb") as f:
+        pickle.dump(d, f)
+
+
+@pytest.mark.parametrize("case", ["few_labels", "label_100", "label_negative", "cifar10_keys", "data_shape",
+                                  "meta_names", "truncated", "not_a_pickle", "not_a_dict"])
+def test_cifar100_bad_pickles_are_refused_naming_the_file(tmp_path, case):
+    folder = write_cifar100(tmp_path, n_train_per_class=1, n_test_per_class=1, num_classes=100)
+    train = folder / "train"
+    raw = pickle.load(open(train, "rb"), encoding="bytes")
+    labels = list(raw[b"fine_labels"])
+    target, want = train, None
+    if case == "few_labels":
+        _rewrite(train, fine_labels=labels[:-3])
+        want = "97 labels for 100 images"
+    elif case == "label_100":
+        _rewrite(train, fine_labels=labels[:5] + [100] + labels[6:])
+        want = "label 100 of image 5 (and 0 more) is outside [0, 100)"
+    elif case == "label_negative":
+        _rewrite(train, fine_labels=[-1] + labels[1:])
+        want = "label -1 of image 0"
+    elif case == "cifar10_keys":  # a CIFAR-10 batch: 'labels' instead of 'fine_labels'
+        _rewrite(train, fine_labels=None, coarse_labels=None, labels=labels)
+        want = "keys found batch_label, data, filenames, labels; expected data, fine_labels (a CIFAR-10 batch?"
+    elif case == "data_shape":
+        _rewrite(train, data=raw[b"data"][:, :1024])
+        want = "'data' must be uint8 N×3072"
+    elif case == "meta_names":
+        target = folder / "meta"
+        _rewrite(target, fine_label_names=[b"a", b"b"])
+        want = "2 fine_label_names, CIFAR-100 has 100"
+    elif case == "truncated":
+        target = folder / "test"
+        target.write_bytes(target.read_bytes()[:500])
+        want = "not a readable CIFAR pickle"
+    elif case == "not_a_pickle":
+        target = folder / "test"
+        target.write_text("hello")
+        want = "not a readable CIFAR pickle"
+    elif case == "not_a_dict":
+        target = folder / "meta"
+        pickle.dump([1, 2], open(target, "wb"))
+        want = "holds a list, not the dict"
+    with pytest.raises(DataFileError) as e:
+        CIFAR100().build(str(tmp_path), augment=False)
+    msg = _one_line(e)
+    assert str(target) in msg and want in msg
+
+
+def test_cifar100_pickle_cannot_run_code(tmp_path):
+    """A pickle that would call os.system when loaded is refused without running anything."""
+    import os
+
+    folder = write_cifar100(tmp_path, n_train_per_class=1, n_test_per_class=1)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    with open(folder / "train", "wb") as f:
+        pickle.dump({b"data": Payload(), b"fine_labels": []}, f)
+    with pytest.raises(DataFileError) as e:
+        CIFAR100().build(str(tmp_path))
+    assert "posix.system" in _one_line(e) or "os.system" in str(e.value)
+    assert not marker.exists()
 
 
 def test_imagefolder_and_tiny_imagenet_val_layout(tmp_path):
