@@ -9,7 +9,7 @@ import torch
 from kdbench.data.base import DataFileError, DataLayoutError, stratified_fraction
 from kdbench.data.cifar import CIFAR100, write_cifar100
 from kdbench.data.digits import Digits
-from kdbench.data.imagefolder import ImageFolderData, write_imagefolder
+from kdbench.data.imagefolder import FLAT_CSV, LAYOUTS, ImageFolderData, write_imagefolder, write_imagenet_flat_val
 
 
 def test_digits_fixed_split_and_fraction():
@@ -160,3 +160,107 @@ def test_imagefolder_and_tiny_imagenet_val_layout(tmp_path):
     assert len(d2.val) == 6 and sorted(set(t for _, t in d2.val.samples)) == [0, 1, 2]
     with pytest.raises(DataLayoutError, match="no folder"):
         ImageFolderData().check(str(tmp_path / "empty"))
+
+
+def _csv_labels(path):
+    rows = path.read_text().splitlines()
+    assert rows[0] == "ImageId,PredictionString"
+    return {r.split(",")[0]: r.split(",")[1].split()[0] for r in rows[1:]}
+
+
+@pytest.mark.parametrize("kaggle", [False, True])
+def test_imagenet_flat_val_with_kaggle_csv(tmp_path, kaggle):
+    """val/*.JPEG labelled by LOC_val_solution.csv (first token of PredictionString = synset), classes from the
+    train folders; the CSV next to val/'s parent or, as in the Kaggle download, three folders up."""
+    root = write_imagenet_flat_val(tmp_path / "in", num_classes=3, per_class=2, val_per_class=2, size=20,
+                                   kaggle=kaggle)
+    csv_path = (tmp_path / "in") / FLAT_CSV
+    assert csv_path.is_file() and (root.name == "CLS-LOC") == kaggle
+    jpegs = sorted((root / "val").glob("*.JPEG"))
+    assert len(jpegs) == 6 and jpegs[0].read_bytes()[:2] == b"\xff\xd8"  # real JPEG files
+    d = ImageFolderData().build(str(root), image_size=16, augment=False)
+    synsets = sorted(p.name for p in (root / "train").iterdir())
+    assert d.classes == synsets and d.num_classes == 3 and (len(d.train), len(d.val)) == (6, 6)
+    labels = _csv_labels(csv_path)
+    assert [(p.name, synsets[t]) for p, t in d.val.samples] == [(p.name, labels[p.stem]) for p in jpegs]
+    x, y = d.val[0]
+    assert x.shape == (3, 16, 16) and int(y) == synsets.index(labels[jpegs[0].stem])
+
+
+def test_imagenet_flat_val_bad_csv_is_named(tmp_path):
+    root = write_imagenet_flat_val(tmp_path / "in", num_classes=2, per_class=1, val_per_class=2, size=16)
+    csv_path = root / FLAT_CSV
+    good = csv_path.read_text()
+    lines = good.splitlines()
+    cases = [
+        ("\n".join(lines[:2] + [lines[2].replace("n0", "n9", 1)] + lines[3:]), f"{csv_path}:3: synset n9"),
+        ("\n".join(lines[:-1]), "1 image(s) of"),
+        ("\n".join(lines + [lines[1]]), "is listed twice"),
+        ("\n".join(lines + ["ILSVRC2012_val_00000099,n01440764 1 2 3 4"]), "no image ILSVRC2012_val_00000099"),
+        ("\n".join(["id,label"] + lines[1:]), "header ImageId,PredictionString"),
+    ]
+    for text, want in cases:
+        csv_path.write_text(text + "\n")
+        with pytest.raises(DataFileError) as e:
+            ImageFolderData().check(str(root))
+        assert want in _one_line(e) and str(csv_path) in str(e.value)
+    csv_path.unlink()
+    with pytest.raises(DataLayoutError) as e:
+        ImageFolderData().build(str(root), image_size=16)
+    assert f"no {FLAT_CSV} in {root / 'val'}, {root}" in _one_line(e)
+
+
+def test_unrecognised_layout_lists_every_accepted_layout(tmp_path):
+    root = write_imagefolder(tmp_path / "in", num_classes=2, per_class=1, size=8)
+    for f in (root / "val").rglob("*.png"):
+        f.unlink()
+    for d in (root / "val").iterdir():
+        d.rmdir()
+    (root / "val" / "readme.txt").write_text("nothing here")
+    with pytest.raises(DataLayoutError) as e:
+        ImageFolderData().build(str(root))
+    msg = _one_line(e)
+    assert str(root / "val") in msg and all(layout in msg for layout in LAYOUTS)
+    assert "ImageNet folders" in msg and "Tiny-ImageNet" in msg and FLAT_CSV in msg
+
+
+def test_imagefolder_class_sanity_names_the_folder(tmp_path):
+    root = write_imagefolder(tmp_path / "in", num_classes=3, per_class=2, size=8)
+    empty = root / "train" / "n00000009"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images")
+    with pytest.raises(DataLayoutError) as e:
+        ImageFolderData().build(str(root))
+    assert "class folder(s) without any image" in _one_line(e) and str(empty) in str(e.value)
+    (empty / "notes.txt").unlink()
+    empty.rmdir()
+    extra = root / "val" / "n00000007"
+    extra.mkdir()
+    next((root / "val" / "n00000000").iterdir()).rename(extra / "moved.png")
+    with pytest.raises(DataLayoutError) as e:
+        ImageFolderData().check(str(root))
+    assert "only in val: n00000007" in _one_line(e)
+    empty_train = tmp_path / "bare"
+    (empty_train / "train").mkdir(parents=True)
+    (empty_train / "val").mkdir()
+    with pytest.raises(DataLayoutError, match=f"{empty_train / 'train'} holds no class folders"):
+        ImageFolderData().check(str(empty_train))
+
+
+def test_tiny_imagenet_annotations_naming_unknown_classes_are_refused(tmp_path):
+    root = write_imagefolder(tmp_path / "in", num_classes=2, per_class=1, size=8)
+    val = root / "val"
+    (val / "images").mkdir()
+    lines = []
+    for cls in ("n00000000", "n00000001"):
+        for f in sorted((val / cls).iterdir()):
+            f.rename(val / "images" / f.name)
+            lines.append(f"{f.name}\t{cls}\t0\t0\t8\t8")
+        (val / cls).rmdir()
+    ann = val / "val_annotations.txt"
+    ann.write_text("\n".join(lines) + "\n")
+    assert len(ImageFolderData().build(str(root), image_size=8).val) == 2
+    ann.write_text(lines[0] + "\n" + lines[1].replace("n00000001", "n00000005") + "\n")
+    with pytest.raises(DataFileError) as e:  # silently dropped before: the val set lost an image
+        ImageFolderData().build(str(root), image_size=8)
+    assert f"{ann}:2: class n00000005" in _one_line(e)
