@@ -222,6 +222,11 @@ def test_image_label_size_mismatch_and_undecodable_files_are_named(tmp_path):
     raw = img1.read_bytes()
     img1.write_bytes(raw[: len(raw) // 2])  # truncated PNG
     lab2.write_bytes(b"garbage")
+    val_label = data.val.files[0][1]
+    Image.fromarray(label_ids_to_train_ids(np.asarray(Image.open(val_label))), mode="L").save(val_label)
+    with pytest.raises(DataFileError) as e:  # a labelTrainIds PNG (255 = ignore) under the labelIds name
+        data.val[0]
+    assert str(val_label) in str(e.value) and "value 255, above the official label ids 0..33" in str(e.value)
     for k, path in ((1, img1), (2, lab2)):
         with pytest.raises(DataFileError) as e:
             data.train[k]

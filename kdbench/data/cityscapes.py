@@ -178,6 +178,7 @@ def _open_error(path: Path, e: Exception) -> DataFileError:
 
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+_MAX_LABEL_ID = max(lid for _, lid, _, _ in LABELS)
 
 
 def _load_rgb(path: Path):
@@ -203,7 +204,11 @@ def _load_label(path: Path):
         raise
     except _DECODE_ERRORS as e:
         raise _open_error(path, e) from None
-    return label_ids_to_train_ids(np.clip(arr, 0, 255).astype(np.uint8))
+    if arr.size and int(arr.max()) > _MAX_LABEL_ID:
+        raise DataFileError(f"{path} holds value {int(arr.max())}, above the official label ids 0..{_MAX_LABEL_ID}: "
+                            "is it a *_labelTrainIds.png or *_instanceIds.png under the labelIds name? Use the "
+                            "official *_gtFine_labelIds.png")
+    return label_ids_to_train_ids(arr.astype(np.uint8))
 
 
 class CityscapesSegmentation(Dataset):
