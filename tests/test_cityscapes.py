@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from kdbench.data.base import DataLayoutError
-from kdbench.data.cityscapes import (CLASSES, IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, SYNTHETIC_MARKER, Cityscapes,
-                                     CityscapesSegmentation, ensure_synthetic, label_ids_to_train_ids,
-                                     write_cityscapes)
+from kdbench.data.base import DataFileError, DataLayoutError
+from kdbench.data.cityscapes import (CLASSES, IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, LABELS, SYNTHETIC_MARKER,
+                                     TRAIN_ID_TO_LABEL_ID, Cityscapes, CityscapesSegmentation, ensure_synthetic,
+                                     label_ids_to_train_ids, write_cityscapes)
 from kdbench.registry import DATASETS
 
 torch.set_num_threads(2)
@@ -143,3 +143,91 @@ def test_synthetic_root_is_written_once_and_checked(tmp_path):
     real = write_cityscapes(tmp_path / "real", n_train=1, n_val=1, height=16, width=32)
     with pytest.raises(DataLayoutError, match="not a dataset kdbench generated"):
         ensure_synthetic(real, args)
+
+
+def test_label_table_is_the_official_package():
+    """The table is read from cityscapesscripts (the dataset's official scripts), not written by hand."""
+    from cityscapesscripts.helpers.labels import id2label, labels
+
+    assert [l[:2] for l in LABELS] == [(l.name, l.id) for l in labels if l.id >= 0]
+    for lid, tid in LABEL_ID_TO_TRAIN_ID.items():
+        official = id2label[lid]
+        assert tid == (IGNORE_INDEX if official.ignoreInEval else official.trainId)
+        assert LABELS[lid][3] == official.color
+    assert [id2label[TRAIN_ID_TO_LABEL_ID[t]].name for t in range(19)] == list(CLASSES)
+
+
+def test_miou_matches_the_official_evaluator(tmp_path):
+    """Our confusion matrix + segmentation_metrics against cityscapesscripts' evalPixelLevelSemanticLabeling on
+    prediction / ground-truth label-id PNGs in the official layout: every class IoU and the mean, to 1e-6
+    (void ground truth ignored, classes predicted but absent from the ground truth at IoU 0, classes absent from
+    both left out of the mean)."""
+    import copy
+
+    import cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling as official
+
+    from kdbench.tasks.segmentation import confusion_matrix, segmentation_metrics
+
+    root = write_cityscapes(tmp_path / "cs", n_train=1, n_val=3, height=48, width=96, seed=5,
+                            val_cities=("frankfurt", "lindau"))
+    data = Cityscapes().build(str(root))
+    rng = np.random.default_rng(0)
+    results = tmp_path / "results"
+    results.mkdir()
+    to_label_id = np.full(256, 0, dtype=np.uint8)
+    for t, lid in TRAIN_ID_TO_LABEL_ID.items():
+        to_label_id[t] = lid
+    conf = torch.zeros(19, 19, dtype=torch.int64)
+    preds, gts = [], []
+    for i, (_, gt_path) in enumerate(data.val.files):
+        target = data.val[i][1]
+        pred = target.clone()
+        pred[pred == IGNORE_INDEX] = int(rng.integers(0, 19))  # void pixels get some class
+        noise = torch.from_numpy(rng.random(tuple(pred.shape)) < 0.3)
+        pred[noise] = torch.from_numpy(rng.integers(0, 16, size=int(noise.sum())))  # 16-18 never predicted
+        conf += confusion_matrix(pred, target, 19)
+        name = gt_path.name.replace("_gtFine_labelIds.png", "_pred.png")
+        Image.fromarray(to_label_id[pred.numpy()], mode="L").save(results / name)
+        preds.append(str(results / name))
+        gts.append(str(gt_path))
+    ours = segmentation_metrics(conf, list(CLASSES))
+
+    args = copy.copy(official.args)
+    args.quiet, args.JSONOutput, args.evalInstLevelScore, args.evalPixelAccuracy = True, False, False, False
+    args.exportFile = str(tmp_path / "unused.json")
+    res = official.evaluateImgLists(preds, gts, args)
+    scores = {k: v for k, v in res["classScores"].items() if k in CLASSES}
+    assert set(scores) == set(CLASSES)
+    compared = 0
+    for name, v in scores.items():
+        if np.isnan(v):
+            assert f"IoU/{name}" not in ours
+        else:
+            assert ours[f"IoU/{name}"] / 100 == pytest.approx(v, abs=1e-6)
+            compared += 1
+    assert 8 <= compared < 19 and any(v == 0 for v in scores.values() if not np.isnan(v))
+    assert ours["mIoU"] / 100 == pytest.approx(res["averageScoreClasses"], abs=1e-6)
+    assert not (tmp_path / "unused.json").exists()
+
+
+def test_image_label_size_mismatch_and_undecodable_files_are_named(tmp_path):
+    root = write_cityscapes(tmp_path / "cs", n_train=3, n_val=1, height=32, width=64)
+    data = Cityscapes().build(str(root), crop_size=16)
+    (img0, lab0), (img1, lab1), (img2, lab2) = data.train.files
+    Image.open(lab0).resize((32, 16), Image.NEAREST).save(lab0)
+    with pytest.raises(DataLayoutError) as e:
+        data.train[0]
+    msg = str(e.value)
+    assert str(img0) in msg and str(lab0) in msg and "64×32" in msg and "32×16" in msg and "\n" not in msg
+    raw = img1.read_bytes()
+    img1.write_bytes(raw[: len(raw) // 2])  # truncated PNG
+    lab2.write_bytes(b"garbage")
+    val_label = data.val.files[0][1]
+    Image.fromarray(label_ids_to_train_ids(np.asarray(Image.open(val_label))), mode="L").save(val_label)
+    with pytest.raises(DataFileError) as e:  # a labelTrainIds PNG (255 = ignore) under the labelIds name
+        data.val[0]
+    assert str(val_label) in str(e.value) and "value 255, above the official label ids 0..33" in str(e.value)
+    for k, path in ((1, img1), (2, lab2)):
+        with pytest.raises(DataFileError) as e:
+            data.train[k]
+        assert str(path) in str(e.value) and "cannot decode" in str(e.value) and "\n" not in str(e.value)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from kdbench.data.base import DataLayoutError
+from kdbench.data.base import DataFileError, DataLayoutError
 from kdbench.data.coco import (SHAPE_CATEGORIES, Coco, CocoShapes, collate_detection, resized_size,
                                write_coco_shapes)
 from kdbench.method import Outputs
@@ -126,6 +126,57 @@ def test_coco_shapes_plugin_generates_once_and_reuses(tmp_path):
     stamp = (folder / "annotations" / "instances_train2017.json").stat().st_mtime_ns
     CocoShapes().build(tmp_path, n_train=3, n_val=2, image_size=64)
     assert (folder / "annotations" / "instances_train2017.json").stat().st_mtime_ns == stamp
+
+
+def _one_line(e) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg and "Traceback" not in msg
+    return msg
+
+
+def test_image_whose_size_differs_from_the_json_is_refused(tmp_path):
+    """A replaced image (here half size) would have its boxes scaled by the wrong ratio: refused when read,
+    naming the image, both sizes and the annotation file."""
+    root = write_coco_shapes(tmp_path / "s", n_train=2, n_val=2, seed=3)
+    ann = root / "annotations" / "instances_val2017.json"
+    info = json.loads(ann.read_text())["images"][1]
+    path = root / "val2017" / info["file_name"]
+    w, h = info["width"], info["height"]
+    with Image.open(path) as im:
+        im.resize((w // 2, h // 2)).save(path, quality=92)
+    data = Coco().build(root, min_size=64, max_size=100)
+    data.val[0]  # the untouched image reads fine
+    with pytest.raises(DataFileError) as e:
+        data.val[1]
+    msg = _one_line(e)
+    assert str(path) in msg and f"{w // 2}×{h // 2}" in msg and f"{w}×{h}" in msg and str(ann) in msg
+    task = DetectionTask()  # and through the task's loader, as training/evaluation read it
+    with pytest.raises(DataFileError, match=info["file_name"]):
+        list(task.loader(data.val, 2))
+
+
+def test_undecodable_missing_images_and_bad_json_are_named(tmp_path):
+    root = write_coco_shapes(tmp_path / "s", n_train=3, n_val=1, seed=4)
+    data = Coco().build(root, min_size=64, max_size=100)
+    files = [root / "train2017" / data.train.coco.imgs[i]["file_name"] for i in data.train.ids]
+    raw = files[0].read_bytes()
+    files[0].write_bytes(raw[: len(raw) // 2])  # truncated JPEG
+    files[1].write_bytes(b"not an image at all")
+    files[2].unlink()
+    for k, word in ((0, "truncated"), (1, "cannot decode"), (2, "does not exist")):
+        with pytest.raises(DataFileError) as e:
+            data.train[k]
+        msg = _one_line(e)
+        assert str(files[k]) in msg and word in msg
+    ann = root / "annotations" / "instances_val2017.json"
+    ann.write_text('{"images": [')
+    with pytest.raises(DataFileError) as e:
+        Coco().build(root)
+    assert str(ann) in _one_line(e)
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "height": 10}], "annotations": [],
+                               "categories": [{"id": 1, "name": "a"}]}))
+    with pytest.raises(DataFileError, match="image 1 needs file_name and positive integer height and width"):
+        Coco().build(root)
 
 
 # -------------------------------------------------------------------------------------------- COCOeval

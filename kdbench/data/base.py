@@ -15,6 +15,11 @@ class DataLayoutError(FileNotFoundError):
     """The data is not where the suite says, or not in the expected layout."""
 
 
+class DataFileError(ValueError):
+    """A data file is there but unusable: undecodable, or inconsistent with its annotations (the message names
+    the file and what to do)."""
+
+
 @dataclass
 class ClassificationData:
     train: Dataset

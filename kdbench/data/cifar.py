@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdbench.data.base import (ClassificationData, DataLayoutError, DatasetPlugin, TensorImages, compose,
+from kdbench.data.base import (ClassificationData, DataFileError, DataLayoutError, DatasetPlugin, TensorImages, compose,
                                random_crop_flip, resize_to, stratified_fraction)
 from kdbench.registry import DATASETS
 
@@ -33,9 +33,78 @@ def _folder(root: str | os.PathLike) -> Path:
                           f"{root / 'cifar-100-python'}. Expected layout: {LAYOUT}")
 
 
+# what the official pickles (and numpy arrays in them) need; anything else in a pickle (e.g. os.system) is refused
+# instead of run: a data file must not execute code
+_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+_FIX = "replace it with the file from the official cifar-100-python.tar.gz"
+
+
+class _DataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR pickle never holds (not loaded)")
+
+
 def _load(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    """Unpickle one CIFAR file (numpy arrays, lists, bytes only); any failure is one line naming the file."""
+    try:
+        with open(path, "rb") as f:
+            d = _DataUnpickler(f, encoding="bytes").load()
+    except OSError as e:
+        raise DataFileError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - whatever a damaged pickle raises, the message names the file
+        raise DataFileError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e}); {_FIX}") from None
+    if not isinstance(d, dict):
+        raise DataFileError(f"{path} holds a {type(d).__name__}, not the dict of a CIFAR pickle; {_FIX}")
+    return d
+
+
+def _keys(d: dict) -> str:
+    return ", ".join(sorted(k.decode(errors="replace") if isinstance(k, bytes) else str(k) for k in d)) or "none"
+
+
+def _require(d: dict, path: Path, keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k.encode() not in d]
+    if missing:
+        hint = " (a CIFAR-10 batch? it has 'labels')" if b"labels" in d else ""
+        raise DataFileError(f"{path}: keys found {_keys(d)}; expected {', '.join(keys)}{hint}; {_FIX}")
+
+
+def _split_arrays(d: dict, path: Path, num_classes: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Images (uint8 ``N×3×32×32``) and fine labels (int64 ``N``) of a train/test pickle, checked: one label per
+    image, every label in ``[0, num_classes)``."""
+    _require(d, path, ("data", "fine_labels"))
+    try:
+        data = np.asarray(d[b"data"])
+        labels = np.asarray(d[b"fine_labels"])
+    except (ValueError, TypeError) as e:
+        raise DataFileError(f"{path}: 'data'/'fine_labels' are not arrays ({e}); {_FIX}") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataFileError(f"{path}: 'data' must be uint8 N×3072 (32×32 RGB planes), got {data.dtype} "
+                            f"{tuple(data.shape)}; {_FIX}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataFileError(f"{path}: 'fine_labels' must be a list of integers, got {labels.dtype} "
+                            f"{tuple(labels.shape)}; {_FIX}")
+    if len(labels) != len(data):
+        raise DataFileError(f"{path}: {len(labels)} labels for {len(data)} images; {_FIX}")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise DataFileError(f"{path}: label {int(labels[bad[0]])} of image {int(bad[0])} (and {len(bad) - 1} more) "
+                            f"is outside [0, {num_classes}); {_FIX}")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def _class_names(d: dict, path: Path, num_classes: int = 100) -> list[str]:
+    _require(d, path, ("fine_label_names",))
+    names = list(d[b"fine_label_names"])
+    if len(names) != num_classes:
+        raise DataFileError(f"{path}: {len(names)} fine_label_names, CIFAR-100 has {num_classes}; {_FIX}")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
 @DATASETS.register("cifar100")
@@ -51,19 +120,16 @@ class CIFAR100(DatasetPlugin):
               image_size: int = 32) -> ClassificationData:
         """``image_size`` other than 32 upsamples bilinearly (e.g. 224 for timm ViT/Swin students and teachers)."""
         folder = _folder(root)
-        tr, te, meta = _load(folder / "train"), _load(folder / "test"), _load(folder / "meta")
-
-        def images(d):
-            return torch.from_numpy(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
-
-        ytr = np.asarray(tr[b"fine_labels"], dtype=np.int64)
+        x_tr, ytr = _split_arrays(_load(folder / "train"), folder / "train")
+        x_te, yte = _split_arrays(_load(folder / "test"), folder / "test")
+        classes = _class_names(_load(folder / "meta"), folder / "meta")
         keep = stratified_fraction(ytr, float(train_fraction), seed=fraction_seed)
         aug = random_crop_flip(pad=4) if augment else None
         resize = resize_to(int(image_size)) if int(image_size) != 32 else None
         t_train = compose(aug, resize)
-        train = TensorImages(images(tr)[keep], torch.from_numpy(ytr[keep]), CIFAR100_MEAN, CIFAR100_STD, t_train)
-        val = TensorImages(images(te), torch.tensor(te[b"fine_labels"]), CIFAR100_MEAN, CIFAR100_STD, resize)
-        classes = [c.decode() for c in meta[b"fine_label_names"]]
+        train = TensorImages(torch.from_numpy(x_tr[keep]), torch.from_numpy(ytr[keep]), CIFAR100_MEAN, CIFAR100_STD,
+                             t_train)
+        val = TensorImages(torch.from_numpy(x_te.copy()), torch.from_numpy(yte), CIFAR100_MEAN, CIFAR100_STD, resize)
         return ClassificationData(train, val, num_classes=100, in_chans=3, image_size=int(image_size), classes=classes)
 
 

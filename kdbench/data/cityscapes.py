@@ -6,9 +6,10 @@ Layout (what the official ``leftImg8bit_trainvaltest.zip`` and ``gtFine_trainval
     ROOT/gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
 
 Labels are read from the ``*_gtFine_labelIds.png`` files (ids 0..33) and mapped to the 19 train ids with the
-official table of ``cityscapesscripts/helpers/labels.py`` (:data:`LABEL_ID_TO_TRAIN_ID`); every other id (void
-classes, parking, rail track, guard rail, bridge, tunnel, polegroup, caravan, trailer, and any id > 33) becomes
-255, the ignore index. ``*_gtFine_labelTrainIds.png`` files (made by ``createTrainIdLabelImgs``) are not needed.
+official table of the ``cityscapesscripts`` package (``cityscapesscripts.helpers.labels``, read at import
+into :data:`LABEL_ID_TO_TRAIN_ID`); every other id (void classes, parking, rail track, guard rail, bridge, tunnel,
+polegroup, caravan, trailer, and any id > 33) becomes 255, the ignore index. ``*_gtFine_labelTrainIds.png``
+files (made by ``createTrainIdLabelImgs``) are not needed.
 
 Training pipeline (the mmsegmentation Cityscapes pipeline that the FreeKD/CWD segmentation results use):
 
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kdbench.data.base import DataLayoutError, DatasetPlugin
+from kdbench.data.base import DataFileError, DataLayoutError, DatasetPlugin
 from kdbench.registry import DATASETS
 
 LAYOUT = ("ROOT/leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png with "
@@ -61,48 +62,31 @@ LABEL_SUFFIX = "_gtFine_labelIds.png"
 COLOR_SUFFIX = "_gtFine_color.png"
 SYNTHETIC_MARKER = "kdbench_synthetic.json"
 
-#: The official table (cityscapesscripts/helpers/labels.py): (name, id, trainId, color).
-LABELS: tuple[tuple[str, int, int, tuple[int, int, int]], ...] = (
-    ("unlabeled", 0, 255, (0, 0, 0)),
-    ("ego vehicle", 1, 255, (0, 0, 0)),
-    ("rectification border", 2, 255, (0, 0, 0)),
-    ("out of roi", 3, 255, (0, 0, 0)),
-    ("static", 4, 255, (0, 0, 0)),
-    ("dynamic", 5, 255, (111, 74, 0)),
-    ("ground", 6, 255, (81, 0, 81)),
-    ("road", 7, 0, (128, 64, 128)),
-    ("sidewalk", 8, 1, (244, 35, 232)),
-    ("parking", 9, 255, (250, 170, 160)),
-    ("rail track", 10, 255, (230, 150, 140)),
-    ("building", 11, 2, (70, 70, 70)),
-    ("wall", 12, 3, (102, 102, 156)),
-    ("fence", 13, 4, (190, 153, 153)),
-    ("guard rail", 14, 255, (180, 165, 180)),
-    ("bridge", 15, 255, (150, 100, 100)),
-    ("tunnel", 16, 255, (150, 120, 90)),
-    ("pole", 17, 5, (153, 153, 153)),
-    ("polegroup", 18, 255, (153, 153, 153)),
-    ("traffic light", 19, 6, (250, 170, 30)),
-    ("traffic sign", 20, 7, (220, 220, 0)),
-    ("vegetation", 21, 8, (107, 142, 35)),
-    ("terrain", 22, 9, (152, 251, 152)),
-    ("sky", 23, 10, (70, 130, 180)),
-    ("person", 24, 11, (220, 20, 60)),
-    ("rider", 25, 12, (255, 0, 0)),
-    ("car", 26, 13, (0, 0, 142)),
-    ("truck", 27, 14, (0, 0, 70)),
-    ("bus", 28, 15, (0, 60, 100)),
-    ("caravan", 29, 255, (0, 0, 90)),
-    ("trailer", 30, 255, (0, 0, 110)),
-    ("train", 31, 16, (0, 80, 100)),
-    ("motorcycle", 32, 17, (0, 0, 230)),
-    ("bicycle", 33, 18, (119, 11, 32)),
-)
+
+def _official_labels() -> tuple[tuple[str, int, int, tuple[int, int, int]], ...]:
+    """``(name, id, trainId, color)`` of every label with an id, from the official ``cityscapesscripts`` package
+    (``cityscapesscripts.helpers.labels``), with the 19 evaluated classes checked to be train ids 0..18."""
+    from cityscapesscripts.helpers.labels import labels
+
+    table = tuple((str(l.name), int(l.id), int(l.trainId) if 0 <= l.trainId < IGNORE_INDEX and not l.ignoreInEval
+                   else IGNORE_INDEX, tuple(int(c) for c in l.color)) for l in labels if l.id >= 0)
+    train_ids = sorted(t for _, _, t, _ in table if t != IGNORE_INDEX)
+    if train_ids != list(range(19)) or max(lid for _, lid, _, _ in table) > 255:
+        raise RuntimeError(f"cityscapesscripts.helpers.labels defines train ids {train_ids}, expected the 19 "
+                           "classes 0..18 with label ids < 256: install an official cityscapesscripts (>= 2.2)")
+    return table
+
+
+#: The official table (``cityscapesscripts.helpers.labels``): ``(name, id, trainId, color)``; trainId 255 for every
+#: label that is not one of the 19 evaluated classes (``ignoreInEval``).
+LABELS: tuple[tuple[str, int, int, tuple[int, int, int]], ...] = _official_labels()
 LABEL_ID_TO_TRAIN_ID: dict[int, int] = {lid: tid for _, lid, tid, _ in LABELS}
 #: The 19 evaluated classes, in train-id order.
-CLASSES: tuple[str, ...] = tuple(name for name, _, tid, _ in sorted((l for l in LABELS if l[2] != 255),
+CLASSES: tuple[str, ...] = tuple(name for name, _, tid, _ in sorted((l for l in LABELS if l[2] != IGNORE_INDEX),
                                                                     key=lambda l: l[2]))
 NAME_TO_ID: dict[str, int] = {name: lid for name, lid, _, _ in LABELS}
+#: trainId -> labelId of the 19 classes (what the official evaluator reads in prediction PNGs).
+TRAIN_ID_TO_LABEL_ID: dict[int, int] = {tid: lid for _, lid, tid, _ in LABELS if tid != IGNORE_INDEX}
 
 
 def train_id_lut() -> np.ndarray:
@@ -186,21 +170,45 @@ def _check_options(crop_size=512, scale_range=(0.5, 2.0), flip=True, cat_max_rat
 
 
 # ------------------------------------------------------------------------------------------------ dataset
+def _open_error(path: Path, e: Exception) -> DataFileError:
+    if isinstance(e, FileNotFoundError):
+        return DataFileError(f"{path} disappeared after the dataset was listed: restore it (or rerun to relist)")
+    return DataFileError(f"cannot decode {path} ({type(e).__name__}: {e}): the file is truncated or corrupt; "
+                         "replace it with a good copy from the official zip")
+
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+_MAX_LABEL_ID = max(lid for _, lid, _, _ in LABELS)
+
+
 def _load_rgb(path: Path):
     from PIL import Image
 
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except _DECODE_ERRORS as e:
+        raise _open_error(path, e) from None
 
 
 def _load_label(path: Path):
     from PIL import Image
 
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P", "I", "I;16"):
-            raise DataLayoutError(f"{path}: a labelIds PNG must be single-channel, got mode {im.mode}")
-        arr = np.asarray(im)
-    return label_ids_to_train_ids(np.clip(arr, 0, 255).astype(np.uint8))
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise DataLayoutError(f"{path}: a labelIds PNG must be single-channel, got mode {im.mode} (is it the "
+                                      f"{COLOR_SUFFIX} file?)")
+            arr = np.asarray(im)
+    except DataLayoutError:
+        raise
+    except _DECODE_ERRORS as e:
+        raise _open_error(path, e) from None
+    if arr.size and int(arr.max()) > _MAX_LABEL_ID:
+        raise DataFileError(f"{path} holds value {int(arr.max())}, above the official label ids 0..{_MAX_LABEL_ID}: "
+                            "is it a *_labelTrainIds.png or *_instanceIds.png under the labelIds name? Use the "
+                            "official *_gtFine_labelIds.png")
+    return label_ids_to_train_ids(arr.astype(np.uint8))
 
 
 class CityscapesSegmentation(Dataset):

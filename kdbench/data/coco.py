@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kdbench.data.base import DataLayoutError, DatasetPlugin
+from kdbench.data.base import DataFileError, DataLayoutError, DatasetPlugin
 from kdbench.registry import DATASETS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,8 +51,19 @@ LABEL_MODES = ("contiguous", "category_id")
 def _quiet_coco(ann_file: Path):
     from pycocotools.coco import COCO
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(ann_file))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(str(ann_file))
+    except (ValueError, AssertionError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise DataFileError(f"{ann_file} is not a COCO annotation file ({type(e).__name__}: {e}); "
+                            f"expected the json of the official instances_<split>.json") from None
+    for img_id, info in coco.imgs.items():
+        sizes_ok = all(isinstance(info.get(k), int) and info[k] > 0 for k in ("height", "width"))
+        if "file_name" not in info or not sizes_ok:
+            got = {k: info.get(k) for k in ("file_name", "height", "width")}
+            raise DataFileError(f"{ann_file}: image {img_id} needs file_name and positive integer height and width, "
+                                f"got {got}")
+    return coco
 
 
 def resized_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
@@ -62,12 +73,29 @@ def resized_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int
     return max(1, int(round(h * s))), max(1, int(round(w * s)))
 
 
-def _read_image(path: Path) -> torch.Tensor:
-    """uint8 ``3×H×W`` RGB (PIL decodes: torchvision's image io is deprecated)."""
+def _read_image(path: Path, expected_hw: tuple[int, int] | None = None, ann_file: Path | None = None) -> torch.Tensor:
+    """uint8 ``3×H×W`` RGB (PIL decodes: torchvision's image io is deprecated).
+
+    An unreadable or undecodable file, or (given ``expected_hw``, the ``(height, width)`` of the annotation file
+    ``ann_file``) a decoded size other than the annotated one, is a :class:`DataFileError` naming the file: the
+    boxes are in the annotated pixel grid, so another size would scale them by the wrong ratio.
+    """
     from PIL import Image
 
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataFileError(f"image {path} listed in {ann_file or 'the annotation file'} does not exist: restore it "
+                            "or remove the image from the annotation file") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataFileError(f"cannot decode image {path} ({type(e).__name__}: {e}): the file is truncated or "
+                            "corrupt; replace it with a good copy") from None
+    if expected_hw is not None and tuple(arr.shape[:2]) != tuple(int(v) for v in expected_hw):
+        (h, w), (eh, ew) = arr.shape[:2], expected_hw
+        raise DataFileError(f"image {path} is {w}×{h} (width×height) but {ann_file or 'its annotation file'} says "
+                            f"{ew}×{eh}: its boxes would be scaled by the wrong ratio; use the original image or fix "
+                            "width/height (and the boxes) in the annotation file")
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
@@ -126,7 +154,7 @@ class CocoDetection(Dataset):
 
         img_id = self.ids[i]
         info = self.coco.imgs[img_id]
-        img = _read_image(self.img_dir / info["file_name"])
+        img = _read_image(self.img_dir / info["file_name"], (info["height"], info["width"]), self.ann_file)
         h, w = int(img.shape[1]), int(img.shape[2])
         if self.image_fn is not None:  # boxes stay valid: the image keeps its size
             out = np.asarray(self.image_fn(img.permute(1, 2, 0).numpy(), int(img_id)))

@@ -1,21 +1,35 @@
 """ImageNet-style folders: ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*``.
 
-Tiny-ImageNet's own validation layout (``val/images/*`` + ``val/val_annotations.txt``) is read as well.
+Tiny-ImageNet's own validation layout (``val/images/*`` + ``val/val_annotations.txt``) is read as well, and so is
+ImageNet's flat validation folder as Kaggle ships it (``val/<ImageId>.JPEG`` labelled by ``LOC_val_solution.csv``:
+columns ``ImageId,PredictionString``, the first token of ``PredictionString`` being the synset; class names are
+the train folders' synsets). ``check`` (run by ``validate`` and ``build``) verifies the layout, that every class
+folder holds an image and that every validation label names a train class, each error naming the folder or file.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from kdbench.data.base import ClassificationData, DataLayoutError, DatasetPlugin, stratified_fraction
+from kdbench.data.base import (ClassificationData, DataFileError, DataLayoutError, DatasetPlugin,
+                               stratified_fraction)
 from kdbench.registry import DATASETS
 
-LAYOUT = ("ROOT/train/<class>/<image> and ROOT/val/<class>/<image> (ImageNet), or Tiny-ImageNet's "
-          "ROOT/val/images/<image> with ROOT/val/val_annotations.txt")
+FLAT_CSV = "LOC_val_solution.csv"
+LAYOUTS = (
+    "ImageNet folders: ROOT/train/<class>/<image> and ROOT/val/<class>/<image>, the same class folders",
+    "Tiny-ImageNet: ROOT/train/<class>/.../<image> with ROOT/val/images/<image> and ROOT/val/val_annotations.txt "
+    "(<image> TAB <class> ... per line)",
+    f"flat ImageNet val (Kaggle): ROOT/train/<synset>/<image> with ROOT/val/<ImageId>.JPEG and {FLAT_CSV} "
+    "(ImageId,PredictionString, the synset first) in ROOT/val, ROOT or up to 3 folders above ROOT (the Kaggle "
+    "download's top folder when ROOT is its ILSVRC/Data/CLS-LOC)",
+)
+LAYOUT = "one of: " + "; ".join(f"({i}) {text}" for i, text in enumerate(LAYOUTS, 1))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -86,12 +100,8 @@ class ImageFolderData(DatasetPlugin):
 
     def check(self, root, **options):
         if root is None:
-            raise DataLayoutError(f"data.root is required for imagefolder. Expected layout: {LAYOUT}")
-        root = Path(root)
-        if not (root / "train").is_dir():
-            raise DataLayoutError(f"no folder {root / 'train'}. Expected layout: {LAYOUT}")
-        if not (root / "val").is_dir():
-            raise DataLayoutError(f"no folder {root / 'val'}. Expected layout: {LAYOUT}")
+            raise DataLayoutError(f"data.root is required for imagefolder. Accepted layouts: {LAYOUT}")
+        _scan(Path(root))
 
     def build(self, root=None, *, image_size: int = 224, train_fraction: float = 1.0, augment: bool = True,
               fraction_seed: int = 0, resize: int | None = None) -> ClassificationData:
@@ -110,6 +120,8 @@ class ImageFolderData(DatasetPlugin):
         ann = root / "val" / "val_annotations.txt"
         if ann.is_file() and (root / "val" / "images").is_dir():
             val = _AnnotatedFolder(root / "val" / "images", ann, train.class_to_idx, t_val)
+        elif (flat_csv := _flat_val_csv(root)) is not None:
+            val = _FlatValFolder(root / "val", flat_csv, train.class_to_idx, t_val)
         else:
             val = _Folder(root / "val", transform=t_val)
             if val.classes != train.classes:
@@ -140,3 +152,198 @@ def write_imagefolder(root, num_classes: int = 3, per_class: int = 4, size: int 
                 img = np.clip(color + rng.normal(0, 20, size=(size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(d / f"{split}_{c}_{i}.png")
     return root
+
+
+# ------------------------------------------------------------------------------------------------ layout checks
+_IMG_EXT = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(_IMG_EXT)
+
+
+def _has_image(folder: Path) -> bool:
+    """Whether ``folder`` holds an image at any depth (stops at the first, as cheap as one listing)."""
+    stack = [folder]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.is_file() and _is_image(e.name):
+                    return True
+                if e.is_dir():
+                    stack.append(Path(e.path))
+    return False
+
+
+def _class_folders(split: Path) -> list[str]:
+    """The class folders of a split (sorted, as torchvision's ImageFolder), each checked to hold an image."""
+    classes = sorted(e.name for e in os.scandir(split) if e.is_dir())
+    if not classes:
+        raise DataLayoutError(f"{split} holds no class folders. Accepted layouts: {LAYOUT}")
+    empty = [str(split / c) for c in classes if not _has_image(split / c)]
+    if empty:
+        more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+        raise DataLayoutError(f"class folder(s) without any image ({', '.join(_IMG_EXT)}): {', '.join(empty[:3])}"
+                              f"{more}; add its images or remove the folder")
+    return classes
+
+
+def _csv_candidates(root: Path) -> list[Path]:
+    return [root / "val" / FLAT_CSV, root / FLAT_CSV] + [p / FLAT_CSV for p in list(root.resolve().parents)[:3]]
+
+
+def _val_layout(root: Path) -> tuple[str, Path | None]:
+    """``("folders", None)``, ``("tiny", annotations file)`` or ``("flat", csv file)``; anything else is an error
+    that lists every accepted layout."""
+    val = root / "val"
+    if (val / "images").is_dir() and (val / "val_annotations.txt").is_file():
+        return "tiny", val / "val_annotations.txt"
+    entries = list(os.scandir(val))
+    if any(e.is_file() and _is_image(e.name) for e in entries):
+        for csv_path in _csv_candidates(root):
+            if csv_path.is_file():
+                return "flat", csv_path
+        raise DataLayoutError(f"{val} holds images directly (ImageNet's flat val) but there is no {FLAT_CSV} in "
+                              f"{', '.join(str(p.parent) for p in _csv_candidates(root))} to label them. Accepted "
+                              f"layouts: {LAYOUT}")
+    if any(e.is_dir() for e in entries):
+        return "folders", None
+    raise DataLayoutError(f"{val} holds neither class folders nor images. Accepted layouts: {LAYOUT}")
+
+
+def _flat_val_csv(root: Path) -> Path | None:
+    kind, path = _val_layout(root)
+    return path if kind == "flat" else None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataFileError(f"cannot read {path} ({type(e).__name__}: {e})") from None
+
+
+def _flat_val_samples(val: Path, csv_path: Path, classes) -> list[tuple[Path, str]]:
+    """``(image path, synset)`` of every image of a flat val folder, sorted by file name. Every image must have
+    exactly one row in the CSV and every row's synset must be a train class."""
+    import csv
+
+    images = {os.path.splitext(e.name)[0]: e.name for e in os.scandir(val) if e.is_file() and _is_image(e.name)}
+    rows = list(csv.reader(_read_text(csv_path).splitlines()))
+    if not rows or [c.strip() for c in rows[0][:2]] != ["ImageId", "PredictionString"]:
+        raise DataFileError(f"{csv_path}: the first line must be the header ImageId,PredictionString (Kaggle's "
+                            f"{FLAT_CSV}), got {','.join(rows[0]) if rows else 'an empty file'!r}")
+    labels: dict[str, str] = {}
+    for n, row in enumerate(rows[1:], start=2):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 2 or not row[1].split():
+            raise DataFileError(f"{csv_path}:{n}: expected ImageId,PredictionString with the synset first, got "
+                                f"{','.join(row)!r}")
+        image_id, synset = row[0].strip(), row[1].split()[0]
+        if synset not in classes:
+            raise DataFileError(f"{csv_path}:{n}: synset {synset} of {image_id} is not one of the "
+                                f"{len(classes)} class folders of {val.parent / 'train'}")
+        if image_id in labels:
+            raise DataFileError(f"{csv_path}:{n}: {image_id} is listed twice")
+        if image_id not in images:
+            raise DataFileError(f"{csv_path}:{n}: no image {image_id}.JPEG (or another image type) in {val}")
+        labels[image_id] = synset
+    unlabelled = sorted(set(images) - set(labels))
+    if unlabelled:
+        raise DataFileError(f"{len(unlabelled)} image(s) of {val} have no row in {csv_path} (first: "
+                            f"{images[unlabelled[0]]}): use the CSV that belongs to these images")
+    return [(val / images[i], labels[i]) for i in sorted(labels, key=lambda i: images[i])]
+
+
+def _tiny_val_check(images_dir: Path, ann: Path, classes) -> None:
+    present = {e.name for e in os.scandir(images_dir) if e.is_file()} if images_dir.is_dir() else set()
+    n_rows = 0
+    for n, line in enumerate(_read_text(ann).splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2:
+            raise DataFileError(f"{ann}:{n}: expected <image> TAB <class> ..., got {line!r}")
+        if parts[1] not in classes:
+            raise DataFileError(f"{ann}:{n}: class {parts[1]} of {parts[0]} is not one of the {len(classes)} class "
+                                f"folders of {images_dir.parent.parent / 'train'}")
+        if parts[0] not in present:
+            raise DataFileError(f"{ann}:{n}: no image {images_dir / parts[0]}")
+        n_rows += 1
+    if n_rows == 0:
+        raise DataFileError(f"{ann} labels no image; expected one '<image> TAB <class> ...' line per image")
+
+
+def _scan(root: Path) -> str:
+    """Check the layout under ``root`` (see :data:`LAYOUTS`) and return the validation layout's kind."""
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataLayoutError(f"no folder {root / split}. Accepted layouts: {LAYOUT}")
+    classes = _class_folders(root / "train")
+    kind, path = _val_layout(root)
+    if kind == "folders":
+        val_classes = _class_folders(root / "val")
+        if val_classes != classes:
+            only_t, only_v = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
+            raise DataLayoutError(f"the class folders of {root / 'val'} differ from those of {root / 'train'} "
+                                  f"(only in train: {', '.join(only_t[:5]) or '-'}; only in val: "
+                                  f"{', '.join(only_v[:5]) or '-'})")
+    elif kind == "tiny":
+        _tiny_val_check(root / "val" / "images", path, set(classes))
+    else:
+        _flat_val_samples(root / "val", path, set(classes))
+    return kind
+
+
+class _FlatValFolder(_AnnotatedFolder):
+    """ImageNet's flat validation folder (``val/<ImageId>.JPEG``) labelled by Kaggle's ``LOC_val_solution.csv``;
+    reads images as :class:`_AnnotatedFolder` does."""
+
+    def __init__(self, folder: Path, csv_path: Path, class_to_idx: dict[str, int], transform, image_fn=None):
+        from torchvision.datasets.folder import default_loader
+
+        self.image_fn = image_fn
+        self.loader = default_loader
+        self.samples = [(path, class_to_idx[s]) for path, s in _flat_val_samples(folder, csv_path, class_to_idx)]
+        self.targets = [t for _, t in self.samples]
+        self.transform = transform
+
+
+def write_imagenet_flat_val(root, num_classes: int = 3, per_class: int = 3, val_per_class: int = 2, size: int = 32,
+                            seed: int = 0, kaggle: bool = False) -> Path:
+    """Write a tiny ImageNet with the flat validation layout of Kaggle's ImageNet download, real JPEG files:
+    ``train/<synset>/<synset>_<i>.JPEG``, ``val/ILSVRC2012_val_<8 digits>.JPEG`` (numbered in a shuffled class
+    order) and ``LOC_val_solution.csv`` (header ``ImageId,PredictionString``; per image its synset followed by
+    a box ``x_min y_min x_max y_max``, rows in another shuffled order). Images are class-coloured noise.
+
+    Returns the dataset root: ``root`` with the CSV in it, or with ``kaggle=True`` ``root/ILSVRC/Data/CLS-LOC``
+    with the CSV at ``root`` (where the Kaggle archive puts it).
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    top = Path(root)
+    data = top / "ILSVRC" / "Data" / "CLS-LOC" if kaggle else top
+    synsets = [f"n{1440764 + 1013 * c:08d}" for c in range(num_classes)]
+
+    def image(c: int) -> Image.Image:
+        color = np.array([(60 * c) % 255, (120 + 50 * c) % 255, (200 - 30 * c) % 255], dtype=np.float32)
+        return Image.fromarray(np.clip(color + rng.normal(0, 20, size=(size, size, 3)), 0, 255).astype(np.uint8))
+
+    for c, syn in enumerate(synsets):
+        (data / "train" / syn).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image(c).save(data / "train" / syn / f"{syn}_{i}.JPEG", format="JPEG", quality=90)
+    (data / "val").mkdir(parents=True, exist_ok=True)
+    order = rng.permutation(np.repeat(np.arange(num_classes), val_per_class))
+    rows = []
+    for k, c in enumerate(order, start=1):
+        image_id = f"ILSVRC2012_val_{k:08d}"
+        image(int(c)).save(data / "val" / f"{image_id}.JPEG", format="JPEG", quality=90)
+        x0, y0 = (int(v) for v in rng.integers(0, size // 2, size=2))
+        x1, y1 = (int(v) for v in rng.integers(size // 2 + 1, size, size=2))
+        rows.append(f"{image_id},{synsets[int(c)]} {x0} {y0} {x1} {y1} ")
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    (top / FLAT_CSV).write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    return data
