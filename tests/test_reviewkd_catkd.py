@@ -242,7 +242,7 @@ def test_binarize_cams():
 
 def test_catkd_method():
     shapes = {("student", "cam"): [(10, 4, 4)], ("teacher", "cam"): [(10, 8, 8)]}
-    m = CATKD(_ctx(shapes), beta=3.0, resolution=2)
+    m = CATKD(_ctx(shapes), beta=3.0, resolution=2, student_bias=True)
     assert m.taps().student == ("cam",) and m.taps().teacher == ("cam",) and m.heterogeneous
     assert m.task_loss_weight == 1.0
     cs = torch.randn(2, 10, 4, 4, requires_grad=True)
@@ -254,8 +254,40 @@ def test_catkd_method():
     out["loss_cat"].backward()
     assert cs.grad is not None and cs.grad.abs().sum() > 0
     assert CATKD(_ctx(shapes), only_cat=True).task_loss_weight == 0.0
-    assert CATKD(_ctx(shapes), ce_weight=0.5).task_loss_weight == 0.5
+    assert CATKD(_ctx(shapes), ce_weight=0.5, student_bias=True).task_loss_weight == 0.5
     defaults = CATKD.check_params({})
     assert (defaults["beta"], defaults["resolution"], defaults["normalize"]) == (15.0, 2, False)
+    assert defaults["student_bias"] is False
     with pytest.raises(ValueError, match="beta"):
         CATKD.check_params({"cam_resolution": 4})
+
+
+def test_catkd_default_student_ce_is_bias_free():
+    """docs/methods.md §5: the student is trained in the bias-free CAM form, logits = GAP(CAM), no FC bias."""
+    shapes = {("student", "cam"): [(2, 2, 2)], ("teacher", "cam"): [(2, 2, 2)]}
+    m = CATKD(_ctx(shapes, k=2), beta=1.0, ce_weight=0.5)
+    assert m.task_loss_weight == 0.0  # the harness's CE on the biased logits is off
+    # class 0's CAM is 0 everywhere, class 1's averages ln 3 -> bias-free logits (0, ln 3), p = (1/4, 3/4)
+    cam_s = torch.zeros(1, 2, 2, 2)
+    cam_s[0, 1] = torch.tensor([[0.0, 2 * math.log(3)], [math.log(3), math.log(3)]])
+    cam_s.requires_grad_(True)
+    bias = torch.tensor([5.0, -5.0])  # the student's FC bias: must not enter the CE
+    s = Outputs(logits=cam_s.mean((2, 3)) + bias, feats={"cam": [cam_s]})
+    t = Outputs(logits=None, feats={"cam": [cam_s.detach().clone()]})
+    y = torch.tensor([1])
+    out = m(s, t, Batch(inputs=None, targets=y, epoch=1, step=0, epochs=1, steps_per_epoch=1))
+    assert set(out) == {"loss_cat", "loss_ce"}
+    assert out["loss_cat"].item() == 0.0
+    assert out["loss_ce"].item() == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
+    out["loss_ce"].backward()
+    assert cam_s.grad.abs().sum() > 0
+    # the task's own loss is used when the context has one
+    seen = []
+    ctx = _ctx(shapes, k=2)
+    ctx.task_loss = lambda o, tg: seen.append(o.logits.detach()) or o.logits.sum() * 0 + 7.0
+    out = CATKD(ctx, ce_weight=2.0)(s, t, Batch(inputs=None, targets=y, epoch=1, step=0, epochs=1, steps_per_epoch=1))
+    assert out["loss_ce"].item() == pytest.approx(14.0)
+    assert torch.allclose(seen[0], torch.tensor([[0.0, math.log(3)]]))
+    # only_cat: no CE at all; student_bias: the harness's CE instead
+    assert set(CATKD(_ctx(shapes, k=2), only_cat=True)(s, t, _batch(n=1, k=2))) == {"loss_cat"}
+    assert set(CATKD(_ctx(shapes, k=2), student_bias=True)(s, t, _batch(n=1, k=2))) == {"loss_cat"}
