@@ -1,4 +1,4 @@
-"""ReviewKD (METHODS.md §4) and CAT-KD (METHODS.md §5): losses by hand, ABF structure, method wiring."""
+"""ReviewKD (docs/methods.md §4) and CAT-KD (docs/methods.md §5): losses by hand, ABF structure, method wiring."""
 
 from __future__ import annotations
 
@@ -140,7 +140,8 @@ T_STAGES = [(12, 8, 8), (24, 4, 4), (48, 2, 2)]
 
 
 def _rkd_shapes(t_stages=T_STAGES):
-    return {("student", "stages"): S_STAGES, ("student", "stages_preact"): S_STAGES, ("student", "pooled"): [(32,)],
+    return {("student", "stages"): S_STAGES, ("student", "stages_preact"): S_STAGES,
+            ("student", "stages_raw"): S_STAGES, ("student", "pooled"): [(32,)],
             ("teacher", "stages"): t_stages, ("teacher", "stages_preact"): t_stages, ("teacher", "pooled"): [(48,)]}
 
 
@@ -153,21 +154,21 @@ def _outputs(stages, pooled_c, tap, grad=False, n=2, k=10):
 def test_reviewkd_wiring_loss_and_grads():
     torch.manual_seed(0)
     m = ReviewKD(_ctx(_rkd_shapes()), weight=2.0, warmup_epochs=20)
-    assert m.taps().student == ("stages", "pooled") and m.taps().teacher == ("stages_preact", "pooled")
+    assert m.taps().student == ("stages_raw", "pooled") and m.taps().teacher == ("stages_preact", "pooled")
     assert m.fusion.mid == 32
     assert [a.conv2[0].out_channels for a in m.fusion.abfs] == [12, 24, 48, 48]
     assert m.task_loss_weight == 1.0
-    s = _outputs(S_STAGES, 32, "stages", grad=True)
+    s = _outputs(S_STAGES, 32, "stages_raw", grad=True)
     t = _outputs(T_STAGES, 48, "stages_preact")
     out = m(s, t, _batch(epoch=40))
     assert set(out) == {"loss_reviewkd"}
     loss = out["loss_reviewkd"]
     assert loss.dim() == 0 and torch.isfinite(loss)
-    expected = 2.0 * hcl_loss(m.fusion(s["stages"] + [s["pooled"][0][:, :, None, None]]),
+    expected = 2.0 * hcl_loss(m.fusion(s["stages_raw"] + [s["pooled"][0][:, :, None, None]]),
                               t["stages_preact"] + [t["pooled"][0][:, :, None, None]])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()
-    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in s["stages"] + s["pooled"])
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in s["stages_raw"] + s["pooled"])
     for abf in m.fusion.abfs:
         assert abf.conv1[0].weight.grad is not None and abf.conv2[0].weight.grad.abs().sum() > 0
         if abf.att_conv is not None:
@@ -178,7 +179,7 @@ def test_reviewkd_warmup_factor():
     torch.manual_seed(0)
     m = ReviewKD(_ctx(_rkd_shapes()), warmup_epochs=20)
     assert [m.warmup_factor(e) for e in (1, 10, 20, 35)] == [0.05, 0.5, 1.0, 1.0]
-    s, t = _outputs(S_STAGES, 32, "stages"), _outputs(T_STAGES, 48, "stages_preact")
+    s, t = _outputs(S_STAGES, 32, "stages_raw"), _outputs(T_STAGES, 48, "stages_preact")
     full = m(s, t, _batch(epoch=20))["loss_reviewkd"].item()
     assert m(s, t, _batch(epoch=1))["loss_reviewkd"].item() == pytest.approx(full / 20, rel=1e-5)
     assert m(s, t, _batch(epoch=100))["loss_reviewkd"].item() == pytest.approx(full, rel=1e-5)
@@ -191,8 +192,53 @@ def test_reviewkd_tap_options_and_stage_count_mismatch():
     t4 = [(6, 16, 16)] + T_STAGES
     m = ReviewKD(_ctx(_rkd_shapes(t4)))
     assert m.n_stages == 3 and len(m.fusion.abfs) == 4
-    loss = m(_outputs(S_STAGES, 32, "stages"), _outputs(t4, 48, "stages_preact"), _batch(epoch=20))["loss_reviewkd"]
+    loss = m(_outputs(S_STAGES, 32, "stages_raw"), _outputs(t4, 48, "stages_preact"),
+             _batch(epoch=20))["loss_reviewkd"]
     assert torch.isfinite(loss)
+
+
+def test_reviewkd_wrn_student_taps_are_the_raw_residual_sums():
+    """As mdistiller's ReviewKD: a WRN student feeds the ABFs its raw residual sums (not relu(bn(sum))), the
+    teacher gives bn(sum) (its pre-activations)."""
+    from kdbench.models.sources import build_model
+
+    torch.manual_seed(0)
+    student = build_model("kdbench:wrn_16_1", num_classes=10, in_chans=3).train()
+    teacher = build_model("kdbench:wrn_16_2", num_classes=10, in_chans=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+
+    def probe(side, tap):
+        return [tuple(f.shape[1:]) for f in {"student": student, "teacher": teacher}[side](x, (tap,))[tap]]
+
+    ctx = Context(task="classification", num_classes=10, epochs=1, steps_per_epoch=1, dataset_size=2, probe=probe)
+    m = ReviewKD(ctx)
+    s_out = student(x, m.taps().student)
+    with torch.no_grad():
+        net = student.net
+        r1 = net.block1(net.conv1(x))
+        raws = [r1, net.block2(r1)]
+        raws.append(net.block3(raws[-1]))
+        t_out = teacher(x, m.taps().teacher)
+        t1 = teacher.net.block1(teacher.net.conv1(x))
+    for got, raw in zip(s_out[m.student_tap], raws):
+        torch.testing.assert_close(got, raw)
+    torch.testing.assert_close(t_out[m.teacher_tap][0], teacher.net.block2.layer[0].bn1(t1))
+    assert torch.isfinite(m(s_out, t_out, _batch(epoch=1))["loss_reviewkd"])
+
+
+def test_reviewkd_check_pair():
+    """teacher_preact/student_preact need kdbench CIFAR models; refused at validate time on timm/torchvision."""
+    ReviewKD.check_pair({}, "kdbench:wrn_40_2", "kdbench:wrn_16_2")
+    ReviewKD.check_pair({"teacher_preact": False}, "timm:resnet18", "kdbench:resnet8x4")
+    ReviewKD.check_pair({"teacher_preact": False}, "torchvision:resnet34", "torchvision:resnet18")
+    with pytest.raises(ValueError, match=r"teacher_preact=true .*'timm:resnet18'.*set teacher_preact: false"):
+        ReviewKD.check_pair({}, "timm:resnet18", "kdbench:resnet8x4")
+    with pytest.raises(ValueError, match=r"teacher_preact.*'torchvision:resnet34'"):
+        ReviewKD.check_pair({"teacher_preact": True}, "torchvision:resnet34", "torchvision:resnet18")
+    with pytest.raises(ValueError, match=r"student_preact=true .*student 'timm:resnet18'"):
+        ReviewKD.check_pair({"student_preact": True}, "kdbench:resnet32x4", "timm:resnet18")
+    # the base contract: every other method accepts every pair
+    CATKD.check_pair({}, "timm:resnet18", "torchvision:resnet18")
 
 
 def test_reviewkd_check_params():

@@ -222,6 +222,9 @@ class SmpSource(Source):
     def names(self) -> list[str]:
         return smp_names()
 
+    def semantic_taps(self, name: str) -> tuple[str, ...]:
+        return SEGMENTATION_TAPS
+
     def check(self, name: str) -> None:
         if name not in smp_names():
             raise _unknown(self.prefix, name, smp_names())

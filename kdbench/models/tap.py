@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from kdbench.method import Outputs
 
-SEMANTIC_TAPS = ("stages", "stages_preact", "final", "pooled", "cam", "logits")
+SEMANTIC_TAPS = ("stages", "stages_preact", "stages_raw", "final", "pooled", "cam", "logits")
 
 
 @contextlib.contextmanager
@@ -130,7 +130,7 @@ class TapModel(nn.Module):
 class KdbenchCifar(TapModel):
     """kdbench's CIFAR-style nets: ``net.forward_taps(x)`` returns every semantic tap in one pass."""
 
-    supported = ("logits", "stages", "stages_preact", "final", "pooled", "cam")
+    supported = ("logits", "stages", "stages_preact", "stages_raw", "final", "pooled", "cam")
 
     @property
     def classifier(self):
@@ -165,11 +165,12 @@ def stage_indices(n_feats: int, n_stages: int = 4) -> list[int]:
 
 class TimmModel(TapModel):
     """Any timm model. Stages come from ``forward_intermediates`` (NCHW for CNN, ViT, Swin and MLP models:
-    token models are reshaped on their patch grid, prefix tokens dropped). ``final`` is the last stage map,
+    token models are reshaped on their patch grid, prefix tokens dropped); ``stages_raw`` is the same list (the
+    stage outputs as the network computes them). ``final`` is the last stage map,
     ``pooled`` the pre-logits feature, ``cam`` the classifier weights over ``final`` (for token models that pool a
     class token this is an approximation of a CAM)."""
 
-    supported = ("logits", "stages", "final", "pooled", "cam")
+    supported = ("logits", "stages", "stages_raw", "final", "pooled", "cam")
 
     @property
     def classifier(self):
@@ -215,20 +216,23 @@ class TimmModel(TapModel):
             return self.net(x), {}
         idx = self._stage_idx()
         final, inter = self.net.forward_intermediates(x, indices=idx)
-        feats = {"stages": list(inter), "final": [inter[-1]]}
+        feats = {"stages": list(inter), "stages_raw": list(inter), "final": [inter[-1]]}
         feats["pooled"] = [self.net.forward_head(final, pre_logits=True)]
         logits = self.net.forward_head(final)
         return logits, {k: v for k, v in feats.items() if k in self.wanted_semantic(wanted)}
 
 
+RESNET_TAPS = ("logits", "stages", "stages_raw", "final", "pooled", "cam")
+
+
 class TorchvisionModel(TapModel):
-    """torchvision classifiers. ResNet-family models provide stages (``layer1..4``), final, pooled and cam;
-    others provide logits and ``module:<path>`` taps."""
+    """torchvision classifiers. ResNet-family models provide stages (``layer1..4``; ``stages_raw`` is the same
+    list), final, pooled and cam; others provide logits and ``module:<path>`` taps."""
 
     def __init__(self, net, name):
         super().__init__(net, name)
         self._resnet = all(hasattr(net, a) for a in ("layer1", "layer2", "layer3", "layer4", "fc"))
-        self.supported = ("logits", "stages", "final", "pooled", "cam") if self._resnet else ("logits",)
+        self.supported = RESNET_TAPS if self._resnet else ("logits",)
 
     @property
     def classifier(self):
@@ -245,7 +249,7 @@ class TorchvisionModel(TapModel):
             stages.append(h)
         pooled = torch.flatten(n.avgpool(h), 1)
         logits = n.fc(pooled)
-        feats = {"stages": stages, "final": [h], "pooled": [pooled]}
+        feats = {"stages": stages, "stages_raw": stages, "final": [h], "pooled": [pooled]}
         return logits, {k: v for k, v in feats.items() if k in self.wanted_semantic(wanted)}
 
     def tap_modules(self, tap):
