@@ -312,3 +312,31 @@ def test_kdbench_source_wrapper():
     assert [tuple(s.shape[1:]) for s in out["stages"]] == [(64, 8, 8), (128, 4, 4), (256, 2, 2)]
     assert tuple(out["cam"][0].shape) == (2, 10, 2, 2)
     assert model.tap_modules("stages") == model.net.stage_modules()
+
+
+def test_capture_module_taps_is_the_one_hook_mechanism():
+    """``module:<path>`` taps of every TapModel go through ``capture_module_taps``: the (last) output of the
+    submodule in the forward, as a list; hooks are removed afterwards, also when the forward fails."""
+    from kdbench.models.sources import build_model
+    from kdbench.models.tap import capture_module_taps, tensor_list
+
+    model = build_model("kdbench:resnet8", num_classes=10, in_chans=3).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = model(x, taps=("module:layer2", "module:fc", "stages_preact"))
+    assert torch.equal(out["module:layer2"][0], out["stages_preact"][1])  # layerK holds the pre-ReLU stage output
+    torch.testing.assert_close(out["module:fc"][0], out.logits)
+    layer = model.net.layer2
+    assert not layer._forward_hooks
+    with pytest.raises(RuntimeError):
+        with capture_module_taps(model.net, ["module:layer2", "stages"]) as captured:
+            assert len(layer._forward_hooks) == 1
+            model.net(torch.randn(2, 5, 8, 8))  # wrong channel count: the forward fails
+    assert not layer._forward_hooks and captured == {}
+    with capture_module_taps(model.net, ["module:layer2"]) as captured:
+        pass  # the submodule never ran: no entry
+    assert captured == {}
+    with pytest.raises(ValueError, match="no submodule 'layer9'"):
+        model(x, taps=("module:layer9",))
+    t = torch.zeros(1)
+    assert tensor_list(t)[0] is t and tensor_list((t, t)) == [t, t] and tensor_list({"a": t, "b": t}) == [t, t]

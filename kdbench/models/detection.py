@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from kdbench.method import Outputs
-from kdbench.models.tap import TapModel, _get_module
+from kdbench.models.tap import MODULE_PREFIX, TapModel, capture_module_taps, record_outputs
 
 DETECTORS = ("fasterrcnn", "retinanet", "fcos")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d", "resnext101_64x4d")
@@ -213,28 +213,19 @@ class DetectorModel(TapModel):
     def _regression_only(self, levels: list[Tensor]) -> list[Tensor]:
         if self.kind == "fasterrcnn":
             return list(self.net.rpn.head(levels)[1])
-        regs: list[Tensor] = []
-        h = self.net.head.regression_head.bbox_reg.register_forward_hook(lambda _m, _i, out: regs.append(out))
-        try:
+        with record_outputs(self.net.head.regression_head.bbox_reg) as regs:
             self.net.head.regression_head(levels)
-        finally:
-            h.remove()
         return regs
 
     def _heads(self, images, feats: OrderedDict, want_reg: bool) -> tuple[dict, list[Tensor]]:
         levels = list(feats.values())
-        regs: list[Tensor] = []
         if self.kind == "fasterrcnn":
             objectness, deltas = self.net.rpn.head(levels)
             anchors = self.net.rpn.anchor_generator(images, levels)
             return {"objectness": objectness, "deltas": deltas, "anchors": anchors}, list(deltas)
-        hook = (self.net.head.regression_head.bbox_reg.register_forward_hook(lambda _m, _i, out: regs.append(out))
-                if want_reg else None)
-        try:
+        recorder = record_outputs(self.net.head.regression_head.bbox_reg) if want_reg else contextlib.nullcontext([])
+        with recorder as regs:
             head = self.net.head(levels)
-        finally:
-            if hook is not None:
-                hook.remove()
         anchors = self.net.anchor_generator(images, levels)
         return {"head": head, "anchors": anchors, "hw": [x.size(2) * x.size(3) for x in levels]}, regs
 
@@ -294,19 +285,12 @@ class DetectorModel(TapModel):
             images = images.to(dev)
         wanted = set(taps)
         self.check_taps(sorted(wanted))
-        module_taps = sorted(t for t in wanted if t.startswith("module:"))
-        captured: dict[str, Any] = {}
-        handles = []
-        for tap in module_taps:
-            def hook(_m, _i, out, _tap=tap):
-                captured[_tap] = out
-
-            handles.append(_get_module(self.net, tap[len("module:"):]).register_forward_hook(hook))
-        head_modules = [t for t in module_taps if not t[len("module:"):].startswith("backbone")]
+        head_modules = [t for t in wanted if t.startswith(MODULE_PREFIX)
+                        and not t[len(MODULE_PREFIX):].startswith("backbone")]
         full = targets is not None or detect or not wanted or bool(head_modules)
         feats_out: dict[str, list[Tensor]] = {}
         extras: dict[str, Any] = {}
-        try:
+        with capture_module_taps(self.net, wanted) as captured:
             feats = self.backbone_fpn(images)
             levels = list(feats.values())
             if "fpn" in wanted:
@@ -324,12 +308,6 @@ class DetectorModel(TapModel):
                         extras["detections"] = self._detect(images, feats, st)
             elif "reg" in wanted:
                 feats_out["reg"] = self._regression_only(levels)
-        finally:
-            for h in handles:
-                h.remove()
-        for tap, out in captured.items():
-            if isinstance(out, dict):
-                out = list(out.values())
-            feats_out[tap] = list(out) if isinstance(out, (list, tuple)) else [out]
+        feats_out.update(captured)
         extras["image_sizes"] = list(images.image_sizes)
         return Outputs(logits=None, feats=feats_out, extras=extras)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,42 @@ def _get_module(net: nn.Module, path: str) -> nn.Module:
         raise ValueError(f"no submodule {path!r}; some valid paths: {', '.join(names)}") from None
 
 
+MODULE_PREFIX = "module:"
+
+
+@contextlib.contextmanager
+def record_outputs(module: nn.Module) -> Iterator[list]:
+    """Within the context, the output of every forward of ``module`` is appended to the yielded list."""
+    outs: list = []
+    handle = module.register_forward_hook(lambda _m, _inp, out: outs.append(out))
+    try:
+        yield outs
+    finally:
+        handle.remove()
+
+
+def tensor_list(out: Any) -> list[Tensor]:
+    """A module output as a tap's list of tensors: a tensor ``[t]``, a list/tuple as a list, a dict (e.g. an FPN's
+    ``OrderedDict``) its values in order."""
+    if isinstance(out, dict):
+        out = list(out.values())
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+@contextlib.contextmanager
+def capture_module_taps(net: nn.Module, taps: Iterable[str]) -> Iterator[dict[str, list[Tensor]]]:
+    """The ``module:<path>`` taps among ``taps``, captured with forward hooks on ``net``'s submodules (an unknown
+    path is an error naming valid ones). The yielded dict is filled when the context exits without error:
+    tap -> :func:`tensor_list` of the submodule's (last) output in the context; a submodule that did not run
+    is left out. Every TapModel's ``forward`` captures its ``module:`` taps this way."""
+    captured: dict[str, list[Tensor]] = {}
+    with contextlib.ExitStack() as stack:
+        recorded = {tap: stack.enter_context(record_outputs(_get_module(net, tap[len(MODULE_PREFIX):])))
+                    for tap in sorted(set(taps)) if tap.startswith(MODULE_PREFIX)}
+        yield captured
+    captured.update({tap: tensor_list(outs[-1]) for tap, outs in recorded.items() if outs})
+
+
 class TapModel(nn.Module):
     """Wraps a network. ``forward(x, taps)`` -> ``Outputs`` with ``logits`` and ``feats[tap]`` (lists of tensors).
 
@@ -76,23 +112,9 @@ class TapModel(nn.Module):
 
     def forward(self, x: Tensor, taps: Sequence[str] = ()) -> Outputs:
         wanted = set(taps)
-        captured: dict[str, Tensor] = {}
-        handles = []
-        for tap in wanted:
-            if tap.startswith("module:"):
-                mod = _get_module(self.net, tap[len("module:"):])
-
-                def hook(_m, _i, out, _tap=tap):
-                    captured[_tap] = out
-
-                handles.append(mod.register_forward_hook(hook))
-        try:
-            logits, feats = self._semantic(x, {t for t in wanted if not t.startswith("module:")})
-        finally:
-            for h in handles:
-                h.remove()
-        for tap, out in captured.items():
-            feats[tap] = list(out) if isinstance(out, (list, tuple)) else [out]
+        with capture_module_taps(self.net, wanted) as captured:
+            logits, feats = self._semantic(x, {t for t in wanted if not t.startswith(MODULE_PREFIX)})
+        feats.update(captured)
         if "logits" in wanted:
             feats["logits"] = [logits]
         if "cam" in wanted and "cam" not in feats:
