@@ -87,6 +87,17 @@ def _init_reference(net: nn.Module, linear: str) -> None:
                 nn.init.zeros_(m.bias)
 
 
+def _run_stages(h: Tensor, layers, acts) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Run each stage (``layers``) on ``h`` followed by its own ReLU module (``acts``):
+    ``(pre-ReLU outputs, outputs, last output)``."""
+    preacts, stages = [], []
+    for layer, act in zip(layers, acts):
+        preacts.append(layer(h))
+        h = act(preacts[-1])
+        stages.append(h)
+    return preacts, stages, h
+
+
 class CifarNet(nn.Module):
     """Base class: subclasses build ``self.fc`` and implement ``_trunk(x) -> (preacts, stages, final)``.
 
@@ -200,13 +211,7 @@ class CifarResNet(CifarNet):
 
     def _trunk(self, x):
         h = self.relu(self.bn1(self.conv1(x)))
-        preacts, stages = [], []
-        for layer, act in zip((self.layer1, self.layer2, self.layer3), self.stage_relus):
-            pre = layer(h)
-            h = act(pre)
-            preacts.append(pre)
-            stages.append(h)
-        return preacts, stages, h
+        return _run_stages(h, (self.layer1, self.layer2, self.layer3), self.stage_relus)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,13 +286,7 @@ class ResNetV2(CifarNet):
 
     def _trunk(self, x):
         h = F.relu(self.bn1(self.conv1(x)))
-        preacts, stages = [], []
-        for layer, act in zip((self.layer1, self.layer2, self.layer3, self.layer4), self.stage_relus):
-            pre = layer(h)
-            h = act(pre)
-            preacts.append(pre)
-            stages.append(h)
-        return preacts, stages, h
+        return _run_stages(h, (self.layer1, self.layer2, self.layer3, self.layer4), self.stage_relus)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -597,13 +596,7 @@ class ShuffleNetV1(CifarNet):
 
     def _trunk(self, x):
         h = F.relu(self.bn1(self.conv1(x)))
-        preacts, stages = [], []
-        for layer, act in zip((self.layer1, self.layer2, self.layer3), self.stage_relus):
-            pre = layer(h)
-            h = act(pre)
-            preacts.append(pre)
-            stages.append(h)
-        return preacts, stages, h
+        return _run_stages(h, (self.layer1, self.layer2, self.layer3), self.stage_relus)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -695,12 +688,7 @@ class ShuffleNetV2(CifarNet):
 
     def _trunk(self, x):
         h = F.relu(self.bn1(self.conv1(x)))
-        preacts, stages = [], []
-        for layer, act in zip((self.layer1, self.layer2, self.layer3), self.stage_relus):
-            pre = layer(h)
-            h = act(pre)
-            preacts.append(pre)
-            stages.append(h)
+        preacts, stages, h = _run_stages(h, (self.layer1, self.layer2, self.layer3), self.stage_relus)
         return preacts, stages, F.relu(self.bn2(self.conv2(h)))
 
 

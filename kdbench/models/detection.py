@@ -8,7 +8,7 @@ classes) exactly as torchvision's ``*_resnet50_fpn`` builders do, so ``retinanet
 load as teachers (``weights: PATH``; with ``data.label_mode: category_id``, as those checkpoints predict COCO
 category ids with 91 classes).
 
-Decisions (not settled by DESIGN.md/METHODS.md):
+Decisions (not settled by DESIGN.md or docs/methods.md):
 
 * **Input pipeline outside the model.** Resizing (``min_size``/``max_size``), normalisation and padding are done
   once by the data pipeline (``kdbench.data.coco``, data options), and the models receive the padded batch as a

@@ -29,9 +29,9 @@ Forward (ours, not smp's ``forward``): encoder → decoder → the head's conv g
 use ``align_corners=True``) to the input size. Taps:
 
 * ``"stages"``: the encoder stages that exist (ResNet ``layer1..layer4``, i.e. ``backbone.layer1..4``);
-* ``"final"``: the last stage (``layer4``: FreeKD's and PKD's segmentation tap, METHODS.md §7.3, §11 #11);
+* ``"final"``: the last stage (``layer4``: FreeKD's and PKD's segmentation tap, docs/methods.md §7.3, §11 #11);
 * ``"logits"``: the coarse logits ``N×K×h×w`` of the head's last conv, *before* upsampling: mmrazor's CWD
-  records ``decode_head.conv_seg`` outputs, i.e. at 1/8 resolution (METHODS.md §2);
+  records ``decode_head.conv_seg`` outputs, i.e. at 1/8 resolution (docs/methods.md §2);
 * ``"module:<path>"``: any submodule of the network.
 
 ``tap_modules`` serves the same taps for edits in the forward (FreeKD/AFP stage 1 on a teacher).
