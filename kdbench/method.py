@@ -10,7 +10,8 @@ Tap names (resolved by the task for each model; each value is a *list* of tensor
 
 * ``"stages"``: the output of every stage (CNN stages, ViT/Swin/MLP blocks grouped into stages,
   reshaped to ``N×C×h×w``); ``"stages_preact"``: the same before the stage's last ReLU, where the model
-  has one (kdbench CIFAR nets); ``"final"``: the last feature map, the input of global pooling;
+  has one (kdbench CIFAR nets); ``"stages_raw"``: the stages as the reference implementation returns them
+  (the raw residual sums of pre-activation WRNs, else the same as ``"stages"``); ``"final"``: the last feature map, the input of global pooling;
   ``"pooled"``: the pooled feature ``N×C``; ``"cam"``: class activation maps ``N×K×h×w`` from the
   classifier weights without bias (CAT-KD); ``"fpn"``: FPN levels (detection);
   ``"module:<path>"``: the output of any submodule by its dotted path.
@@ -204,6 +205,12 @@ class Distiller(nn.Module):
                 raise ValueError(f"parameter {name!r} of method {method!r} must be {describe_type(hints[name])}, "
                                  f"got {value!r} ({_type_word(value)})") from None
         return resolved
+
+    @classmethod
+    def check_pair(cls, params: dict[str, Any], teacher_model: str, student_model: str) -> None:
+        """Raise ``ValueError`` with a one-line reason when the method, with ``params`` (as in the suite, not yet
+        resolved over the defaults), cannot work on this teacher/student pair (``SOURCE:NAME`` model names).
+        Called at validate time, before anything is built; the default accepts every pair."""
 
     def extra_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

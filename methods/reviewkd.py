@@ -1,4 +1,4 @@
-"""ReviewKD: Chen, Liu, Zhao, Jia, "Distilling Knowledge via Knowledge Review", CVPR 2021. Spec: METHODS.md §4.
+"""ReviewKD: Chen, Liu, Zhao, Jia, "Distilling Knowledge via Knowledge Review", CVPR 2021. Spec: docs/methods.md §4.
 
 Public API (reused by AFP for its hierarchical feature fusion):
 
@@ -39,7 +39,7 @@ def _spatial(shape: Sequence[int]) -> Size2:
 
 
 def hcl_loss(feats_s: Sequence[Tensor], feats_t: Sequence[Tensor]) -> Tensor:
-    """Hierarchical context loss (METHODS.md §4.3), summed over the pairs ``(o_i, t_i)``.
+    """Hierarchical context loss (docs/methods.md §4.3), summed over the pairs ``(o_i, t_i)``.
 
     For a pair of height ``h``: ``MSE`` at full resolution with weight 1, then ``MSE`` of the
     ``adaptive_avg_pool2d`` to 4×4, 2×2, 1×1 (in that order) for the levels strictly smaller than ``h``,
@@ -74,7 +74,7 @@ def hcl_loss(feats_s: Sequence[Tensor], feats_t: Sequence[Tensor]) -> Tensor:
 
 
 class ABF(nn.Module):
-    """Attention-based fusion block (METHODS.md §4.2).
+    """Attention-based fusion block (docs/methods.md §4.2).
 
     ``x' = BN(Conv1×1_{in→mid, no bias}(x))``; when ``fuse`` (every tap but the deepest), the residual ``y``
     of the deeper ABF is nearest-resized to ``x'``'s resolution and the two are mixed by two sigmoid spatial
@@ -128,7 +128,7 @@ class ABF(nn.Module):
 
 
 class ReviewFusion(nn.Module):
-    """The ABF cascade of METHODS.md §4.2, one ABF per tap.
+    """The ABF cascade of docs/methods.md §4.2, one ABF per tap.
 
     Args (all lists shallow→deep, one entry per tap):
       in_channels: student channels ``C_i``.
@@ -183,12 +183,16 @@ def _as_map(x: Tensor) -> Tensor:
 
 @register_method("reviewkd")
 class ReviewKD(Distiller):
-    """Chen et al., "Distilling Knowledge via Knowledge Review", CVPR 2021. METHODS.md §4.
+    """Chen et al., "Distilling Knowledge via Knowledge Review", CVPR 2021. docs/methods.md §4.
 
     ``L = ce_weight·CE + weight · min(epoch / warmup_epochs, 1) · HCL(ReviewFusion(s), t)`` with
-    student taps = stage outputs (post-ReLU, or pre-ReLU with ``student_preact``) + the pooled feature as
-    ``N×C×1×1``, teacher taps = pre-ReLU stage outputs (``teacher_preact``; post-ReLU ``"stages"`` for models
-    without pre-activation taps) + pooled. Channels and resolutions come from ``ctx.shapes``: fusion shapes are
+    student taps = stage outputs as mdistiller's ``feats`` (the ``"stages_raw"`` tap: post-ReLU stage outputs,
+    and for pre-activation WRNs the raw residual sums, before the next block's BN-ReLU), or pre-ReLU with
+    ``student_preact`` (``"stages_preact"``), + the pooled feature as ``N×C×1×1``; teacher taps = pre-ReLU
+    stage outputs (``teacher_preact``, ``"stages_preact"``; ``teacher_preact=False`` takes post-ReLU
+    ``"stages"``, for models without pre-activation taps) + pooled. Only kdbench CIFAR nets provide
+    ``"stages_preact"``: ``check_pair`` refuses ``teacher_preact``/``student_preact`` on timm/torchvision
+    models at validate time. Channels and resolutions come from ``ctx.shapes``: fusion shapes are
     the student's spatial sizes, output shapes the teacher's, ``mid = min(512, C_pooled_student)``.
     If the two networks have different numbers of stages, the deepest ``min(n_s, n_t)`` of each are paired.
 
@@ -198,8 +202,8 @@ class ReviewKD(Distiller):
 
     tasks = frozenset({"classification"})
     heterogeneous = False
-    citation = "Chen et al., Distilling Knowledge via Knowledge Review, CVPR 2021 (METHODS.md §4)"
-    version = 1
+    citation = "Chen et al., Distilling Knowledge via Knowledge Review, CVPR 2021 (docs/methods.md §4)"
+    version = 2  # 2: student taps "stages_raw" (WRN students: raw residual sums, as mdistiller)
 
     def __init__(
         self,
@@ -217,7 +221,7 @@ class ReviewKD(Distiller):
         self.weight = float(weight)
         self.warmup_epochs = warmup_epochs
         self.task_loss_weight = ce_weight
-        self.student_tap = "stages_preact" if student_preact else "stages"
+        self.student_tap = "stages_preact" if student_preact else "stages_raw"
         self.teacher_tap = "stages_preact" if teacher_preact else "stages"
 
         s_stages = ctx.shapes("student", self.student_tap)
@@ -237,6 +241,16 @@ class ReviewKD(Distiller):
             out_shapes=[_spatial(sh) for sh in t_all],
             mid=min(512, int(s_pooled[0])),
         )
+
+    @classmethod
+    def check_pair(cls, params, teacher_model, student_model):
+        from kdbench.models.sources import model_taps
+
+        for flag, side, model in (("teacher_preact", "teacher", teacher_model),
+                                  ("student_preact", "student", student_model)):
+            if params.get(flag, cls.param_defaults()[flag]) and "stages_preact" not in model_taps(model):
+                raise ValueError(f"reviewkd: {flag}=true needs pre-ReLU stage taps ('stages_preact'), which only "
+                                 f"kdbench: CIFAR models provide, not the {side} {model!r}; set {flag}: false")
 
     def taps(self) -> Taps:
         return Taps(student=(self.student_tap, "pooled"), teacher=(self.teacher_tap, "pooled"))

@@ -1,5 +1,5 @@
 """UHKD: Yu, Pan, Zhang, Guan, Jiang, "Unified framework for heterogeneous knowledge distillation via
-frequency-domain representations", arXiv 2510.24116, 2025. Spec: METHODS.md §10 (every detail [INTERP]).
+frequency-domain representations", arXiv 2510.24116, 2025. Spec: docs/methods.md §10 (every detail [INTERP]).
 
 Only the abstract and figure captions are available; this is the benchmark's convention, not the paper's code:
 
@@ -7,7 +7,8 @@ Only the abstract and figure captions are available; this is the benchmark's con
   real/imaginary parts) → ``fftshift`` → log compression → ``adaptive_avg_pool2d`` to ``grid×grid`` →
   tokens ``N×grid²×C`` → LayerNorm over channels without affine parameters.
 * FAM (student, learnable): the same spectral pipeline, then SCA = ``Linear(C_s→C_t)`` per token and
-  SRA = learnable positional embedding + residual 2-layer GELU MLP ``C_t→C_t→C_t``, then the same LayerNorm.
+  SRA = learnable positional embedding + a 2-layer GELU MLP ``C_t→C_t→C_t`` (``h ← MLP(h)``, the definition;
+  ``sra_residual=True``: ``h ← h + MLP(h)``, version 1's convention), then the same LayerNorm.
 * ``L = ce_weight·CE + alpha·KD_T + beta·Σ_levels MSE(FAM(F^s), FTM(F^t))``.
 """
 
@@ -24,7 +25,7 @@ SPECTRA = ("amplitude", "complex")
 
 
 def spectral_tokens(feat: Tensor, grid: int, spectrum: str = "amplitude") -> Tensor:
-    """The shared spectral pipeline (SRR + flattening of METHODS.md §10), in fp32: ``N×C×h×w -> N×grid²×C'``.
+    """The shared spectral pipeline (SRR + flattening of docs/methods.md §10), in fp32: ``N×C×h×w -> N×grid²×C'``.
 
     * ``amplitude``: ``log1p(fftshift(|FFT2(F, ortho)|))``, ``C' = C``; invariant to circular shifts of ``F``.
     * ``complex``: real and imaginary parts of the shifted spectrum stacked on channels (real first),
@@ -72,11 +73,12 @@ class FAM(nn.Module):
     """Feature Alignment Module (student side, learnable) for one level.
 
     Spectral tokens ``N×grid²×C_s'`` → SCA ``Linear(C_s'→C_t')`` → ``h = h + pos`` (learnable ``grid²×C_t'``,
-    truncated-normal std 0.02) → SRA ``h = h + MLP(h)`` (``Linear→GELU→Linear``, width ``C_t'``) →
-    LayerNorm without affine. ``C' = C`` for amplitude spectra, ``2C`` for complex ones. Runs in fp32.
+    truncated-normal std 0.02) → SRA ``h = MLP(h)`` (``Linear→GELU→Linear``, width ``C_t'``; the plain 2-layer
+    MLP of docs/methods.md §10; with ``residual`` ``h = h + MLP(h)``) → LayerNorm without affine.
+    ``C' = C`` for amplitude spectra, ``2C`` for complex ones. Runs in fp32.
     """
 
-    def __init__(self, c_s: int, c_t: int, grid: int = 7, spectrum: str = "amplitude"):
+    def __init__(self, c_s: int, c_t: int, grid: int = 7, spectrum: str = "amplitude", residual: bool = False):
         super().__init__()
         if spectrum not in SPECTRA:
             raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
@@ -88,30 +90,33 @@ class FAM(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, self.grid * self.grid, c_out))
         nn.init.trunc_normal_(self.pos, std=0.02)
         self.sra = nn.Sequential(nn.Linear(c_out, c_out), nn.GELU(), nn.Linear(c_out, c_out))
+        self.residual = bool(residual)
 
     def forward(self, feat: Tensor) -> Tensor:
         tok = spectral_tokens(feat, self.grid, self.spectrum)
         with no_autocast():
             h = self.sca(tok) + self.pos
-            h = h + self.sra(h)
+            h = h + self.sra(h) if self.residual else self.sra(h)
             return F.layer_norm(h, h.shape[-1:])
 
 
 @register_method("uhkd")
 class UHKD(Distiller):
     """Yu et al., "Unified framework for heterogeneous KD via frequency-domain representations", 2025.
-    METHODS.md §10 ([INTERP] throughout; see the module docstring).
+    docs/methods.md §10 ([INTERP] throughout; see the module docstring).
 
     ``L = ce_weight·CE + alpha·T²·KL(p_t‖p_s) + beta·Σ_levels MSE(FAM_l(F^s_l), FTM(F^t_l))`` over the
     ``"stages"`` taps. When the networks have different stage counts the deepest ``min(n_s, n_t)`` stages of
     each are paired (deepest with deepest). MSE is the mean over batch, tokens and channels.
-    Defaults: ``temperature=4, alpha=1`` (CIFAR; ImageNet T=1), ``beta=1``, ``grid=7``, amplitude spectra.
+    Defaults: ``temperature=4, alpha=1`` (CIFAR; ImageNet T=1), ``beta=1``, ``grid=7``, amplitude spectra,
+    ``sra_residual=False`` (the SRA is the plain 2-layer MLP of §10; ``True`` adds the skip ``h + MLP(h)`` of
+    version 1).
     """
 
     tasks = frozenset({"classification"})
     heterogeneous = True
-    citation = "Yu et al., Unified framework for heterogeneous KD via frequency-domain representations, arXiv 2510.24116, 2025 (METHODS.md §10)"
-    version = 1
+    citation = "Yu et al., Unified framework for heterogeneous KD via frequency-domain representations, arXiv 2510.24116, 2025 (docs/methods.md §10)"
+    version = 2  # 2: plain (non-residual) SRA MLP by default
 
     def __init__(
         self,
@@ -123,6 +128,7 @@ class UHKD(Distiller):
         grid: int = 7,
         spectrum: str = "amplitude",
         ce_weight: float = 1.0,
+        sra_residual: bool = False,
     ):
         super().__init__(ctx)
         if spectrum not in SPECTRA:
@@ -147,7 +153,9 @@ class UHKD(Distiller):
                     raise ValueError(f"uhkd: {side} stage shapes must be (C, H, W), got {tuple(sh)}")
         s_shapes, t_shapes = s_shapes[-self.n_levels:], t_shapes[-self.n_levels:]
         self.ftm = FTM(self.grid, spectrum)
-        self.fams = nn.ModuleList(FAM(ss[0], ts[0], self.grid, spectrum) for ss, ts in zip(s_shapes, t_shapes))
+        self.sra_residual = bool(sra_residual)
+        self.fams = nn.ModuleList(FAM(ss[0], ts[0], self.grid, spectrum, residual=self.sra_residual)
+                                  for ss, ts in zip(s_shapes, t_shapes))
 
     def taps(self) -> Taps:
         return Taps(student=("stages",), teacher=("stages",))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.models.cifar import CIFAR_MODELS, channel_shuffle
+from kdbench.models.cifar import CIFAR_MODELS, WideResNet, channel_shuffle
 
 ALL = sorted(CIFAR_MODELS)
 
@@ -138,7 +138,9 @@ def test_stage_shapes_32(name):
 def _check_taps(net: nn.Module, x: torch.Tensor, k: int) -> dict:
     out = net.forward_taps(x)
     n = x.shape[0]
-    assert set(out) == {"logits", "stages", "stages_preact", "final", "pooled"}
+    assert set(out) == {"logits", "stages", "stages_preact", "stages_raw", "final", "pooled"}
+    if not isinstance(net, WideResNet):
+        assert out["stages_raw"] is out["stages"]  # only pre-activation WRNs have raw stage outputs of their own
     assert tuple(out["logits"].shape) == (n, k)
     assert len(out["stages"]) == len(out["stages_preact"]) >= 3
     c = net.fc.in_features
@@ -173,6 +175,27 @@ def test_every_model_at_8x8_gray(name):
 
 
 # ---------------------------------------------------------------------------------------------- tap semantics
+@pytest.mark.parametrize("name", ["wrn_16_1", "wrn_16_2", "wrn_40_1"])
+def test_wrn_stages_raw_are_the_raw_residual_sums(name):
+    """mdistiller's WRN ``feats`` (ReviewKD's student taps) are each stage's raw residual sum, before the next
+    block's BN-ReLU: exactly what the stage modules return when run on their own."""
+    net = build(name, num_classes=10).train()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        out = net.forward_taps(x)
+        r1 = net.block1(net.conv1(x))
+        r2 = net.block2(r1)
+        r3 = net.block3(r2)
+    for got, raw in zip(out["stages_raw"], (r1, r2, r3)):
+        torch.testing.assert_close(got, raw)
+    # and they are not the activated stages: stages = relu(stages_preact) = relu(bn(raw)) (train mode: batch stats)
+    bns = (net.block2.layer[0].bn1, net.block3.layer[0].bn1, net.bn1)
+    for raw, pre, post, bn in zip(out["stages_raw"], out["stages_preact"], out["stages"], bns):
+        mean, var = raw.mean(dim=(0, 2, 3), keepdim=True), raw.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        torch.testing.assert_close(pre, (raw - mean) / torch.sqrt(var + bn.eps), rtol=1e-4, atol=1e-4)
+        assert torch.equal(post, F.relu(pre)) and not torch.allclose(raw, post)
+
+
 def test_mobilenetv2_stages_are_linear_bottlenecks():
     net = build("mobilenetv2").train()
     out = net.forward_taps(torch.randn(3, 3, 8, 8))
@@ -283,8 +306,37 @@ def test_kdbench_source_wrapper():
     from kdbench.models.sources import build_model
 
     model = build_model("kdbench:resnet8x4", num_classes=10, in_chans=1)
-    out = model(torch.randn(2, 1, 8, 8), taps=("stages", "stages_preact", "pooled", "cam", "logits"))
+    out = model(torch.randn(2, 1, 8, 8), taps=("stages", "stages_preact", "stages_raw", "pooled", "cam", "logits"))
+    assert out["stages_raw"] == out["stages"]
     assert tuple(out.logits.shape) == (2, 10)
     assert [tuple(s.shape[1:]) for s in out["stages"]] == [(64, 8, 8), (128, 4, 4), (256, 2, 2)]
     assert tuple(out["cam"][0].shape) == (2, 10, 2, 2)
     assert model.tap_modules("stages") == model.net.stage_modules()
+
+
+def test_capture_module_taps_is_the_one_hook_mechanism():
+    """``module:<path>`` taps of every TapModel go through ``capture_module_taps``: the (last) output of the
+    submodule in the forward, as a list; hooks are removed afterwards, also when the forward fails."""
+    from kdbench.models.sources import build_model
+    from kdbench.models.tap import capture_module_taps, tensor_list
+
+    model = build_model("kdbench:resnet8", num_classes=10, in_chans=3).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = model(x, taps=("module:layer2", "module:fc", "stages_preact"))
+    assert torch.equal(out["module:layer2"][0], out["stages_preact"][1])  # layerK holds the pre-ReLU stage output
+    torch.testing.assert_close(out["module:fc"][0], out.logits)
+    layer = model.net.layer2
+    assert not layer._forward_hooks
+    with pytest.raises(RuntimeError):
+        with capture_module_taps(model.net, ["module:layer2", "stages"]) as captured:
+            assert len(layer._forward_hooks) == 1
+            model.net(torch.randn(2, 5, 8, 8))  # wrong channel count: the forward fails
+    assert not layer._forward_hooks and captured == {}
+    with capture_module_taps(model.net, ["module:layer2"]) as captured:
+        pass  # the submodule never ran: no entry
+    assert captured == {}
+    with pytest.raises(ValueError, match="no submodule 'layer9'"):
+        model(x, taps=("module:layer9",))
+    t = torch.zeros(1)
+    assert tensor_list(t)[0] is t and tensor_list((t, t)) == [t, t] and tensor_list({"a": t, "b": t}) == [t, t]

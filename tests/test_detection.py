@@ -95,7 +95,7 @@ def test_r50_detectors_have_torchvision_state_dict_layout():
 # ----------------------------------------------------------------------------------------------------- taps
 @pytest.mark.parametrize("kind", KINDS)
 def test_taps_and_what_runs(kind, data):
-    m = _model(kind, data).eval()
+    m = _model(kind, data, **({"reg_tap": "rpn"} if kind == "fasterrcnn" else {})).eval()
     x, _ = _batch(data)
     h, w = x.tensors.shape[-2:]
     calls = []
@@ -122,6 +122,53 @@ def test_taps_and_what_runs(kind, data):
     with pytest.raises(ValueError, match="does not provide tap 'stages'"):
         m(x, ("stages",))
     assert len(m.tap_modules("fpn")) == 5
+
+
+def test_fasterrcnn_roi_reg_tap_teacher_on_the_students_rois(data):
+    """Faster R-CNN RegKD (docs/methods.md §7.2-6): the "reg" tap is the RoI head's box regression, and the
+    teacher regresses the student's RoIs (the proposals the student's RoI head was trained on)."""
+    from kdbench.models.detection import ROI_EXCHANGE
+
+    student = _model("fasterrcnn", data, "resnet18").train()
+    teacher = _model("fasterrcnn", data, "resnet34", frozen_bn=True).eval().requires_grad_(False)
+    x, y = _batch(data, 2)
+    task = DetectionTask()
+    seen = {}
+    student.net.roi_heads.box_predictor.bbox_pred.register_forward_hook(
+        lambda _m, _i, out: seen.__setitem__("student", out))
+    s = task.forward(student, x, y, ("fpn", "reg"))
+    with torch.no_grad():
+        t = task.forward(teacher, x, None, ("fpn", "reg"))
+    k4 = 4 * data.model_num_classes
+    rois = s.extras["reg_rois"]
+    n_rois = sum(r.shape[0] for r in rois)
+    assert len(s["reg"]) == len(t["reg"]) == 1
+    assert tuple(s["reg"][0].shape) == tuple(t["reg"][0].shape) == (n_rois, k4)
+    assert all(torch.equal(a, b) for a, b in zip(rois, t.extras["reg_rois"]))
+    # the student's tap is its RoI head's regression on its training RoIs (torchvision adds the GT boxes to them)
+    assert s["reg"][0] is seen["student"] and s["reg"][0].requires_grad
+    for r, tgt in zip(rois, y):
+        assert all((r == box).all(dim=1).any() for box in tgt["boxes"])
+    # the teacher's tap is its own RoI head on those RoIs, through torchvision's modules
+    rh = teacher.net.roi_heads
+    with torch.no_grad():
+        feats = teacher.net.backbone(x.tensors)
+        expected = rh.box_predictor.bbox_pred(rh.box_head(rh.box_roi_pool(feats, rois, x.image_sizes)))
+    torch.testing.assert_close(t["reg"][0], expected)
+    assert "losses" not in t.extras and "loss_fn" not in t.extras  # no RPN, no losses on the teacher's side
+    assert ROI_EXCHANGE.lookup(x) is not None and ROI_EXCHANGE.lookup(_batch(data, 2)[0]) is None
+    # a forward without published RoIs (a probe) regresses its own test-time proposals
+    x2, _ = _batch(data, 2, "val")
+    with torch.no_grad():
+        alone = teacher(x2, ("reg",))
+    assert alone["reg"][0].shape == (sum(r.shape[0] for r in alone.extras["reg_rois"]), k4)
+    # the RPN option keeps the dense per-level deltas; one-stage detectors take no reg_tap
+    rpn = _model("fasterrcnn", data, reg_tap="rpn").train()
+    assert [r.dim() for r in rpn(x, ("reg",), targets=y)["reg"]] == [4] * 5
+    with pytest.raises(ValueError, match="reg_tap must be one of roi, rpn"):
+        _model("fasterrcnn", data, reg_tap="box")
+    with pytest.raises(ValueError, match="reg_tap applies to Faster R-CNN only"):
+        _model("retinanet", data, reg_tap="rpn")
 
 
 # ----------------------------------------------------------------- equal to torchvision's own forward
@@ -217,7 +264,7 @@ def _detection_methods():
 
 
 @pytest.mark.parametrize("name, kind", [pytest.param(n, k, id=f"{n}-{k}") for n in _detection_methods()
-                                        for k in (("retinanet", "fcos") if n in ("freekd", "afp") else ("retinanet",))])
+                                        for k in (KINDS if n in ("freekd", "afp") else ("retinanet",))])
 def test_every_detection_method_one_step(name, kind, data):
     task = DetectionTask()
     student = _model(kind, data, "resnet18")

@@ -140,7 +140,8 @@ T_STAGES = [(12, 8, 8), (24, 4, 4), (48, 2, 2)]
 
 
 def _rkd_shapes(t_stages=T_STAGES):
-    return {("student", "stages"): S_STAGES, ("student", "stages_preact"): S_STAGES, ("student", "pooled"): [(32,)],
+    return {("student", "stages"): S_STAGES, ("student", "stages_preact"): S_STAGES,
+            ("student", "stages_raw"): S_STAGES, ("student", "pooled"): [(32,)],
             ("teacher", "stages"): t_stages, ("teacher", "stages_preact"): t_stages, ("teacher", "pooled"): [(48,)]}
 
 
@@ -153,21 +154,21 @@ def _outputs(stages, pooled_c, tap, grad=False, n=2, k=10):
 def test_reviewkd_wiring_loss_and_grads():
     torch.manual_seed(0)
     m = ReviewKD(_ctx(_rkd_shapes()), weight=2.0, warmup_epochs=20)
-    assert m.taps().student == ("stages", "pooled") and m.taps().teacher == ("stages_preact", "pooled")
+    assert m.taps().student == ("stages_raw", "pooled") and m.taps().teacher == ("stages_preact", "pooled")
     assert m.fusion.mid == 32
     assert [a.conv2[0].out_channels for a in m.fusion.abfs] == [12, 24, 48, 48]
     assert m.task_loss_weight == 1.0
-    s = _outputs(S_STAGES, 32, "stages", grad=True)
+    s = _outputs(S_STAGES, 32, "stages_raw", grad=True)
     t = _outputs(T_STAGES, 48, "stages_preact")
     out = m(s, t, _batch(epoch=40))
     assert set(out) == {"loss_reviewkd"}
     loss = out["loss_reviewkd"]
     assert loss.dim() == 0 and torch.isfinite(loss)
-    expected = 2.0 * hcl_loss(m.fusion(s["stages"] + [s["pooled"][0][:, :, None, None]]),
+    expected = 2.0 * hcl_loss(m.fusion(s["stages_raw"] + [s["pooled"][0][:, :, None, None]]),
                               t["stages_preact"] + [t["pooled"][0][:, :, None, None]])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()
-    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in s["stages"] + s["pooled"])
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in s["stages_raw"] + s["pooled"])
     for abf in m.fusion.abfs:
         assert abf.conv1[0].weight.grad is not None and abf.conv2[0].weight.grad.abs().sum() > 0
         if abf.att_conv is not None:
@@ -178,7 +179,7 @@ def test_reviewkd_warmup_factor():
     torch.manual_seed(0)
     m = ReviewKD(_ctx(_rkd_shapes()), warmup_epochs=20)
     assert [m.warmup_factor(e) for e in (1, 10, 20, 35)] == [0.05, 0.5, 1.0, 1.0]
-    s, t = _outputs(S_STAGES, 32, "stages"), _outputs(T_STAGES, 48, "stages_preact")
+    s, t = _outputs(S_STAGES, 32, "stages_raw"), _outputs(T_STAGES, 48, "stages_preact")
     full = m(s, t, _batch(epoch=20))["loss_reviewkd"].item()
     assert m(s, t, _batch(epoch=1))["loss_reviewkd"].item() == pytest.approx(full / 20, rel=1e-5)
     assert m(s, t, _batch(epoch=100))["loss_reviewkd"].item() == pytest.approx(full, rel=1e-5)
@@ -191,8 +192,53 @@ def test_reviewkd_tap_options_and_stage_count_mismatch():
     t4 = [(6, 16, 16)] + T_STAGES
     m = ReviewKD(_ctx(_rkd_shapes(t4)))
     assert m.n_stages == 3 and len(m.fusion.abfs) == 4
-    loss = m(_outputs(S_STAGES, 32, "stages"), _outputs(t4, 48, "stages_preact"), _batch(epoch=20))["loss_reviewkd"]
+    loss = m(_outputs(S_STAGES, 32, "stages_raw"), _outputs(t4, 48, "stages_preact"),
+             _batch(epoch=20))["loss_reviewkd"]
     assert torch.isfinite(loss)
+
+
+def test_reviewkd_wrn_student_taps_are_the_raw_residual_sums():
+    """As mdistiller's ReviewKD: a WRN student feeds the ABFs its raw residual sums (not relu(bn(sum))), the
+    teacher gives bn(sum) (its pre-activations)."""
+    from kdbench.models.sources import build_model
+
+    torch.manual_seed(0)
+    student = build_model("kdbench:wrn_16_1", num_classes=10, in_chans=3).train()
+    teacher = build_model("kdbench:wrn_16_2", num_classes=10, in_chans=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+
+    def probe(side, tap):
+        return [tuple(f.shape[1:]) for f in {"student": student, "teacher": teacher}[side](x, (tap,))[tap]]
+
+    ctx = Context(task="classification", num_classes=10, epochs=1, steps_per_epoch=1, dataset_size=2, probe=probe)
+    m = ReviewKD(ctx)
+    s_out = student(x, m.taps().student)
+    with torch.no_grad():
+        net = student.net
+        r1 = net.block1(net.conv1(x))
+        raws = [r1, net.block2(r1)]
+        raws.append(net.block3(raws[-1]))
+        t_out = teacher(x, m.taps().teacher)
+        t1 = teacher.net.block1(teacher.net.conv1(x))
+    for got, raw in zip(s_out[m.student_tap], raws):
+        torch.testing.assert_close(got, raw)
+    torch.testing.assert_close(t_out[m.teacher_tap][0], teacher.net.block2.layer[0].bn1(t1))
+    assert torch.isfinite(m(s_out, t_out, _batch(epoch=1))["loss_reviewkd"])
+
+
+def test_reviewkd_check_pair():
+    """teacher_preact/student_preact need kdbench CIFAR models; refused at validate time on timm/torchvision."""
+    ReviewKD.check_pair({}, "kdbench:wrn_40_2", "kdbench:wrn_16_2")
+    ReviewKD.check_pair({"teacher_preact": False}, "timm:resnet18", "kdbench:resnet8x4")
+    ReviewKD.check_pair({"teacher_preact": False}, "torchvision:resnet34", "torchvision:resnet18")
+    with pytest.raises(ValueError, match=r"teacher_preact=true .*'timm:resnet18'.*set teacher_preact: false"):
+        ReviewKD.check_pair({}, "timm:resnet18", "kdbench:resnet8x4")
+    with pytest.raises(ValueError, match=r"teacher_preact.*'torchvision:resnet34'"):
+        ReviewKD.check_pair({"teacher_preact": True}, "torchvision:resnet34", "torchvision:resnet18")
+    with pytest.raises(ValueError, match=r"student_preact=true .*student 'timm:resnet18'"):
+        ReviewKD.check_pair({"student_preact": True}, "kdbench:resnet32x4", "timm:resnet18")
+    # the base contract: every other method accepts every pair
+    CATKD.check_pair({}, "timm:resnet18", "torchvision:resnet18")
 
 
 def test_reviewkd_check_params():
@@ -242,7 +288,7 @@ def test_binarize_cams():
 
 def test_catkd_method():
     shapes = {("student", "cam"): [(10, 4, 4)], ("teacher", "cam"): [(10, 8, 8)]}
-    m = CATKD(_ctx(shapes), beta=3.0, resolution=2)
+    m = CATKD(_ctx(shapes), beta=3.0, resolution=2, student_bias=True)
     assert m.taps().student == ("cam",) and m.taps().teacher == ("cam",) and m.heterogeneous
     assert m.task_loss_weight == 1.0
     cs = torch.randn(2, 10, 4, 4, requires_grad=True)
@@ -254,8 +300,40 @@ def test_catkd_method():
     out["loss_cat"].backward()
     assert cs.grad is not None and cs.grad.abs().sum() > 0
     assert CATKD(_ctx(shapes), only_cat=True).task_loss_weight == 0.0
-    assert CATKD(_ctx(shapes), ce_weight=0.5).task_loss_weight == 0.5
+    assert CATKD(_ctx(shapes), ce_weight=0.5, student_bias=True).task_loss_weight == 0.5
     defaults = CATKD.check_params({})
     assert (defaults["beta"], defaults["resolution"], defaults["normalize"]) == (15.0, 2, False)
+    assert defaults["student_bias"] is False
     with pytest.raises(ValueError, match="beta"):
         CATKD.check_params({"cam_resolution": 4})
+
+
+def test_catkd_default_student_ce_is_bias_free():
+    """docs/methods.md §5: the student is trained in the bias-free CAM form, logits = GAP(CAM), no FC bias."""
+    shapes = {("student", "cam"): [(2, 2, 2)], ("teacher", "cam"): [(2, 2, 2)]}
+    m = CATKD(_ctx(shapes, k=2), beta=1.0, ce_weight=0.5)
+    assert m.task_loss_weight == 0.0  # the harness's CE on the biased logits is off
+    # class 0's CAM is 0 everywhere, class 1's averages ln 3 -> bias-free logits (0, ln 3), p = (1/4, 3/4)
+    cam_s = torch.zeros(1, 2, 2, 2)
+    cam_s[0, 1] = torch.tensor([[0.0, 2 * math.log(3)], [math.log(3), math.log(3)]])
+    cam_s.requires_grad_(True)
+    bias = torch.tensor([5.0, -5.0])  # the student's FC bias: must not enter the CE
+    s = Outputs(logits=cam_s.mean((2, 3)) + bias, feats={"cam": [cam_s]})
+    t = Outputs(logits=None, feats={"cam": [cam_s.detach().clone()]})
+    y = torch.tensor([1])
+    out = m(s, t, Batch(inputs=None, targets=y, epoch=1, step=0, epochs=1, steps_per_epoch=1))
+    assert set(out) == {"loss_cat", "loss_ce"}
+    assert out["loss_cat"].item() == 0.0
+    assert out["loss_ce"].item() == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
+    out["loss_ce"].backward()
+    assert cam_s.grad.abs().sum() > 0
+    # the task's own loss is used when the context has one
+    seen = []
+    ctx = _ctx(shapes, k=2)
+    ctx.task_loss = lambda o, tg: seen.append(o.logits.detach()) or o.logits.sum() * 0 + 7.0
+    out = CATKD(ctx, ce_weight=2.0)(s, t, Batch(inputs=None, targets=y, epoch=1, step=0, epochs=1, steps_per_epoch=1))
+    assert out["loss_ce"].item() == pytest.approx(14.0)
+    assert torch.allclose(seen[0], torch.tensor([[0.0, math.log(3)]]))
+    # only_cat: no CE at all; student_bias: the harness's CE instead
+    assert set(CATKD(_ctx(shapes, k=2), only_cat=True)(s, t, _batch(n=1, k=2))) == {"loss_cat"}
+    assert set(CATKD(_ctx(shapes, k=2), student_bias=True)(s, t, _batch(n=1, k=2))) == {"loss_cat"}

@@ -89,6 +89,29 @@ def test_fam_shapes_and_grads():
     assert (fc.sca.in_features, fc.sca.out_features) == (16, 48) and fc(torch.randn(2, 8, 6, 6)).shape == (2, 25, 48)
 
 
+def test_fam_sra_is_a_plain_mlp_by_default():
+    """docs/methods.md §10: SRA = a 2-layer MLP (no skip); ``residual=True`` is the h + MLP(h) variant."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    for residual in (False, True):
+        fam = FAM(3, 2, grid=2, residual=residual)
+        with torch.no_grad():  # the MLP's last layer outputs the constant (1, -1) whatever h
+            fam.sra[2].weight.zero_()
+            fam.sra[2].bias.copy_(torch.tensor([1.0, -1.0]))
+        out = fam(x)
+        h = fam.sca(spectral_tokens(x, 2)) + fam.pos
+        if residual:
+            expected = F.layer_norm(h + torch.tensor([1.0, -1.0]), (2,))
+        else:  # LayerNorm of (1, -1): mean 0, variance 1 -> (1, -1)/sqrt(1 + 1e-5)
+            expected = torch.tensor([1.0, -1.0]).expand(2, 4, 2) / math.sqrt(1 + 1e-5)
+        assert torch.allclose(out, expected, atol=1e-6), residual
+    assert FAM(3, 2).residual is False
+    ctx = _ctx({("student", "stages"): S_CNN, ("teacher", "stages"): T_CNN4})
+    assert all(not f.residual for f in UHKD(ctx).fams)
+    assert all(f.residual for f in UHKD(ctx, sra_residual=True).fams)
+    assert UHKD.check_params({})["sra_residual"] is False
+
+
 S_CNN = [(8, 16, 16), (16, 8, 8), (32, 4, 4)]
 T_CNN4 = [(12, 32, 32), (24, 16, 16), (48, 8, 8), (96, 4, 4)]
 

@@ -26,6 +26,10 @@ Every model has ``forward(x) -> logits`` and ``forward_taps(x) -> dict`` with
   ``relu(stages_preact[i]) == stages[i]`` exactly. Two families need a convention, documented on their classes:
   pre-activation WRNs (the pre-activation is the next BatchNorm's output, as in mdistiller) and MobileNetV2
   (linear bottlenecks have no ReLU: both lists hold the same tensors);
+* ``"stages_raw"``: the stage outputs as the reference implementation returns them (mdistiller's ``feats``,
+  ReviewKD's student tap): the same tensors as ``"stages"`` except for the pre-activation WRNs, whose stages
+  end in a raw residual sum that only the next block normalises and activates; there ``stages_raw`` are those
+  raw sums;
 * ``"final"``: the map fed to global pooling; ``"pooled"``: the pooled ``N×C`` feature (input of ``fc``).
 """
 
@@ -83,6 +87,17 @@ def _init_reference(net: nn.Module, linear: str) -> None:
                 nn.init.zeros_(m.bias)
 
 
+def _run_stages(h: Tensor, layers, acts) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Run each stage (``layers``) on ``h`` followed by its own ReLU module (``acts``):
+    ``(pre-ReLU outputs, outputs, last output)``."""
+    preacts, stages = [], []
+    for layer, act in zip(layers, acts):
+        preacts.append(layer(h))
+        h = act(preacts[-1])
+        stages.append(h)
+    return preacts, stages, h
+
+
 class CifarNet(nn.Module):
     """Base class: subclasses build ``self.fc`` and implement ``_trunk(x) -> (preacts, stages, final)``.
 
@@ -106,11 +121,17 @@ class CifarNet(nn.Module):
     def stage_modules(self) -> list[nn.Module]:
         raise NotImplementedError
 
-    def forward_taps(self, x: Tensor) -> dict:
+    def _trunk_taps(self, x: Tensor) -> dict:
+        """The trunk's taps: ``stages_preact``, ``stages``, ``final`` and ``stages_raw`` (the stages themselves
+        unless a subclass keeps raw stage outputs of its own: WRNs)."""
         preacts, stages, final = self._trunk(x)
-        pooled = torch.flatten(F.adaptive_avg_pool2d(final, 1), 1)
-        logits = self.fc(pooled)
-        return {"logits": logits, "stages": stages, "stages_preact": preacts, "final": final, "pooled": pooled}
+        return {"stages": stages, "stages_preact": preacts, "final": final, "stages_raw": stages}
+
+    def forward_taps(self, x: Tensor) -> dict:
+        out = self._trunk_taps(x)
+        out["pooled"] = torch.flatten(F.adaptive_avg_pool2d(out["final"], 1), 1)
+        out["logits"] = self.fc(out["pooled"])
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_taps(x)["logits"]
@@ -190,13 +211,7 @@ class CifarResNet(CifarNet):
 
     def _trunk(self, x):
         h = self.relu(self.bn1(self.conv1(x)))
-        preacts, stages = [], []
-        for layer, act in zip((self.layer1, self.layer2, self.layer3), self.stage_relus):
-            pre = layer(h)
-            h = act(pre)
-            preacts.append(pre)
-            stages.append(h)
-        return preacts, stages, h
+        return _run_stages(h, (self.layer1, self.layer2, self.layer3), self.stage_relus)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -271,13 +286,7 @@ class ResNetV2(CifarNet):
 
     def _trunk(self, x):
         h = F.relu(self.bn1(self.conv1(x)))
-        preacts, stages = [], []
-        for layer, act in zip((self.layer1, self.layer2, self.layer3, self.layer4), self.stage_relus):
-            pre = layer(h)
-            h = act(pre)
-            preacts.append(pre)
-            stages.append(h)
-        return preacts, stages, h
+        return _run_stages(h, (self.layer1, self.layer2, self.layer3, self.layer4), self.stage_relus)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -335,9 +344,10 @@ class WideResNet(CifarNet):
     Convention (mdistiller's ``preact_feats``, also used by OFD/ReviewKD): the pre-activation of stage ``i`` is
     that sum after the BatchNorm that consumes it (``block{i+1}.layer[0].bn1``, or the final ``bn1`` for the
     last stage), and the stage output is its ReLU, i.e. exactly the activation the next convolution sees.
-    ``final`` = ``stages[-1]`` = ``relu(bn1(block3 output))``. (mdistiller's ``feats`` are the raw sums, which
-    kdbench does not expose as a stage tap.) This relies on the first block of stages 2 and 3 having a conv
-    shortcut on the activated input, which holds because the width doubles there.
+    ``final`` = ``stages[-1]`` = ``relu(bn1(block3 output))``. mdistiller's ``feats`` (what its ReviewKD
+    distils from a student) are the raw sums themselves, the ``"stages_raw"`` tap. This relies on the first
+    block of stages 2 and 3 having a conv shortcut on the activated input, which holds because the width
+    doubles there.
     """
 
     def __init__(self, depth: int, widen: int, num_classes: int = 100, in_chans: int = 3):
@@ -365,17 +375,22 @@ class WideResNet(CifarNet):
         return [act for _, act in self._stage_norms()]
 
     def _trunk(self, x):
+        taps = self._trunk_taps(x)
+        return taps["stages_preact"], taps["stages"], taps["final"]
+
+    def _trunk_taps(self, x):
         raw = self.block1(self.conv1(x))
-        preacts, stages = [], []
+        preacts, stages, raws = [], [], []
         nexts = (self.block2, self.block3, None)
         for (bn, act), nxt in zip(self._stage_norms(), nexts):
             pre = bn(raw)
             h = act(pre)
+            raws.append(raw)
             preacts.append(pre)
             stages.append(h)
             if nxt is not None:
                 raw = nxt.forward_activated(h, raw)
-        return preacts, stages, stages[-1]
+        return {"stages": stages, "stages_preact": preacts, "final": stages[-1], "stages_raw": raws}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -581,13 +596,7 @@ class ShuffleNetV1(CifarNet):
 
     def _trunk(self, x):
         h = F.relu(self.bn1(self.conv1(x)))
-        preacts, stages = [], []
-        for layer, act in zip((self.layer1, self.layer2, self.layer3), self.stage_relus):
-            pre = layer(h)
-            h = act(pre)
-            preacts.append(pre)
-            stages.append(h)
-        return preacts, stages, h
+        return _run_stages(h, (self.layer1, self.layer2, self.layer3), self.stage_relus)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -679,12 +688,7 @@ class ShuffleNetV2(CifarNet):
 
     def _trunk(self, x):
         h = F.relu(self.bn1(self.conv1(x)))
-        preacts, stages = [], []
-        for layer, act in zip((self.layer1, self.layer2, self.layer3), self.stage_relus):
-            pre = layer(h)
-            h = act(pre)
-            preacts.append(pre)
-            stages.append(h)
+        preacts, stages, h = _run_stages(h, (self.layer1, self.layer2, self.layer3), self.stage_relus)
         return preacts, stages, F.relu(self.bn2(self.conv2(h)))
 
 

@@ -8,7 +8,7 @@ classes) exactly as torchvision's ``*_resnet50_fpn`` builders do, so ``retinanet
 load as teachers (``weights: PATH``; with ``data.label_mode: category_id``, as those checkpoints predict COCO
 category ids with 91 classes).
 
-Decisions (not settled by DESIGN.md/METHODS.md):
+Decisions (not settled by DESIGN.md or docs/methods.md):
 
 * **Input pipeline outside the model.** Resizing (``min_size``/``max_size``), normalisation and padding are done
   once by the data pipeline (``kdbench.data.coco``, data options), and the models receive the padded batch as a
@@ -26,14 +26,22 @@ Decisions (not settled by DESIGN.md/METHODS.md):
   P3–P7 with P6/P7 from P5 as torchvision v1 builds them). Each level passes through its own ``nn.Identity``
   (``tap_modules("fpn")``), *after* the whole neck: an ``edit_tap`` (FreeKD/AFP stage 1) replaces a neck
   output without changing how the other levels are computed, as mmdet's neck-output insertion does.
-  ``"reg"``: the dense regression-head outputs per FPN level, ``N×(A·4)×H×W``: RetinaNet
-  ``head.regression_head.bbox_reg`` (mmdet's ``retina_reg``), FCOS ``head.regression_head.bbox_reg`` (before
-  torchvision's ReLU), Faster R-CNN the RPN's ``bbox_pred``. For Faster R-CNN, FreeKD's release distils the RoI
-  head's ``fc_reg`` with the teacher fed the *student's* RoIs; kdbench runs teacher and student forwards
-  independently (the method contract), so it uses the RPN's dense regression instead (documented deviation).
+  ``"reg"``: the regression outputs that RegKD distils. One-stage detectors: the dense regression-head outputs
+  per FPN level, ``N×(A·4)×H×W``: RetinaNet ``head.regression_head.bbox_reg`` (mmdet's ``retina_reg``), FCOS
+  ``head.regression_head.bbox_reg`` (before torchvision's ReLU). Faster R-CNN (model kwarg ``reg_tap``):
+  ``"roi"`` (default) the RoI head's box regression (``roi_heads.box_predictor.bbox_pred``, mmdet's ``fc_reg``),
+  one ``R×(K·4)`` tensor over the RoIs of the batch, **teacher and student on the same RoIs, the student's**,
+  as FreeKD's release does (mmrazor feeds the teacher's RoI extractor the student's RoIs); ``"rpn"`` the RPN's
+  dense ``bbox_pred`` per level (``N×(A·4)×H×W``, kdbench's version-1 tap). How the student's RoIs reach the
+  teacher: a forward *with targets* (the student's training forward) publishes the RoIs its RoI head was trained
+  on (the sampled proposals) for its input object ``x`` (:data:`ROI_EXCHANGE`, weakly keyed: gone with ``x``);
+  a forward *without targets* on the same ``x`` afterwards (the teacher's, in the same training step: the
+  harness runs the student first) runs its RoI head on those RoIs. With none published (shape probes, a lone
+  forward) a model uses its own test-time proposals. ``extras["reg_rois"]`` holds the RoIs used (per image).
 * **Only what is asked is computed.** With taps ⊆ {``fpn``, ``module:backbone.*``} and no targets, only
   backbone + FPN run (no heads, no anchors, no post-processing): this is the teacher's forward for CWD/PKD.
-  ``"reg"`` alone adds only the regression branch of the head (RetinaNet/FCOS) or the RPN head (Faster R-CNN).
+  ``"reg"`` alone adds only the regression branch of the head (RetinaNet/FCOS), the RPN head (Faster R-CNN,
+  ``reg_tap="rpn"``) or the RoI box head on the published RoIs (``"roi"``; with none, the RPN and the box head).
 * **Losses.** ``forward(x, taps, targets)`` returns the detector's own loss dict in ``extras["losses"]``, whatever
   the module mode: the target-dependent parts (anchor matching, RPN proposal sampling with the *training*
   top-n, RoI sampling) always use their training semantics, while BatchNorm follows the module's mode. A plain
@@ -51,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
@@ -60,11 +69,12 @@ import torch
 from torch import Tensor, nn
 
 from kdbench.method import Outputs
-from kdbench.models.tap import TapModel, _get_module
+from kdbench.models.tap import MODULE_PREFIX, TapModel, capture_module_taps, record_outputs
 
 DETECTORS = ("fasterrcnn", "retinanet", "fcos")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d", "resnext101_64x4d")
 DETECTOR_NAMES = tuple(f"{d}_{b}_fpn" for d in DETECTORS for b in BACKBONES)
+REG_TAPS = ("roi", "rpn")  # Faster R-CNN's "reg" tap: RoI head box regression (default) or RPN deltas
 _RESERVED = {"min_size": "data.min_size", "max_size": "data.max_size", "image_mean": "the data pipeline",
              "image_std": "the data pipeline", "backbone": "the model name", "num_classes": "the dataset"}
 
@@ -133,9 +143,11 @@ def build_backbone(detector: str, backbone: str, *, fpn_channels: int = 256, bac
 
 def build_detector(name: str, num_classes: int, in_chans: int = 3, *, fpn_channels: int = 256,
                    backbone_weights: str | None = None, frozen_bn: bool | None = None,
-                   trainable_backbone_layers: int | None = None, **kwargs: Any) -> "DetectorModel":
+                   trainable_backbone_layers: int | None = None, reg_tap: str | None = None,
+                   **kwargs: Any) -> "DetectorModel":
     """A :class:`DetectorModel` for ``name`` (see :data:`DETECTOR_NAMES`). ``num_classes`` includes the
-    background index 0 (torchvision's convention)."""
+    background index 0 (torchvision's convention). ``reg_tap`` (Faster R-CNN only): what the ``"reg"`` tap is,
+    one of :data:`REG_TAPS` (default ``"roi"``)."""
     from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 
     det, bb = parse_name(name)
@@ -150,11 +162,34 @@ def build_detector(name: str, num_classes: int, in_chans: int = 3, *, fpn_channe
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
         raise ValueError(f"torchvision:{name}: unknown model kwarg(s) {unknown}; valid: fpn_channels, "
-                         f"backbone_weights, frozen_bn, trainable_backbone_layers, {', '.join(valid)}")
+                         f"backbone_weights, frozen_bn, trainable_backbone_layers, reg_tap, {', '.join(valid)}")
+    if reg_tap is not None and det != "fasterrcnn":
+        raise ValueError(f"torchvision:{name}: reg_tap applies to Faster R-CNN only (a one-stage detector's 'reg' "
+                         "tap is its dense regression head)")
     backbone = build_backbone(det, bb, fpn_channels=fpn_channels, backbone_weights=backbone_weights,
                               frozen_bn=frozen_bn, trainable_backbone_layers=trainable_backbone_layers)
     net = cls(backbone, num_classes=int(num_classes), **kwargs)
-    return DetectorModel(net, f"torchvision:{name}", det)
+    return DetectorModel(net, f"torchvision:{name}", det, reg_tap=reg_tap or "roi")
+
+
+class RoIExchange:
+    """The RoIs a two-stage student trained on, by input object, for the teacher's forward on the same input
+    (see the module docstring, ``"reg"``). Weakly keyed: an entry lives as long as the batch's ``x``."""
+
+    def __init__(self) -> None:
+        self._rois: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def publish(self, x: Any, rois: Sequence[Tensor]) -> None:
+        self._rois[x] = [r.detach() for r in rois]
+
+    def lookup(self, x: Any) -> list[Tensor] | None:
+        try:
+            return self._rois.get(x)
+        except TypeError:  # an input that cannot be weakly referenced never has published RoIs
+            return None
+
+
+ROI_EXCHANGE = RoIExchange()
 
 
 @contextlib.contextmanager
@@ -186,11 +221,14 @@ class DetectorModel(TapModel):
 
     supported = ("fpn", "reg")
 
-    def __init__(self, net: nn.Module, name: str, kind: str):
+    def __init__(self, net: nn.Module, name: str, kind: str, reg_tap: str = "roi"):
         super().__init__(net, name)
         if kind not in DETECTORS:
             raise ValueError(f"unknown detector kind {kind!r}; valid: {', '.join(DETECTORS)}")
+        if reg_tap not in REG_TAPS:
+            raise ValueError(f"{name}: reg_tap must be one of {', '.join(REG_TAPS)}, got {reg_tap!r}")
         self.kind = kind
+        self.roi_reg = kind == "fasterrcnn" and reg_tap == "roi"
         n_levels = len(net.backbone.body.return_layers) + (1 if kind == "fasterrcnn" else 2)
         self.fpn_levels = nn.ModuleList(nn.Identity() for _ in range(n_levels))
 
@@ -213,28 +251,19 @@ class DetectorModel(TapModel):
     def _regression_only(self, levels: list[Tensor]) -> list[Tensor]:
         if self.kind == "fasterrcnn":
             return list(self.net.rpn.head(levels)[1])
-        regs: list[Tensor] = []
-        h = self.net.head.regression_head.bbox_reg.register_forward_hook(lambda _m, _i, out: regs.append(out))
-        try:
+        with record_outputs(self.net.head.regression_head.bbox_reg) as regs:
             self.net.head.regression_head(levels)
-        finally:
-            h.remove()
         return regs
 
     def _heads(self, images, feats: OrderedDict, want_reg: bool) -> tuple[dict, list[Tensor]]:
         levels = list(feats.values())
-        regs: list[Tensor] = []
         if self.kind == "fasterrcnn":
             objectness, deltas = self.net.rpn.head(levels)
             anchors = self.net.rpn.anchor_generator(images, levels)
             return {"objectness": objectness, "deltas": deltas, "anchors": anchors}, list(deltas)
-        hook = (self.net.head.regression_head.bbox_reg.register_forward_hook(lambda _m, _i, out: regs.append(out))
-                if want_reg else None)
-        try:
+        recorder = record_outputs(self.net.head.regression_head.bbox_reg) if want_reg else contextlib.nullcontext([])
+        with recorder as regs:
             head = self.net.head(levels)
-        finally:
-            if hook is not None:
-                hook.remove()
         anchors = self.net.anchor_generator(images, levels)
         return {"head": head, "anchors": anchors, "hw": [x.size(2) * x.size(3) for x in levels]}, regs
 
@@ -250,7 +279,10 @@ class DetectorModel(TapModel):
             boxes, _ = rpn.filter_proposals(proposals, obj, images.image_sizes, num_per_level)
         return boxes, obj, deltas
 
-    def _losses(self, images, feats: OrderedDict, st: dict, targets: Sequence[dict]) -> dict[str, Tensor]:
+    def _losses(self, images, feats: OrderedDict, st: dict, targets: Sequence[dict],
+                record: dict | None = None) -> dict[str, Tensor]:
+        """The detector's losses; a two-stage detector puts the RoIs its RoI head was trained on and their box
+        regression in ``record`` (``"rois"``, ``"box_regression"``) when one is given."""
         targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
         if self.kind == "retinanet":
             return self.net.compute_loss(targets, st["head"], st["anchors"])
@@ -266,9 +298,18 @@ class DetectorModel(TapModel):
         props, _, labels, reg_targets = rh.select_training_samples(boxes, targets)
         box_feats = rh.box_head(rh.box_roi_pool(feats, props, images.image_sizes))
         class_logits, box_regression = rh.box_predictor(box_feats)
+        if record is not None:
+            record.update(rois=props, box_regression=box_regression)
         loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, labels, reg_targets)
         return {"loss_objectness": loss_obj, "loss_rpn_box_reg": loss_rpn_box, "loss_classifier": loss_cls,
                 "loss_box_reg": loss_box}
+
+    def roi_regression(self, images, feats: OrderedDict, rois: Sequence[Tensor]) -> Tensor:
+        """The RoI head's box regression (``box_predictor.bbox_pred``) on the given RoIs (one ``R_i×4`` tensor of
+        ``x1y1x2y2`` boxes per image): ``R×(K·4)``, the RoIs of all images in order."""
+        rh = self.net.roi_heads
+        box_feats = rh.box_head(rh.box_roi_pool(feats, list(rois), images.image_sizes))
+        return rh.box_predictor(box_feats)[1]
 
     def _detect(self, images, feats: OrderedDict, st: dict) -> list[dict[str, Tensor]]:
         if self.kind == "fasterrcnn":
@@ -285,6 +326,20 @@ class DetectorModel(TapModel):
         split_anchors = [list(x.split(per_level)) for x in anchors]
         return self.net.postprocess_detections(split_head, split_anchors, images.image_sizes)
 
+    def _roi_tap(self, x, images, feats: OrderedDict, st: dict | None, record: dict) -> tuple[list[Tensor], list]:
+        """The ``"reg"`` tap of a two-stage detector (``reg_tap="roi"``) and the RoIs it is on: a training forward
+        (``record`` filled by the losses) publishes its sampled RoIs; otherwise the RoIs published for ``x``, or
+        this model's own test-time proposals."""
+        if record:
+            ROI_EXCHANGE.publish(x, record["rois"])
+            return [record["box_regression"]], [r.detach() for r in record["rois"]]
+        rois = ROI_EXCHANGE.lookup(x)
+        if rois is None:
+            if st is None:
+                st, _ = self._heads(images, feats, False)
+            rois, _, _ = self._proposals(images, st, train=False)
+        return [self.roi_regression(images, feats, rois)], list(rois)
+
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x, taps: Sequence[str] = (), targets: Sequence[dict] | None = None,
                 detect: bool = False) -> Outputs:
@@ -294,42 +349,34 @@ class DetectorModel(TapModel):
             images = images.to(dev)
         wanted = set(taps)
         self.check_taps(sorted(wanted))
-        module_taps = sorted(t for t in wanted if t.startswith("module:"))
-        captured: dict[str, Any] = {}
-        handles = []
-        for tap in module_taps:
-            def hook(_m, _i, out, _tap=tap):
-                captured[_tap] = out
-
-            handles.append(_get_module(self.net, tap[len("module:"):]).register_forward_hook(hook))
-        head_modules = [t for t in module_taps if not t[len("module:"):].startswith("backbone")]
+        head_modules = [t for t in wanted if t.startswith(MODULE_PREFIX)
+                        and not t[len(MODULE_PREFIX):].startswith("backbone")]
         full = targets is not None or detect or not wanted or bool(head_modules)
+        roi_reg = self.roi_reg and "reg" in wanted
         feats_out: dict[str, list[Tensor]] = {}
         extras: dict[str, Any] = {}
-        try:
+        record: dict[str, Any] = {}
+        with capture_module_taps(self.net, wanted) as captured:
             feats = self.backbone_fpn(images)
             levels = list(feats.values())
             if "fpn" in wanted:
                 feats_out["fpn"] = levels
+            st = None
             if full:
                 st, regs = self._heads(images, feats, "reg" in wanted)
-                if "reg" in wanted:
+                if "reg" in wanted and not roi_reg:
                     feats_out["reg"] = regs
                 if targets is not None:
-                    extras["losses"] = self._losses(images, feats, st, targets)
+                    extras["losses"] = self._losses(images, feats, st, targets, record if roi_reg else None)
                 else:
                     extras["loss_fn"] = partial(self._losses, images, feats, st)
                 if detect:
                     with torch.no_grad():
                         extras["detections"] = self._detect(images, feats, st)
-            elif "reg" in wanted:
+            elif "reg" in wanted and not roi_reg:
                 feats_out["reg"] = self._regression_only(levels)
-        finally:
-            for h in handles:
-                h.remove()
-        for tap, out in captured.items():
-            if isinstance(out, dict):
-                out = list(out.values())
-            feats_out[tap] = list(out) if isinstance(out, (list, tuple)) else [out]
+            if roi_reg:
+                feats_out["reg"], extras["reg_rois"] = self._roi_tap(x, images, feats, st, record)
+        feats_out.update(captured)
         extras["image_sizes"] = list(images.image_sizes)
         return Outputs(logits=None, feats=feats_out, extras=extras)

@@ -29,9 +29,9 @@ Forward (ours, not smp's ``forward``): encoder → decoder → the head's conv g
 use ``align_corners=True``) to the input size. Taps:
 
 * ``"stages"``: the encoder stages that exist (ResNet ``layer1..layer4``, i.e. ``backbone.layer1..4``);
-* ``"final"``: the last stage (``layer4``: FreeKD's and PKD's segmentation tap, METHODS.md §7.3, §11 #11);
+* ``"final"``: the last stage (``layer4``: FreeKD's and PKD's segmentation tap, docs/methods.md §7.3, §11 #11);
 * ``"logits"``: the coarse logits ``N×K×h×w`` of the head's last conv, *before* upsampling: mmrazor's CWD
-  records ``decode_head.conv_seg`` outputs, i.e. at 1/8 resolution (METHODS.md §2);
+  records ``decode_head.conv_seg`` outputs, i.e. at 1/8 resolution (docs/methods.md §2);
 * ``"module:<path>"``: any submodule of the network.
 
 ``tap_modules`` serves the same taps for edits in the forward (FreeKD/AFP stage 1 on a teacher).
@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from kdbench.method import Outputs
 from kdbench.models.sources import Source, _unknown
-from kdbench.models.tap import TapModel, _get_module
+from kdbench.models.tap import TapModel, capture_module_taps
 from kdbench.registry import MODELS
 
 SMP_ARCHS = {"pspnet": "PSPNet", "deeplabv3": "DeepLabV3"}
@@ -100,19 +100,8 @@ class SegmentationTapModel(TapModel):
 
     def forward(self, x: Tensor, taps: Sequence[str] = ()) -> Outputs:
         wanted = set(taps)
-        captured: dict[str, Any] = {}
-        handles = []
-        for tap in wanted:
-            if tap.startswith("module:"):
-                def hook(_m, _i, out, _tap=tap):
-                    captured[_tap] = out
-
-                handles.append(_get_module(self.net, tap[len("module:"):]).register_forward_hook(hook))
-        try:
+        with capture_module_taps(self.net, wanted) as captured:
             stages, coarse = self._parts(x)
-        finally:
-            for h in handles:
-                h.remove()
         logits = coarse if coarse.shape[-2:] == x.shape[-2:] else F.interpolate(
             coarse, size=x.shape[-2:], mode="bilinear", align_corners=False)
         feats: dict[str, list[Tensor]] = {}
@@ -122,8 +111,7 @@ class SegmentationTapModel(TapModel):
             feats["final"] = [stages[-1]]
         if "logits" in wanted:
             feats["logits"] = [coarse]
-        for tap, out in captured.items():
-            feats[tap] = list(out) if isinstance(out, (list, tuple)) else [out]
+        feats.update(captured)
         return Outputs(logits=logits, feats=feats)
 
     def tap_modules(self, tap: str) -> list[nn.Module]:
@@ -221,6 +209,9 @@ class SmpSource(Source):
 
     def names(self) -> list[str]:
         return smp_names()
+
+    def semantic_taps(self, name: str) -> tuple[str, ...]:
+        return SEGMENTATION_TAPS
 
     def check(self, name: str) -> None:
         if name not in smp_names():

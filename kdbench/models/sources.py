@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kdbench.models.tap import KdbenchCifar, TapModel, TimmModel, TorchvisionModel
+from kdbench.models.tap import RESNET_TAPS, KdbenchCifar, TapModel, TimmModel, TorchvisionModel
 from kdbench.registry import MODELS
 
 
@@ -37,10 +37,18 @@ class Source:
     def build(self, name: str, num_classes: int, in_chans: int, **kwargs: Any) -> TapModel:
         raise NotImplementedError
 
+    def semantic_taps(self, name: str) -> tuple[str, ...]:
+        """The semantic taps (``kdbench.method``) the model ``name`` provides, known without building it;
+        ``module:<path>`` taps come on top."""
+        return ("logits",)
+
 
 @MODELS.register("kdbench")
 class KdbenchSource(Source):
     prefix = "kdbench"
+
+    def semantic_taps(self, name):
+        return KdbenchCifar.supported
 
     def names(self):
         from kdbench.models.cifar import CIFAR_MODELS
@@ -69,6 +77,9 @@ class TimmSource(Source):
         if not timm.is_model(name):
             raise _unknown(self.prefix, name, timm.list_models())
 
+    def semantic_taps(self, name):
+        return TimmModel.supported
+
     def build(self, name, num_classes, in_chans, **kwargs):
         import timm
 
@@ -88,6 +99,16 @@ class TorchvisionSource(Source):
         from kdbench.models.segmentation import torchvision_segmentation_names  # "segmentation": DeepLabV3/FCN/LR-ASPP
 
         return sorted(models.list_models(module=models)) + list(DETECTOR_NAMES) + torchvision_segmentation_names()
+
+    def semantic_taps(self, name):
+        from kdbench.models.detection import DETECTOR_NAMES, DetectorModel
+        from kdbench.models.segmentation import SEGMENTATION_TAPS, torchvision_segmentation_names
+
+        if name in DETECTOR_NAMES:
+            return DetectorModel.supported
+        if name in torchvision_segmentation_names():
+            return SEGMENTATION_TAPS
+        return RESNET_TAPS if name.startswith(("resnet", "resnext", "wide_resnet")) else ("logits",)
 
     def build(self, name, num_classes, in_chans, **kwargs):
         from torchvision import models
@@ -116,6 +137,14 @@ def check_model(spec: str) -> None:
 
     source, name = split_model_name(spec)
     MODELS.get(source)().check(name)
+
+
+def model_taps(spec: str) -> tuple[str, ...]:
+    """The semantic taps the model ``spec`` (``SOURCE:NAME``) provides, without building it."""
+    from kdbench.models import split_model_name
+
+    source, name = split_model_name(spec)
+    return tuple(MODELS.get(source)().semantic_taps(name))
 
 
 def build_model(spec: str, num_classes: int, in_chans: int, **kwargs: Any) -> TapModel:

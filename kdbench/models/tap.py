@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from kdbench.method import Outputs
 
-SEMANTIC_TAPS = ("stages", "stages_preact", "final", "pooled", "cam", "logits")
+SEMANTIC_TAPS = ("stages", "stages_preact", "stages_raw", "final", "pooled", "cam", "logits")
 
 
 @contextlib.contextmanager
@@ -45,6 +45,42 @@ def _get_module(net: nn.Module, path: str) -> nn.Module:
         raise ValueError(f"no submodule {path!r}; some valid paths: {', '.join(names)}") from None
 
 
+MODULE_PREFIX = "module:"
+
+
+@contextlib.contextmanager
+def record_outputs(module: nn.Module) -> Iterator[list]:
+    """Within the context, the output of every forward of ``module`` is appended to the yielded list."""
+    outs: list = []
+    handle = module.register_forward_hook(lambda _m, _inp, out: outs.append(out))
+    try:
+        yield outs
+    finally:
+        handle.remove()
+
+
+def tensor_list(out: Any) -> list[Tensor]:
+    """A module output as a tap's list of tensors: a tensor ``[t]``, a list/tuple as a list, a dict (e.g. an FPN's
+    ``OrderedDict``) its values in order."""
+    if isinstance(out, dict):
+        out = list(out.values())
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+@contextlib.contextmanager
+def capture_module_taps(net: nn.Module, taps: Iterable[str]) -> Iterator[dict[str, list[Tensor]]]:
+    """The ``module:<path>`` taps among ``taps``, captured with forward hooks on ``net``'s submodules (an unknown
+    path is an error naming valid ones). The yielded dict is filled when the context exits without error:
+    tap -> :func:`tensor_list` of the submodule's (last) output in the context; a submodule that did not run
+    is left out. Every TapModel's ``forward`` captures its ``module:`` taps this way."""
+    captured: dict[str, list[Tensor]] = {}
+    with contextlib.ExitStack() as stack:
+        recorded = {tap: stack.enter_context(record_outputs(_get_module(net, tap[len(MODULE_PREFIX):])))
+                    for tap in sorted(set(taps)) if tap.startswith(MODULE_PREFIX)}
+        yield captured
+    captured.update({tap: tensor_list(outs[-1]) for tap, outs in recorded.items() if outs})
+
+
 class TapModel(nn.Module):
     """Wraps a network. ``forward(x, taps)`` -> ``Outputs`` with ``logits`` and ``feats[tap]`` (lists of tensors).
 
@@ -76,23 +112,9 @@ class TapModel(nn.Module):
 
     def forward(self, x: Tensor, taps: Sequence[str] = ()) -> Outputs:
         wanted = set(taps)
-        captured: dict[str, Tensor] = {}
-        handles = []
-        for tap in wanted:
-            if tap.startswith("module:"):
-                mod = _get_module(self.net, tap[len("module:"):])
-
-                def hook(_m, _i, out, _tap=tap):
-                    captured[_tap] = out
-
-                handles.append(mod.register_forward_hook(hook))
-        try:
-            logits, feats = self._semantic(x, {t for t in wanted if not t.startswith("module:")})
-        finally:
-            for h in handles:
-                h.remove()
-        for tap, out in captured.items():
-            feats[tap] = list(out) if isinstance(out, (list, tuple)) else [out]
+        with capture_module_taps(self.net, wanted) as captured:
+            logits, feats = self._semantic(x, {t for t in wanted if not t.startswith(MODULE_PREFIX)})
+        feats.update(captured)
         if "logits" in wanted:
             feats["logits"] = [logits]
         if "cam" in wanted and "cam" not in feats:
@@ -130,7 +152,7 @@ class TapModel(nn.Module):
 class KdbenchCifar(TapModel):
     """kdbench's CIFAR-style nets: ``net.forward_taps(x)`` returns every semantic tap in one pass."""
 
-    supported = ("logits", "stages", "stages_preact", "final", "pooled", "cam")
+    supported = ("logits", "stages", "stages_preact", "stages_raw", "final", "pooled", "cam")
 
     @property
     def classifier(self):
@@ -165,11 +187,12 @@ def stage_indices(n_feats: int, n_stages: int = 4) -> list[int]:
 
 class TimmModel(TapModel):
     """Any timm model. Stages come from ``forward_intermediates`` (NCHW for CNN, ViT, Swin and MLP models:
-    token models are reshaped on their patch grid, prefix tokens dropped). ``final`` is the last stage map,
+    token models are reshaped on their patch grid, prefix tokens dropped); ``stages_raw`` is the same list (the
+    stage outputs as the network computes them). ``final`` is the last stage map,
     ``pooled`` the pre-logits feature, ``cam`` the classifier weights over ``final`` (for token models that pool a
     class token this is an approximation of a CAM)."""
 
-    supported = ("logits", "stages", "final", "pooled", "cam")
+    supported = ("logits", "stages", "stages_raw", "final", "pooled", "cam")
 
     @property
     def classifier(self):
@@ -215,20 +238,23 @@ class TimmModel(TapModel):
             return self.net(x), {}
         idx = self._stage_idx()
         final, inter = self.net.forward_intermediates(x, indices=idx)
-        feats = {"stages": list(inter), "final": [inter[-1]]}
+        feats = {"stages": list(inter), "stages_raw": list(inter), "final": [inter[-1]]}
         feats["pooled"] = [self.net.forward_head(final, pre_logits=True)]
         logits = self.net.forward_head(final)
         return logits, {k: v for k, v in feats.items() if k in self.wanted_semantic(wanted)}
 
 
+RESNET_TAPS = ("logits", "stages", "stages_raw", "final", "pooled", "cam")
+
+
 class TorchvisionModel(TapModel):
-    """torchvision classifiers. ResNet-family models provide stages (``layer1..4``), final, pooled and cam;
-    others provide logits and ``module:<path>`` taps."""
+    """torchvision classifiers. ResNet-family models provide stages (``layer1..4``; ``stages_raw`` is the same
+    list), final, pooled and cam; others provide logits and ``module:<path>`` taps."""
 
     def __init__(self, net, name):
         super().__init__(net, name)
         self._resnet = all(hasattr(net, a) for a in ("layer1", "layer2", "layer3", "layer4", "fc"))
-        self.supported = ("logits", "stages", "final", "pooled", "cam") if self._resnet else ("logits",)
+        self.supported = RESNET_TAPS if self._resnet else ("logits",)
 
     @property
     def classifier(self):
@@ -245,7 +271,7 @@ class TorchvisionModel(TapModel):
             stages.append(h)
         pooled = torch.flatten(n.avgpool(h), 1)
         logits = n.fc(pooled)
-        feats = {"stages": stages, "final": [h], "pooled": [pooled]}
+        feats = {"stages": stages, "stages_raw": stages, "final": [h], "pooled": [pooled]}
         return logits, {k: v for k, v in feats.items() if k in self.wanted_semantic(wanted)}
 
     def tap_modules(self, tap):
