@@ -13,9 +13,10 @@ from torch import nn
 from kdbench.freq import haar_wavedec2d, haar_waverec2d
 from kdbench.method import Batch, Context, Outputs
 from kdbench.methods.afp import AFP, AdaptivePromptSet
-from kdbench.methods.freekd import (
+from kdbench.featuremap import reg_kd_loss
+from kdbench.methods.freekd import FreeKD
+from kdbench.prompts import (
     ChannelGate,
-    FreeKD,
     PromptSet,
     RelationalGates,
     band_sets,
@@ -28,7 +29,6 @@ from kdbench.methods.freekd import (
     prompt_masks,
     prompted_reconstruction,
     reconstruct_from_sets,
-    reg_kd_loss,
     relational_attention,
     renormalise_gates,
 )
@@ -357,9 +357,12 @@ def test_freekd_params_and_defaults():
     det = FreeKD(_ctx(fpn, task="detection"))
     assert det.tap == "fpn" and det.mu == 5.0 and det.map_levels == [3, 3, 2, 1, 0] and not det.use_reg
     assert sorted(det.prompts) == ["0", "1", "2", "3"] and len(det.phi) == 5  # the 1×1 level gets MSE only
-    seg = {("student", "stages"): [(3, 8, 8), (5, 4, 4)], ("teacher", "stages"): [(4, 8, 8), (6, 4, 4), (7, 4, 4)]}
-    m = FreeKD(_ctx(seg, task="segmentation"))
-    assert m.tap == "stages" and m.s_index == [1] and m.t_index == [2] and m.mu == 5.0 and m.map_levels == [2]
+    seg = {("student", "stages"): [(3, 8, 8), (5, 4, 4)], ("teacher", "stages"): [(4, 8, 8), (6, 4, 4), (7, 4, 4)],
+           ("student", "final"): [(5, 4, 4)], ("teacher", "final"): [(7, 4, 4)]}
+    m = FreeKD(_ctx(seg, task="segmentation"))  # the backbone's last stage
+    assert m.tap == "final" and m.s_index == [0] and m.t_index == [0] and m.mu == 5.0 and m.map_levels == [2]
+    m = FreeKD(_ctx(seg, task="segmentation"), tap="stages")  # every stage, paired deepest-aligned
+    assert m.s_index == [0, 1] and m.t_index == [1, 2] and m.map_levels == [2, 2] and len(m.phi) == 2
     with pytest.raises(ValueError, match="large enough"):
         FreeKD(_ctx({("student", "final"): [(4, 1, 1)], ("teacher", "final"): [(4, 1, 1)]}))
 
