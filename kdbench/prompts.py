@@ -153,11 +153,12 @@ def dice_dissimilarity(masks: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 def jaccard_dissimilarity(masks: Tensor, eps: float = 1e-12) -> Tensor:
-    """Soft Jaccard overlap (paper, §7.1/§7.4 [INTERP]): ``mean_{n, i≠j} Σ min(m_i,m_j) / Σ max(m_i,m_j)``.
-    Same pair normalisation as the Dice version (the paper's i=j terms are the constant 1). 0 when T=1."""
+    """Soft-Jaccard overlap of the token masks (paper, §7.1/§7.4; soft form ``Σmin/Σmax`` [INTERP]): for masks
+    ``N×T×h×w``, ``mean_n (1/T²) Σ_i Σ_j Σ min(m_i,m_j) / Σ max(m_i,m_j)`` over **all** ordered pairs, the
+    diagonal included as the definition writes it (``eps`` added to the denominator). 1 for a single token."""
     m = masks.float().flatten(2)
     a, b = m[:, :, None], m[:, None, :]
-    return _pairwise_offdiag_mean(torch.minimum(a, b).sum(-1) / (torch.maximum(a, b).sum(-1) + eps))
+    return (torch.minimum(a, b).sum(-1) / (torch.maximum(a, b).sum(-1) + eps)).mean()
 
 
 DISSIMILARITIES: dict[str, Callable[[Tensor], Tensor]] = {"dice": dice_dissimilarity, "jaccard": jaccard_dissimilarity}

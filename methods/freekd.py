@@ -53,7 +53,7 @@ class FreeKD(PromptDistiller):
     tasks = frozenset({"classification", "detection", "segmentation"})
     heterogeneous = False
     citation = "Zhang et al., FreeKD: Knowledge Distillation via Semantic Frequency Prompt, CVPR 2024 (METHODS.md §7)"
-    version = 1
+    version = 2  # 2: dissimilarity='jaccard' is (1/T²)·Σ_i Σ_j, the diagonal included (§7.1)
     default_taps = {"detection": "fpn", "segmentation": "final", "classification": "final"}
 
     def __init__(

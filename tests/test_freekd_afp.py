@@ -243,18 +243,39 @@ def test_prompted_reconstruction_matches_released_stage1_code():
     assert torch.allclose(got, ref, atol=1e-5)
 
 
-def test_dice_and_jaccard_hand_values():
+def test_dice_hand_values():
+    """Dice as the released code (§7.2-7): mean over n and the ordered pairs i≠j."""
     m = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]]).reshape(2, 2, 1, 2)
     # sample 0: 2·1/(1+2) = 2/3 ; sample 1: identical masks -> 1 ; mean over n and both ordered pairs
     assert dice_dissimilarity(m).item() == pytest.approx((2 / 3 + 1) / 2, rel=1e-6)
-    # Jaccard: Σmin/Σmax = 1/2 and 1
-    assert jaccard_dissimilarity(m).item() == pytest.approx((0.5 + 1) / 2, rel=1e-6)
     disjoint = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).reshape(1, 2, 1, 2)
-    assert dice_dissimilarity(disjoint).item() == 0.0 and jaccard_dissimilarity(disjoint).item() == 0.0
+    assert dice_dissimilarity(disjoint).item() == 0.0
     assert dice_dissimilarity(torch.rand(2, 1, 3, 3)).item() == 0.0  # a single token has no pair
     # 3 tokens: off-diagonal mean (6 ordered pairs), not including the diagonal
     three = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]).reshape(1, 3, 1, 2)
     assert dice_dissimilarity(three).item() == pytest.approx(2 / 6)
+
+
+def test_jaccard_hand_values_include_the_diagonal():
+    """Jaccard as defined (§7.1): L_dis = (1/T²)·Σ_i Σ_j J(M_i, M_j) with J = Σmin/Σmax, i = j included,
+    averaged over the samples."""
+    # one sample, T = 2, soft masks over 2 positions: m_1 = [0.2, 0.8], m_2 = [0.6, 0.4]
+    #   J(m_1, m_2) = (min(.2,.6) + min(.8,.4)) / (max(.2,.6) + max(.8,.4)) = (0.2 + 0.4) / (0.6 + 0.8) = 3/7
+    #   J(m_1, m_1) = J(m_2, m_2) = 1
+    #   L = (1/4)·(1 + 3/7 + 3/7 + 1) = (1/4)·(20/7) = 5/7   (the off-diagonal mean would be 3/7)
+    soft = torch.tensor([[0.2, 0.8], [0.6, 0.4]]).reshape(1, 2, 1, 2)
+    assert jaccard_dissimilarity(soft).item() == pytest.approx(5 / 7, rel=1e-6)
+    # two samples: sample 0 binary m_1 = [1, 0], m_2 = [1, 1]: J = 1/2 -> (1/4)(1 + 1/2 + 1/2 + 1) = 3/4;
+    # sample 1 two identical masks: every J = 1 -> 1; the mean over samples = (3/4 + 1)/2 = 7/8
+    m = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]]).reshape(2, 2, 1, 2)
+    assert jaccard_dissimilarity(m).item() == pytest.approx(7 / 8, rel=1e-6)
+    # T = 3: [1,0], [1,0], [0,1]: J matrix [[1,1,0],[1,1,0],[0,0,1]] sums to 5 -> 5/9
+    three = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]).reshape(1, 3, 1, 2)
+    assert jaccard_dissimilarity(three).item() == pytest.approx(5 / 9, rel=1e-6)
+    # disjoint masks: only the diagonal counts, (1/4)(1 + 0 + 0 + 1) = 1/2; a single token: J(m, m) = 1
+    disjoint = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).reshape(1, 2, 1, 2)
+    assert jaccard_dissimilarity(disjoint).item() == pytest.approx(0.5, rel=1e-6)
+    assert jaccard_dissimilarity(torch.rand(2, 1, 3, 3) + 0.1).item() == pytest.approx(1.0, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
