@@ -610,3 +610,40 @@ def test_afp_stage1_trains_tokens_and_token_weights():
     assert not teacher.stage1._forward_hooks and not teacher.stage2._forward_hooks
     m.load_stage(state)
     assert all(not p.requires_grad for p in m.prompts.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage contract: stage_params are exactly the parameters that change the stage artifact
+# ------------------------------------------------------------------------------------------------
+STAGE_SHAPES = {("student", "final"): [(5, 8, 8)], ("teacher", "final"): [(6, 8, 8)],
+                ("student", "stages"): [(3, 16, 16), (5, 8, 8)], ("teacher", "stages"): [(4, 16, 16), (6, 8, 8)]}
+# a changed value for every parameter: stage parameters, then the others
+STAGE_CHANGES = {
+    "freekd": ({"num_tokens": 3, "levels": 2, "tap": "stages", "stage_iters": 4, "stage_lr": 0.01,
+                "stage_optimizer": "sgd", "stage_seed": 1, "dissimilarity": "jaccard", "dis_weight": 2.0},
+               {"variant": "paper", "mask_weight": 2.0, "mse_weight": 3.0, "reg_weight": 0.0, "include_low": True}),
+    "afp": ({"num_tokens": 3, "levels": 2, "tap": "final", "stage_iters": 4, "stage_lr": 0.01,
+             "stage_optimizer": "sgd", "stage_seed": 1, "dissimilarity": "jaccard", "dis_weight": 2.0},
+            {"mu": 2.0, "ce_weight": 0.5, "reg_weight": 0.0}),
+}
+
+
+@pytest.mark.parametrize("cls", [FreeKD, AFP], ids=["freekd", "afp"])
+def test_stage_params_are_exactly_what_changes_the_stage(cls):
+    stage, others = STAGE_CHANGES[cls.registry_name]
+    assert set(cls.stage_params) == set(stage) and set(stage) | set(others) == set(cls.param_defaults())
+    base = {"stage_iters": 3, "stage_lr": 0.05}
+
+    def artifact(**params):
+        m = cls(_ctx(STAGE_SHAPES, task_loss=_ce), **{**base, **params})
+        return m.run_stage(_teacher(), _loader(), torch.device("cpu"))
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+    ref = artifact()
+    for name, value in others.items():
+        extra = {"variant": "paper"} if name == "include_low" else {}
+        assert same(artifact(**extra, **{name: value}), ref), f"{name} is not a stage parameter but changed the stage"
+    for name, value in stage.items():
+        assert not same(artifact(**{name: value}), ref), f"stage parameter {name} did not change the stage"
