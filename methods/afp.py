@@ -1,6 +1,5 @@
 """AFP: Zhang, Mao, Chi, Wang, Zhang, Liu, Jin, Rao, "Knowledge distillation with adaptive frequency
-prompting", The Computer Journal 68(11):1785–1797, 2025. Spec: METHODS.md §9 (docs/methods.md §9; abstract only:
-[INTERP]).
+prompting", The Computer Journal 68(11):1785–1797, 2025. Spec: docs/methods.md §9 (abstract only: [INTERP]).
 
 AFP = FreeKD-P (§7.3, §7.5) with
 
@@ -63,7 +62,7 @@ _AFP_MU = {"classification": 1.0, "detection": 10.0}
 @register_method("afp")
 class AFP(PromptDistiller):
     """Zhang et al., "Knowledge distillation with adaptive frequency prompting", Computer Journal 2025.
-    METHODS.md §9 ([INTERP]: FreeKD-P + ABF hierarchical fusion + adaptive token weights).
+    docs/methods.md §9 ([INTERP]: FreeKD-P + ABF hierarchical fusion + adaptive token weights).
 
     ``L = ce_weight·CE + mu·Σ_l Σ_{k=0..J_l} mean(ω^(r)_l · m_{l,k} · |HFF(F^s)_{l,k} − F^t_{l,k}|)``
 
@@ -83,7 +82,7 @@ class AFP(PromptDistiller):
     tasks = frozenset({"classification", "detection"})
     heterogeneous = True
     citation = ("Zhang et al., Knowledge distillation with adaptive frequency prompting, Computer Journal 2025 "
-                "(METHODS.md §9)")
+                "(docs/methods.md §9)")
     version = 2  # 2: dissimilarity='jaccard' is (1/T²)·Σ_i Σ_j, the diagonal included (§7.1)
     default_taps = {"classification": "stages", "detection": "fpn"}
     prompt_set = AdaptivePromptSet

@@ -1,7 +1,6 @@
 """CWD: Shu et al., "Channel-wise Knowledge Distillation for Dense Prediction", ICCV 2021.
 
-Spec: METHODS.md §2 (spatial CWD) and §8 (DWT-CWD, FreeKD supplementary Table 10); docs/methods.md, same
-sections.
+Spec: docs/methods.md §2 (spatial CWD) and §8 (DWT-CWD, FreeKD supplementary Table 10).
 """
 
 from __future__ import annotations
@@ -15,13 +14,13 @@ from kdbench.featuremap import FeatureMapDistiller, map_loss
 from kdbench.freq import autocast_disabled
 from kdbench.method import register_method
 
-# Default loss weight per task (METHODS.md §2): mmrazor's FPN (per level) and segmentation-logits settings.
+# Default loss weight per task (docs/methods.md §2): mmrazor's FPN (per level) and segmentation-logits settings.
 # Classification has no reference setting; kdbench uses the feature-map (FPN) weight on the "final" map.
 DEFAULT_WEIGHT = {"detection": 10.0, "segmentation": 5.0, "classification": 10.0}
 
 
 def cwd_loss(feat_s: Tensor, feat_t: Tensor, tau: float) -> Tensor:
-    """Channel-wise distillation loss (METHODS.md §2), in fp32 with autocast off.
+    """Channel-wise distillation loss (docs/methods.md §2), in fp32 with autocast off.
 
     Each (n, c) map of ``N×C×H×W`` becomes a softmax over its ``H·W`` positions at temperature ``tau``;
     ``L = τ² / (N·C) · Σ_{n,c,i} φ(T)·(log φ(T) − log φ(S))``: KL summed over positions, averaged over
@@ -44,7 +43,7 @@ def cwd_loss(feat_s: Tensor, feat_t: Tensor, tau: float) -> Tensor:
 
 
 def dwt_cwd_loss(feat_s: Tensor, feat_t: Tensor, tau: float, levels: int) -> Tensor:
-    """DWT-CWD (METHODS.md §8): :func:`cwd_loss` summed over the ``3·levels`` Haar high bands
+    """DWT-CWD (docs/methods.md §8): :func:`cwd_loss` summed over the ``3·levels`` Haar high bands
     (LH, HL, HH of levels 1..J; the low band is excluded). The student is resized bilinearly to the
     teacher's spatial size first when they differ; channels must match."""
     return map_loss(feat_s, feat_t, lambda s, t: cwd_loss(s, t, tau), "dwt", levels, "dwt_cwd_loss")
@@ -52,7 +51,7 @@ def dwt_cwd_loss(feat_s: Tensor, feat_t: Tensor, tau: float, levels: int) -> Ten
 
 @register_method("cwd")
 class CWD(FeatureMapDistiller):
-    """Channel-wise distillation, Shu et al. ICCV 2021. METHODS.md §2, §8.
+    """Channel-wise distillation, Shu et al. ICCV 2021. docs/methods.md §2, §8.
 
     For every tapped level, a spatial softmax per channel (temperature ``tau``) of the teacher map is
     matched by the student's via KL; one loss per level, summed, times ``weight``.
@@ -70,7 +69,7 @@ class CWD(FeatureMapDistiller):
     tasks = frozenset({"classification", "detection", "segmentation"})
     version = 1
     heterogeneous = True
-    citation = "Shu et al., Channel-wise Knowledge Distillation for Dense Prediction, ICCV 2021 (METHODS.md §2, §8)"
+    citation = "Shu et al., Channel-wise Knowledge Distillation for Dense Prediction, ICCV 2021 (docs/methods.md §2, §8)"
     loss_name = "loss_cwd"
     default_taps = {"detection": "fpn", "segmentation": "logits", "classification": "final"}
     adapter_bias = True

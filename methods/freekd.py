@@ -1,6 +1,6 @@
 """FreeKD: Zhang et al., "FreeKD: Knowledge Distillation via Semantic Frequency Prompt", CVPR 2024.
 
-Spec: METHODS.md §7 (docs/methods.md §7; the Haar DWT of §6 comes from :mod:`kdbench.freq`, the prompts, masks,
+Spec: docs/methods.md §7 (the Haar DWT of §6 comes from :mod:`kdbench.freq`, the prompts, masks,
 gates and stage 1 from :mod:`kdbench.prompts`). Two variants (§7.3):
 
 * ``variant="code"`` (FreeKD-C, default): the released code: prompt-masked L1 on the high DWT bands of
@@ -26,7 +26,7 @@ _FREEKD_MU = {"detection": 5.0, "segmentation": 5.0, "classification": 1.0}
 
 @register_method("freekd")
 class FreeKD(PromptDistiller):
-    """Zhang et al., "FreeKD: Knowledge Distillation via Semantic Frequency Prompt", CVPR 2024. METHODS.md §7.
+    """Zhang et al., "FreeKD: Knowledge Distillation via Semantic Frequency Prompt", CVPR 2024. docs/methods.md §7.
 
     Per distilled map ``l``: ``S_l = φ_l(F^s_l)`` (1×1 conv with bias, bilinearly resized to the teacher's
     size if needed), masks from frozen stage-1 prompts on the teacher's bands (one ``PromptSet`` per map,
@@ -52,7 +52,7 @@ class FreeKD(PromptDistiller):
 
     tasks = frozenset({"classification", "detection", "segmentation"})
     heterogeneous = False
-    citation = "Zhang et al., FreeKD: Knowledge Distillation via Semantic Frequency Prompt, CVPR 2024 (METHODS.md §7)"
+    citation = "Zhang et al., FreeKD: Knowledge Distillation via Semantic Frequency Prompt, CVPR 2024 (docs/methods.md §7)"
     version = 2  # 2: dissimilarity='jaccard' is (1/T²)·Σ_i Σ_j, the diagonal included (§7.1)
     default_taps = {"detection": "fpn", "segmentation": "final", "classification": "final"}
 

@@ -1,8 +1,7 @@
 """PKD: Cao et al., "PKD: General Distillation Framework for Object Detectors via Pearson Correlation
 Coefficient", NeurIPS 2022.
 
-Spec: METHODS.md §3 (spatial PKD) and §8 (DWT-PKD, FreeKD supplementary Table 10); docs/methods.md, same
-sections.
+Spec: docs/methods.md §3 (spatial PKD) and §8 (DWT-PKD, FreeKD supplementary Table 10).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from kdbench.method import register_method
 
 def _standardize(x: Tensor, eps: float) -> Tensor:
     """``C×M`` view of an ``N×C×H×W`` map, standardised per channel over its ``M = N·H·W`` values:
-    ``(x − μ_c) / (σ_c + eps)`` with the unbiased σ (METHODS.md §3).
+    ``(x − μ_c) / (σ_c + eps)`` with the unbiased σ (docs/methods.md §3).
 
     σ is computed as ``sqrt(var)`` guarded so that a constant channel (σ = 0, e.g. a dead ReLU channel)
     gives σ = 0 and a finite gradient instead of the NaN that ``torch.std``'s backward produces there.
@@ -34,7 +33,7 @@ def _standardize(x: Tensor, eps: float) -> Tensor:
 
 
 def pearson_pair_loss(s: Tensor, t: Tensor, eps: float = 1e-6) -> Tensor:
-    """``½·mean((Ŝ − T̂)²)`` of two same-shaped fp32 maps standardised per channel (METHODS.md §3). With
+    """``½·mean((Ŝ − T̂)²)`` of two same-shaped fp32 maps standardised per channel (docs/methods.md §3). With
     ``M = N·H·W < 2`` the statistics are undefined and the loss is 0 (still connected to the student's graph)."""
     if t.shape[0] * t.shape[2] * t.shape[3] < 2:
         return s.sum() * 0.0
@@ -42,7 +41,7 @@ def pearson_pair_loss(s: Tensor, t: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def pkd_loss(feat_s: Tensor, feat_t: Tensor, eps: float = 1e-6) -> Tensor:
-    """Pearson-correlation distillation for one level (METHODS.md §3), in fp32 with autocast off.
+    """Pearson-correlation distillation for one level (docs/methods.md §3), in fp32 with autocast off.
 
     Both maps are standardised per channel with statistics over ``(N, H, W)`` jointly (unbiased σ,
     ``eps`` added to σ), then ``L = ½·mean((Ŝ − T̂)²)``, which equals
@@ -54,7 +53,7 @@ def pkd_loss(feat_s: Tensor, feat_t: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def dwt_pkd_loss(feat_s: Tensor, feat_t: Tensor, levels: int, eps: float = 1e-6) -> Tensor:
-    """DWT-PKD (METHODS.md §8): the student is resized bilinearly to the teacher's size, both maps are
+    """DWT-PKD (docs/methods.md §8): the student is resized bilinearly to the teacher's size, both maps are
     decomposed into ``levels`` Haar levels, and each of the ``3·levels`` high bands is standardised on
     its own (per channel over ``(N, h_j, w_j)``) and scored as in :func:`pkd_loss`; band losses are
     summed. Bands with ``N·h_j·w_j == 1`` score 0 (undefined σ); the low band is excluded."""
@@ -63,7 +62,7 @@ def dwt_pkd_loss(feat_s: Tensor, feat_t: Tensor, levels: int, eps: float = 1e-6)
 
 @register_method("pkd")
 class PKD(FeatureMapDistiller):
-    """PKD, Cao et al. NeurIPS 2022. METHODS.md §3, §8.
+    """PKD, Cao et al. NeurIPS 2022. docs/methods.md §3, §8.
 
     Per level, student and teacher maps are standardised per channel over (N, H, W) and matched with
     ``½·MSE``; one loss per level, summed, times ``weight``.
@@ -85,7 +84,7 @@ class PKD(FeatureMapDistiller):
     heterogeneous = True
     citation = (
         "Cao et al., PKD: General Distillation Framework for Object Detectors via Pearson Correlation "
-        "Coefficient, NeurIPS 2022 (METHODS.md §3, §8)"
+        "Coefficient, NeurIPS 2022 (docs/methods.md §3, §8)"
     )
     loss_name = "loss_pkd"
     default_taps = {"detection": "fpn", "segmentation": "final", "classification": "final"}

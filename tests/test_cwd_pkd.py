@@ -1,4 +1,4 @@
-"""Tests of CWD and PKD, spatial and DWT domains (METHODS.md §2, §3, §8)."""
+"""Tests of CWD and PKD, spatial and DWT domains (docs/methods.md §2, §3, §8)."""
 
 import math
 import warnings

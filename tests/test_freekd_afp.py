@@ -1,4 +1,4 @@
-"""FreeKD (METHODS.md §7) and AFP (§9): pure losses, prompts, gates, stage 1 and the Distillers."""
+"""FreeKD (docs/methods.md §7) and AFP (§9): pure losses, prompts, gates, stage 1 and the Distillers."""
 
 from __future__ import annotations
 
