@@ -7,8 +7,8 @@ For a RetinaNet pair (default: the coco_detection pair, RetinaNet-R101 -> Retina
   post-processing), ``teacher fpn``: backbone + FPN only (what kdbench runs for FPN-only methods), and the
   saving ``1 - fpn / full``;
 * ``student step``: one training step of the student alone (forward with targets, backward, SGD step);
-* per method: one distillation step as ``kdbench.train.fit`` runs it (student forward with its taps, teacher
-  forward with its taps under no_grad, the method's terms, backward, SGD step), and its ratio to
+* per method: one distillation step, ``kdbench.train.train_step`` as ``fit`` runs it (student forward with its
+  taps, teacher forward with its taps under no_grad, the method's terms, backward, SGD step), and its ratio to
   ``teacher full + student step`` (the cost of a naive distillation step that runs the whole teacher).
 
 Times are the minimum over ``--repeats`` (median in parentheses) after one warm-up, taken round robin over
@@ -66,6 +66,7 @@ def run(teacher_name: str = "retinanet_resnet101_fpn", student_name: str = "reti
     from kdbench.registry import METHODS
     from kdbench.runner import build_context
     from kdbench.tasks.detection import DetectionTask
+    from kdbench.train import train_step
 
     task = DetectionTask()
     torch.manual_seed(0)
@@ -88,26 +89,17 @@ def run(teacher_name: str = "retinanet_resnet101_fpn", student_name: str = "reti
         ctx = build_context(task_probe, data, {"epochs": 1, "batch_size": batch}, student,
                             teacher if cls.needs_teacher else None, torch.device("cpu"))
         method = cls(ctx, **cls.check_params(params))
-        if method.stage_config() is not None:  # seeded prompts: stage 1 is a one-off cost, not part of a step
+        if cls.stage_params:  # seeded prompts: stage 1 is a one-off cost, not part of a step
             method.load_stage({k: v.clone() for k, v in method.prompts.state_dict().items()})
-        taps = method.taps()
         student.train()
         method.train()
         opt = torch.optim.SGD([p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad],
                               lr=1e-4, momentum=0.9)
         b = Batch(inputs=x, targets=y, epoch=1, step=0, epochs=1, steps_per_epoch=1)
+        t = teacher if cls.needs_teacher else None
 
-        def step():  # kdbench.train.fit's inner loop
-            s_out = task.forward(student, x, y, taps.student)
-            t_out = None
-            if cls.needs_teacher:
-                with torch.no_grad():
-                    t_out = task.forward(teacher, x, None, taps.teacher)
-            terms = method(s_out, t_out, b)
-            loss = method.task_loss_weight * task.loss(s_out, y) + sum(terms.values(), torch.zeros(()))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        def step():
+            train_step(student, t, method, task, b, optimizer=opt)
 
         return step
 

@@ -114,6 +114,10 @@ class Distiller(nn.Module):
       * ``needs_teacher``: False only for the student baseline.
       * ``heterogeneous``: True when the method works across architectures (CNN↔ViT/Swin/MLP).
       * ``citation``: one line, shown by ``kdbench ls methods``.
+      * ``stage_params``: the names of the constructor parameters that determine the method's stage (run once
+        before distillation, e.g. FreeKD's prompt tuning); empty = no stage. The harness runs the stage as its
+        own run per value of these (and teacher, student, data, batch size) and hands its artifact to every
+        distillation run that uses it.
     """
 
     tasks: frozenset[str] | set[str] = frozenset({"classification"})
@@ -122,6 +126,7 @@ class Distiller(nn.Module):
     heterogeneous: bool = False
     citation: str = ""
     task_loss_weight: float = 1.0
+    stage_params: tuple[str, ...] = ()
 
     def __init__(self, ctx: Context):
         super().__init__()
@@ -134,16 +139,17 @@ class Distiller(nn.Module):
     def forward(self, s: Outputs, t: Outputs | None, batch: Batch) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    # Optional stage run once per (teacher, stage config) before distillation (FreeKD/AFP prompts).
-    # A method with a stage overrides all three; the harness caches the artifact by hash.
+    # The stage of a method with ``stage_params`` (FreeKD/AFP prompts): it overrides all three.
     def stage_config(self) -> dict | None:
-        """Plain data that determines the stage artifact, or None when the method has no stage."""
+        """Plain data describing the stage (recorded with its artifact), or None when the method has no stage."""
         return None
 
     def run_stage(self, teacher: nn.Module, loader, device: torch.device) -> dict[str, Tensor]:
+        """Run the stage on the frozen ``teacher``; the artifact is tensors only (``torch.load(weights_only=True)``)."""
         raise NotImplementedError
 
     def load_stage(self, state: dict[str, Tensor]) -> None:
+        """Load what :meth:`run_stage` returned, before distillation."""
         raise NotImplementedError
 
     # -- helpers for the harness -----------------------------------------------------------------
@@ -341,40 +347,3 @@ def no_autocast():
     return torch.autocast(device_type="cuda", enabled=False) if torch.cuda.is_available() else torch.autocast(
         device_type="cpu", enabled=False
     )
-
-
-# -- helpers shared by feature-map methods --------------------------------------------------------------
-def resolve_tap(ctx: Context, tap: str, defaults: dict[str, str], who: str) -> str:
-    """``tap`` itself, or for ``"auto"`` the method's default tap for the context's task."""
-    if tap != "auto":
-        return tap
-    if ctx.task not in defaults:
-        raise ValueError(f"{who}: no default tap for task {ctx.task!r}; pass tap=")
-    return defaults[ctx.task]
-
-
-def paired_map_shapes(ctx: Context, tap: str, who: str, max_levels: int | None = None
-                      ) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
-    """Student and teacher ``C×H×W`` shapes of a tap's maps, level by level (the first ``max_levels``).
-
-    The two networks must give the same number of levels, each a ``C×H×W`` map; the error says which does not.
-    """
-    if max_levels is not None and (int(max_levels) != max_levels or max_levels < 1):
-        raise ValueError(f"{who}: max_levels must be a positive integer or None, got {max_levels!r}")
-    shapes_s, shapes_t = ctx.shapes("student", tap), ctx.shapes("teacher", tap)
-    if max_levels is not None:
-        shapes_s, shapes_t = shapes_s[: int(max_levels)], shapes_t[: int(max_levels)]
-    if len(shapes_s) != len(shapes_t) or not shapes_s:
-        raise ValueError(f"{who}: tap {tap!r} has {len(shapes_s)} student and {len(shapes_t)} teacher levels; "
-                         "they must be equal and non-zero (set max_levels?)")
-    for side, shapes in (("student", shapes_s), ("teacher", shapes_t)):
-        bad = [s for s in shapes if len(s) != 3]
-        if bad:
-            raise ValueError(f"{who}: tap {tap!r} of the {side} gives shapes {bad}; {who} needs C×H×W maps")
-    return shapes_s, shapes_t
-
-
-def channel_adapters(shapes_s, shapes_t, bias: bool = True) -> nn.ModuleList:
-    """One student-side 1×1 conv ``C_s → C_t`` per level (identity where the channels already match)."""
-    return nn.ModuleList(nn.Conv2d(ss[0], st[0], kernel_size=1, bias=bias) if ss[0] != st[0] else nn.Identity()
-                         for ss, st in zip(shapes_s, shapes_t))

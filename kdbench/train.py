@@ -1,4 +1,8 @@
-"""The training loop: optimiser, per-step LR schedule with warm-up, AMP on GPU, gradient clipping, a checkpoint
+"""The training step and loop. :func:`train_step` is the one step (forwards, task loss, method terms in fp32,
+non-finite guard, backward, gradient averaging and clipping, optimiser step) that :func:`fit`, stage 1 of the
+prompt methods (``kdbench/prompts.py``), ``benchmarks/bench_detection.py`` and the tests run.
+
+:func:`fit` is the loop around it: optimiser, per-step LR schedule with warm-up, AMP on GPU, gradient clipping, a checkpoint
 every epoch and exact resume from it, a non-finite-loss guard, a progress bar, per-epoch metrics in
 ``log.jsonl``, and the final and best-epoch metrics.
 
@@ -24,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from kdbench import ddp
-from kdbench.method import Batch, Distiller
+from kdbench.method import Batch, Distiller, Outputs, Taps
 
 
 class Diverged(RuntimeError):
@@ -109,6 +113,74 @@ def _peak_mem_mb(device: torch.device) -> float:
         return float("nan")
 
 
+@dataclass
+class StepOutput:
+    """What one :func:`train_step` computed: the total objective, the task loss, the method's terms (fp32) and
+    the two networks' outputs (``teacher`` is None without a teacher)."""
+
+    loss: Tensor
+    task_loss: Tensor
+    terms: dict[str, Tensor]
+    student: Outputs
+    teacher: Outputs | None
+
+
+def train_step(student: nn.Module, teacher: nn.Module | None, method: nn.Module, task, batch: Batch, *,
+               optimizer: torch.optim.Optimizer | None = None, params: list | None = None,
+               scaler: torch.amp.GradScaler | None = None, amp: bool = False, grad_clip: float | None = None,
+               dist: ddp.Dist = ddp.SINGLE, loss_scale: float = 1.0, device: torch.device | None = None,
+               taps: Taps | None = None) -> StepOutput:
+    """One training step of distillation, the one that :func:`fit`, stage 1 of the prompt methods, the cost
+    benchmark and the tests all run.
+
+    Under autocast when ``amp``: the student's forward with its taps (``task.forward(student, x, y, ...)``),
+    the teacher's under ``no_grad`` (skipped when ``teacher`` is None), the task loss and the method's terms
+    ``method(s, t, batch)``. Then, in fp32, ``loss = method.task_loss_weight·task_loss + Σ terms``; a non-finite
+    ``loss`` (on any rank) raises :class:`Diverged`. With an ``optimizer``: zero the gradients, backward
+    (through ``scaler`` when given; times ``loss_scale`` in a distributed run), average the gradients over
+    ranks, clip their norm to ``grad_clip``, step. Without one, only the backward (for checks that inspect the
+    gradients). ``task`` needs ``forward(model, x, y, taps)`` and ``loss(outputs, y)``; ``batch`` carries the
+    inputs and targets, already on the device. ``params`` default to the optimizer's.
+    """
+    x, y = batch.inputs, batch.targets
+    taps = method.taps() if taps is None else taps
+    if device is None:
+        device = next(student.parameters()).device
+    with torch.autocast(device_type=device.type, enabled=amp):
+        s_out = task.forward(student, x, y, taps.student)
+        t_out = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_out = task.forward(teacher, x, None, taps.teacher)
+        task_loss = task.loss(s_out, y)
+        terms = method(s_out, t_out, batch)
+    loss = method.task_loss_weight * task_loss.float() + sum((v.float() for v in terms.values()),
+                                                             torch.zeros((), device=device))
+    if not ddp.all_finite(loss, dist):
+        vals = {k: float(v.detach()) for k, v in {"loss_task": task_loss, **terms}.items()}
+        i = batch.step - (batch.epoch - 1) * batch.steps_per_epoch
+        raise Diverged(f"non-finite loss at epoch {batch.epoch}, step {i}: {vals}")
+    if optimizer is None:
+        loss.backward()
+        return StepOutput(loss, task_loss, terms, s_out, t_out)
+    if params is None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    scaled = loss * loss_scale if dist.enabled else loss
+    (scaled if scaler is None else scaler.scale(scaled)).backward()
+    ddp.average_gradients(params, dist)
+    if grad_clip:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, float(grad_clip))
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    return StepOutput(loss, task_loss, terms, s_out, t_out)
+
+
 def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, task, data, recipe: dict,
         run_dir: Path, seed: int, device: torch.device, desc: str = "", primary: str = "top1",
         higher_is_better: bool = True, dist: ddp.Dist = ddp.SINGLE) -> FitResult:
@@ -182,34 +254,17 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
                 grp["lr"] = lr0 * lr_factor(recipe["schedule"], step, steps_per_epoch, epochs)
             t0 = time.perf_counter()
             x, y = task.to_device(x, y, device)
-            with torch.autocast(device_type=device.type, enabled=use_amp):
-                s_out = task.forward(student, x, y, taps.student)
-                t_out = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_out = task.forward(teacher, x, None, taps.teacher)
-                task_loss = task.loss(s_out, y)
-                terms = method(s_out, t_out, Batch(inputs=x, targets=y, epoch=epoch, step=step, epochs=epochs,
-                                                   steps_per_epoch=steps_per_epoch))
-            loss = method.task_loss_weight * task_loss.float() + sum((v.float() for v in terms.values()),
-                                                                     torch.zeros((), device=device))
-            if not ddp.all_finite(loss, dist):
-                vals = {k: float(v.detach()) for k, v in {"loss_task": task_loss, **terms}.items()}
-                raise Diverged(f"non-finite loss at epoch {epoch}, step {i}: {vals}")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss * scale if dist.enabled else loss).backward()
-            ddp.average_gradients(params, dist)
-            if recipe.get("grad_clip"):
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, float(recipe["grad_clip"]))
-            scaler.step(opt)
-            scaler.update()
+            out = train_step(student, teacher, method, task,
+                             Batch(inputs=x, targets=y, epoch=epoch, step=step, epochs=epochs,
+                                   steps_per_epoch=steps_per_epoch),
+                             optimizer=opt, params=params, scaler=scaler, amp=use_amp,
+                             grad_clip=recipe.get("grad_clip"), dist=dist, loss_scale=scale, device=device, taps=taps)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_times[0] += time.perf_counter() - t0
             step_times[1] += 1
             n_steps += 1
-            for k, v in {"loss": loss, "loss_task": task_loss, **terms}.items():
+            for k, v in {"loss": out.loss, "loss_task": out.task_loss, **out.terms}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * (scale / dist.world)
             if sleep_s:
                 time.sleep(sleep_s)

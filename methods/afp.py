@@ -1,5 +1,5 @@
 """AFP: Zhang, Mao, Chi, Wang, Zhang, Liu, Jin, Rao, "Knowledge distillation with adaptive frequency
-prompting", The Computer Journal 68(11):1785–1797, 2025. Spec: METHODS.md §9 (abstract only: [INTERP]).
+prompting", The Computer Journal 68(11):1785–1797, 2025. Spec: docs/methods.md §9 (abstract only: [INTERP]).
 
 AFP = FreeKD-P (§7.3, §7.5) with
 
@@ -9,7 +9,7 @@ AFP = FreeKD-P (§7.3, §7.5) with
   token masks, ``m = Σ_τ π_τ σ(M_τ)`` (FreeKD's unused ``MaskModule.prob`` branch, switched on);
 * ``LL_J`` distilled too, ``J = min(levels, ⌊log2(min(H,W))⌋)`` per map.
 
-The bands, masks, gates and the stage-1 driver are FreeKD's (:mod:`kdbench.methods.freekd`).
+The bands, masks, gates and stage 1 are the frequency-prompt machinery of :mod:`kdbench.prompts`.
 """
 
 from __future__ import annotations
@@ -20,22 +20,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from kdbench.method import Batch, Distiller, Outputs, Taps, register_method
-from kdbench.methods.freekd import (
-    DISSIMILARITIES,
-    PromptSet,
-    PromptStageMixin,
-    RelationalGates,
-    pair_indices,
-    has_regression_taps,
-    spatial_tap_shapes,
-    clamp_levels,
-    fp32_region,
-    next_level_context,
-    reg_kd_loss,
-    resolve_tap,
-)
+from kdbench.freq import autocast_disabled
+from kdbench.method import Batch, Outputs, register_method
 from kdbench.methods.reviewkd import ReviewFusion
+from kdbench.prompts import PromptDistiller, PromptSet, next_level_context
 
 __all__ = ["AdaptivePromptSet", "AFP"]
 
@@ -64,18 +52,17 @@ class AdaptivePromptSet(PromptSet):
 
     def token_mix(self, k: int, guide: Tensor) -> Tensor:
         """``π`` for band set ``k``: ``N×T``, rows summing to 1."""
-        with fp32_region(guide.device):
+        with autocast_disabled(guide.device):
             return torch.softmax(self.prob(guide.float()).flatten(1), dim=1)
 
 
-_AFP_TAPS = {"classification": ("stages", False), "detection": ("fpn", False)}
 _AFP_MU = {"classification": 1.0, "detection": 10.0}
 
 
 @register_method("afp")
-class AFP(PromptStageMixin, Distiller):
+class AFP(PromptDistiller):
     """Zhang et al., "Knowledge distillation with adaptive frequency prompting", Computer Journal 2025.
-    METHODS.md §9 ([INTERP]: FreeKD-P + ABF hierarchical fusion + adaptive token weights).
+    docs/methods.md §9 ([INTERP]: FreeKD-P + ABF hierarchical fusion + adaptive token weights).
 
     ``L = ce_weight·CE + mu·Σ_l Σ_{k=0..J_l} mean(ω^(r)_l · m_{l,k} · |HFF(F^s)_{l,k} − F^t_{l,k}|)``
 
@@ -95,8 +82,10 @@ class AFP(PromptStageMixin, Distiller):
     tasks = frozenset({"classification", "detection"})
     heterogeneous = True
     citation = ("Zhang et al., Knowledge distillation with adaptive frequency prompting, Computer Journal 2025 "
-                "(METHODS.md §9)")
-    version = 1
+                "(docs/methods.md §9)")
+    version = 2  # 2: dissimilarity='jaccard' is (1/T²)·Σ_i Σ_j, the diagonal included (§7.1)
+    default_taps = {"classification": "stages", "detection": "fpn"}
+    prompt_set = AdaptivePromptSet
 
     def __init__(
         self,
@@ -115,51 +104,18 @@ class AFP(PromptStageMixin, Distiller):
         dissimilarity: str = "dice",
         dis_weight: float = 1.0,
     ):
-        super().__init__(ctx)
-        if dissimilarity not in DISSIMILARITIES:
-            raise ValueError(f"afp: dissimilarity must be one of {sorted(DISSIMILARITIES)}, got {dissimilarity!r}")
-        if stage_optimizer not in ("adam", "sgd"):
-            raise ValueError(f"afp: stage_optimizer must be 'adam' or 'sgd', got {stage_optimizer!r}")
-        if int(num_tokens) != num_tokens or num_tokens < 1:
-            raise ValueError(f"afp: num_tokens must be a positive integer, got {num_tokens!r}")
+        super().__init__(ctx, num_tokens=num_tokens, levels=levels, tap=tap, reg_weight=reg_weight,
+                         stage_iters=stage_iters, stage_lr=stage_lr, stage_optimizer=stage_optimizer,
+                         stage_seed=stage_seed, dissimilarity=dissimilarity, dis_weight=dis_weight)
         self.mu = float(_AFP_MU.get(ctx.task, 1.0) if mu is None else mu)
         self.task_loss_weight = float(ce_weight)
-        self.reg_weight = float(reg_weight)
-        self.tap, last_only = resolve_tap(ctx.task, tap, _AFP_TAPS)
-
-        s_shapes = spatial_tap_shapes(ctx, "student", self.tap, "afp")
-        t_shapes = spatial_tap_shapes(ctx, "teacher", self.tap, "afp")
-        self.s_index, self.t_index = pair_indices(len(s_shapes), len(t_shapes), last_only)
-        s_sel, t_sel = [s_shapes[i] for i in self.s_index], [t_shapes[i] for i in self.t_index]
-        self.t_channels = [sh[0] for sh in t_sel]
-        self.map_levels = [clamp_levels(levels, sh[1:]) for sh in t_sel]
-        if not any(self.map_levels):
-            raise ValueError(f"afp: no teacher map of tap {self.tap!r} is large enough for a DWT level "
-                             f"(shapes {t_sel})")
         self.hff = ReviewFusion(
-            in_channels=[sh[0] for sh in s_sel],
+            in_channels=[sh[0] for sh in self.s_shapes],
             out_channels=self.t_channels,
-            shapes=[sh[1:] for sh in s_sel],
-            out_shapes=[sh[1:] for sh in t_sel],
+            shapes=[sh[1:] for sh in self.s_shapes],
+            out_shapes=[sh[1:] for sh in self.t_shapes],
         )
-        self.use_reg = has_regression_taps(ctx, self.reg_weight != 0.0)
-
-        self.num_tokens = int(num_tokens)
-        self._prompt_tap = self.tap
-        self._prompt_index = {str(i): self.t_index[i] for i, j in enumerate(self.map_levels) if j > 0}
-        self._stage = {"iters": int(stage_iters), "lr": float(stage_lr), "optimizer": stage_optimizer,
-                       "dissimilarity": dissimilarity, "dis_weight": float(dis_weight), "seed": int(stage_seed)}
-        self.prompts = self._seeded_prompts()
-        self.prompts.requires_grad_(False)
-        self.gates = nn.ModuleDict({k: RelationalGates(self.t_channels[int(k)]) for k in self._prompt_index})
-
-    def _build_prompts(self) -> nn.ModuleDict:
-        return nn.ModuleDict({k: AdaptivePromptSet(self.t_channels[int(k)], self.num_tokens, self.map_levels[int(k)])
-                              for k in self._prompt_index})
-
-    def taps(self) -> Taps:
-        extra = ("reg",) if self.use_reg else ()
-        return Taps(student=(self.tap,) + extra, teacher=(self.tap,) + extra)
+        self.gates = self.relational_gates()
 
     def fuse(self, feats: Sequence[Tensor], out_sizes: Sequence[Sequence[int]]) -> list[Tensor]:
         """HFF: the ABF cascade of ``self.hff`` run deep→shallow at the run-time sizes (each map fused at its own
@@ -174,17 +130,12 @@ class AFP(PromptStageMixin, Distiller):
         return outs
 
     def forward(self, s: Outputs, t: Outputs, batch: Batch) -> dict[str, Tensor]:
-        self._check_stage()
-        feats_s, feats_t = s[self.tap], t[self.tap]
-        ft = [feats_t[i].detach().float() for i in self.t_index]
+        self.check_stage()
+        feats_s, ft = s[self.tap], self.teacher_maps(t)
         outs = [o.float() for o in self.fuse([feats_s[i] for i in self.s_index], [f.shape[-2:] for f in ft])]
         ctx_s, ctx_t = next_level_context(outs), next_level_context(ft)
         total = outs[0].new_zeros((), dtype=torch.float32)
-        for k, ps in self.prompts.items():
-            i = int(k)
+        for i, k in self.prompted:
             w = self.gates[k](outs[i], ft[i], ctx_s[i], ctx_t[i])
-            total = total + ps.band_loss(outs[i], ft[i], channel_weights=w, include_low=True)
-        out = {"loss_afp": self.mu * total}
-        if self.use_reg:
-            out["loss_reg"] = self.reg_weight * reg_kd_loss(s["reg"], [r.detach() for r in t["reg"]])
-        return out
+            total = total + self.prompts[k].band_loss(outs[i], ft[i], channel_weights=w, include_low=True)
+        return {"loss_afp": self.mu * total, **self.reg_terms(s, t)}

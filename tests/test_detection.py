@@ -17,6 +17,7 @@ from kdbench.models.tap import edit_tap
 from kdbench.registry import METHODS
 from kdbench.runner import build_context
 from kdbench.tasks.detection import DetectionTask
+from kdbench.train import train_step
 
 SUITES = Path(__file__).resolve().parent.parent / "suites"
 KINDS = ("retinanet", "fcos", "fasterrcnn")
@@ -273,7 +274,7 @@ def test_every_detection_method_one_step(name, kind, data):
     cls = METHODS.get(name)
     params = {"stage_iters": 2} if "stage_iters" in cls.param_defaults() else {}
     method = cls(ctx, **cls.check_params(params))
-    if method.stage_config() is not None:
+    if cls.stage_params:
         method.load_stage(method.run_stage(teacher, task.loader(data.train, 2), torch.device("cpu")))
         assert all(p.grad is None for p in teacher.parameters())
     taps = method.taps()
@@ -285,16 +286,13 @@ def test_every_detection_method_one_step(name, kind, data):
     student.train()
     method.train()
     x, y = _batch(data, 2)
-    s = task.forward(student, x, y, taps.student)
-    with torch.no_grad():
-        t = task.forward(teacher, x, None, taps.teacher)
+    out = train_step(student, teacher, method, task, Batch(inputs=x, targets=y, epoch=1, step=0, epochs=1,
+                                                           steps_per_epoch=1))
+    t, terms = out.teacher, out.terms
     assert "losses" not in t.extras and "loss_fn" not in t.extras  # taps only: no heads beyond the regression branch
-    terms = method(s, t, Batch(inputs=x, targets=y, epoch=1, step=0, epochs=1, steps_per_epoch=1))
     assert terms
     for k, v in terms.items():
         assert k.startswith("loss_") and v.dim() == 0 and v.dtype == torch.float32 and math.isfinite(float(v.detach()))
-    loss = method.task_loss_weight * task.loss(s, y) + sum(terms.values())
-    loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.net.backbone.parameters())
     assert all(p.grad is None for p in teacher.parameters()) and not teacher.training
 

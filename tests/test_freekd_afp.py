@@ -13,9 +13,10 @@ from torch import nn
 from kdbench.freq import haar_wavedec2d, haar_waverec2d
 from kdbench.method import Batch, Context, Outputs
 from kdbench.methods.afp import AFP, AdaptivePromptSet
-from kdbench.methods.freekd import (
+from kdbench.featuremap import reg_kd_loss
+from kdbench.methods.freekd import FreeKD
+from kdbench.prompts import (
     ChannelGate,
-    FreeKD,
     PromptSet,
     RelationalGates,
     band_sets,
@@ -28,7 +29,6 @@ from kdbench.methods.freekd import (
     prompt_masks,
     prompted_reconstruction,
     reconstruct_from_sets,
-    reg_kd_loss,
     relational_attention,
     renormalise_gates,
 )
@@ -243,18 +243,39 @@ def test_prompted_reconstruction_matches_released_stage1_code():
     assert torch.allclose(got, ref, atol=1e-5)
 
 
-def test_dice_and_jaccard_hand_values():
+def test_dice_hand_values():
+    """Dice as the released code (§7.2-7): mean over n and the ordered pairs i≠j."""
     m = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]]).reshape(2, 2, 1, 2)
     # sample 0: 2·1/(1+2) = 2/3 ; sample 1: identical masks -> 1 ; mean over n and both ordered pairs
     assert dice_dissimilarity(m).item() == pytest.approx((2 / 3 + 1) / 2, rel=1e-6)
-    # Jaccard: Σmin/Σmax = 1/2 and 1
-    assert jaccard_dissimilarity(m).item() == pytest.approx((0.5 + 1) / 2, rel=1e-6)
     disjoint = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).reshape(1, 2, 1, 2)
-    assert dice_dissimilarity(disjoint).item() == 0.0 and jaccard_dissimilarity(disjoint).item() == 0.0
+    assert dice_dissimilarity(disjoint).item() == 0.0
     assert dice_dissimilarity(torch.rand(2, 1, 3, 3)).item() == 0.0  # a single token has no pair
     # 3 tokens: off-diagonal mean (6 ordered pairs), not including the diagonal
     three = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]).reshape(1, 3, 1, 2)
     assert dice_dissimilarity(three).item() == pytest.approx(2 / 6)
+
+
+def test_jaccard_hand_values_include_the_diagonal():
+    """Jaccard as defined (§7.1): L_dis = (1/T²)·Σ_i Σ_j J(M_i, M_j) with J = Σmin/Σmax, i = j included,
+    averaged over the samples."""
+    # one sample, T = 2, soft masks over 2 positions: m_1 = [0.2, 0.8], m_2 = [0.6, 0.4]
+    #   J(m_1, m_2) = (min(.2,.6) + min(.8,.4)) / (max(.2,.6) + max(.8,.4)) = (0.2 + 0.4) / (0.6 + 0.8) = 3/7
+    #   J(m_1, m_1) = J(m_2, m_2) = 1
+    #   L = (1/4)·(1 + 3/7 + 3/7 + 1) = (1/4)·(20/7) = 5/7   (the off-diagonal mean would be 3/7)
+    soft = torch.tensor([[0.2, 0.8], [0.6, 0.4]]).reshape(1, 2, 1, 2)
+    assert jaccard_dissimilarity(soft).item() == pytest.approx(5 / 7, rel=1e-6)
+    # two samples: sample 0 binary m_1 = [1, 0], m_2 = [1, 1]: J = 1/2 -> (1/4)(1 + 1/2 + 1/2 + 1) = 3/4;
+    # sample 1 two identical masks: every J = 1 -> 1; the mean over samples = (3/4 + 1)/2 = 7/8
+    m = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]]).reshape(2, 2, 1, 2)
+    assert jaccard_dissimilarity(m).item() == pytest.approx(7 / 8, rel=1e-6)
+    # T = 3: [1,0], [1,0], [0,1]: J matrix [[1,1,0],[1,1,0],[0,0,1]] sums to 5 -> 5/9
+    three = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]).reshape(1, 3, 1, 2)
+    assert jaccard_dissimilarity(three).item() == pytest.approx(5 / 9, rel=1e-6)
+    # disjoint masks: only the diagonal counts, (1/4)(1 + 0 + 0 + 1) = 1/2; a single token: J(m, m) = 1
+    disjoint = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).reshape(1, 2, 1, 2)
+    assert jaccard_dissimilarity(disjoint).item() == pytest.approx(0.5, rel=1e-6)
+    assert jaccard_dissimilarity(torch.rand(2, 1, 3, 3) + 0.1).item() == pytest.approx(1.0, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -357,9 +378,12 @@ def test_freekd_params_and_defaults():
     det = FreeKD(_ctx(fpn, task="detection"))
     assert det.tap == "fpn" and det.mu == 5.0 and det.map_levels == [3, 3, 2, 1, 0] and not det.use_reg
     assert sorted(det.prompts) == ["0", "1", "2", "3"] and len(det.phi) == 5  # the 1×1 level gets MSE only
-    seg = {("student", "stages"): [(3, 8, 8), (5, 4, 4)], ("teacher", "stages"): [(4, 8, 8), (6, 4, 4), (7, 4, 4)]}
-    m = FreeKD(_ctx(seg, task="segmentation"))
-    assert m.tap == "stages" and m.s_index == [1] and m.t_index == [2] and m.mu == 5.0 and m.map_levels == [2]
+    seg = {("student", "stages"): [(3, 8, 8), (5, 4, 4)], ("teacher", "stages"): [(4, 8, 8), (6, 4, 4), (7, 4, 4)],
+           ("student", "final"): [(5, 4, 4)], ("teacher", "final"): [(7, 4, 4)]}
+    m = FreeKD(_ctx(seg, task="segmentation"))  # the backbone's last stage
+    assert m.tap == "final" and m.s_index == [0] and m.t_index == [0] and m.mu == 5.0 and m.map_levels == [2]
+    m = FreeKD(_ctx(seg, task="segmentation"), tap="stages")  # every stage, paired deepest-aligned
+    assert m.s_index == [0, 1] and m.t_index == [1, 2] and m.map_levels == [2, 2] and len(m.phi) == 2
     with pytest.raises(ValueError, match="large enough"):
         FreeKD(_ctx({("student", "final"): [(4, 1, 1)], ("teacher", "final"): [(4, 1, 1)]}))
 
@@ -586,3 +610,40 @@ def test_afp_stage1_trains_tokens_and_token_weights():
     assert not teacher.stage1._forward_hooks and not teacher.stage2._forward_hooks
     m.load_stage(state)
     assert all(not p.requires_grad for p in m.prompts.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage contract: stage_params are exactly the parameters that change the stage artifact
+# ------------------------------------------------------------------------------------------------
+STAGE_SHAPES = {("student", "final"): [(5, 8, 8)], ("teacher", "final"): [(6, 8, 8)],
+                ("student", "stages"): [(3, 16, 16), (5, 8, 8)], ("teacher", "stages"): [(4, 16, 16), (6, 8, 8)]}
+# a changed value for every parameter: stage parameters, then the others
+STAGE_CHANGES = {
+    "freekd": ({"num_tokens": 3, "levels": 2, "tap": "stages", "stage_iters": 4, "stage_lr": 0.01,
+                "stage_optimizer": "sgd", "stage_seed": 1, "dissimilarity": "jaccard", "dis_weight": 2.0},
+               {"variant": "paper", "mask_weight": 2.0, "mse_weight": 3.0, "reg_weight": 0.0, "include_low": True}),
+    "afp": ({"num_tokens": 3, "levels": 2, "tap": "final", "stage_iters": 4, "stage_lr": 0.01,
+             "stage_optimizer": "sgd", "stage_seed": 1, "dissimilarity": "jaccard", "dis_weight": 2.0},
+            {"mu": 2.0, "ce_weight": 0.5, "reg_weight": 0.0}),
+}
+
+
+@pytest.mark.parametrize("cls", [FreeKD, AFP], ids=["freekd", "afp"])
+def test_stage_params_are_exactly_what_changes_the_stage(cls):
+    stage, others = STAGE_CHANGES[cls.registry_name]
+    assert set(cls.stage_params) == set(stage) and set(stage) | set(others) == set(cls.param_defaults())
+    base = {"stage_iters": 3, "stage_lr": 0.05}
+
+    def artifact(**params):
+        m = cls(_ctx(STAGE_SHAPES, task_loss=_ce), **{**base, **params})
+        return m.run_stage(_teacher(), _loader(), torch.device("cpu"))
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+    ref = artifact()
+    for name, value in others.items():
+        extra = {"variant": "paper"} if name == "include_low" else {}
+        assert same(artifact(**extra, **{name: value}), ref), f"{name} is not a stage parameter but changed the stage"
+    for name, value in stage.items():
+        assert not same(artifact(**{name: value}), ref), f"stage parameter {name} did not change the stage"

@@ -17,6 +17,7 @@ from kdbench.models.sources import build_model
 from kdbench.registry import METHODS
 from kdbench.runner import build_context
 from kdbench.tasks.classification import ClassificationTask
+from kdbench.train import train_step
 
 K = 10
 HETERO_TEACHERS = {
@@ -73,7 +74,7 @@ def one_step(name: str, teacher_kind: str, params: dict | None = None):
         extra.setdefault("stage_iters", 2)  # a short stage: its own tests check what it learns
     cls.check_pair(extra, model, "kdbench:resnet8")  # the validate-time pair check accepts what works
     method = cls(ctx, **cls.check_params(extra))
-    if method.stage_config() is not None:
+    if cls.stage_params:
         from torch.utils.data import DataLoader
 
         method.load_stage(method.run_stage(teacher, DataLoader(data.train, batch_size=4), torch.device("cpu")))
@@ -85,12 +86,8 @@ def one_step(name: str, teacher_kind: str, params: dict | None = None):
     method.train()
     x = torch.stack([data.train[i][0] for i in range(4)])
     y = torch.stack([data.train[i][1] for i in range(4)])
-    s = student(x, taps.student)
-    with torch.no_grad():
-        t = teacher(x, taps.teacher)
-    terms = method(s, t, Batch(inputs=x, targets=y, epoch=2, step=2, epochs=2, steps_per_epoch=2))
-    loss = method.task_loss_weight * task.loss(s, y) + sum(terms.values())
-    loss.backward()
+    terms = train_step(student, teacher, method, task,
+                       Batch(inputs=x, targets=y, epoch=2, step=2, epochs=2, steps_per_epoch=2)).terms
     return student, teacher, method, terms
 
 
@@ -121,4 +118,9 @@ def test_unknown_params_rejected_and_metadata(name):
     assert cls.tasks and isinstance(cls.version, int)
     doc = (cls.__doc__ or "") + (__import__(cls.__module__, fromlist=["_"]).__doc__ or "")
     if name != "baseline":
-        assert "METHODS.md §" in doc or "docs/methods.md §" in doc, f"{name} must cite its docs/methods.md section"
+        assert "docs/methods.md §" in doc, f"{name} must cite its docs/methods.md section"
+    # the stage contract: stage_params name constructor parameters, and a method with a stage implements it
+    params = cls.param_defaults()
+    assert isinstance(cls.stage_params, tuple) and set(cls.stage_params) <= set(params), cls.stage_params
+    has_stage = cls.run_stage is not Distiller.run_stage and cls.load_stage is not Distiller.load_stage
+    assert bool(cls.stage_params) == has_stage, f"{name}: stage_params and run_stage/load_stage go together"

@@ -15,6 +15,7 @@ from kdbench.models.sources import build_model, check_model
 from kdbench.registry import METHODS
 from kdbench.runner import build_context
 from kdbench.tasks.segmentation import SegmentationTask, confusion_matrix, pad_collate, segmentation_metrics
+from kdbench.train import train_step
 
 torch.set_num_threads(2)
 SUITES = Path(__file__).resolve().parent.parent / "suites"
@@ -195,7 +196,7 @@ def test_every_segmentation_method_one_step(name, pair, seg_data, seg_models):
     cls = METHODS.get(name)
     params = {"stage_iters": 2} if "stage_iters" in cls.param_defaults() else {}
     method = cls(ctx, **cls.check_params(params))
-    if method.stage_config() is not None:
+    if cls.stage_params:
         method.load_stage(method.run_stage(teacher, task.loader(seg_data.train, 2), torch.device("cpu")))
         assert all(p.grad is None for p in teacher.parameters())
     taps = method.taps()
@@ -204,16 +205,12 @@ def test_every_segmentation_method_one_step(name, pair, seg_data, seg_models):
     student.train()
     method.train()
     x, y = next(iter(task.loader(seg_data.train, 2)))
-    s = task.forward(student, x, y, taps.student)
-    with torch.no_grad():
-        t = task.forward(teacher, x, None, taps.teacher)
-    terms = method(s, t, Batch(inputs=x, targets=y, epoch=1, step=0, epochs=2, steps_per_epoch=2))
+    terms = train_step(student, teacher, method, task,
+                       Batch(inputs=x, targets=y, epoch=1, step=0, epochs=2, steps_per_epoch=2)).terms
     assert terms and all(k.startswith("loss_") for k in terms)
     for k, v in terms.items():
         assert v.dim() == 0 and math.isfinite(float(v.detach())), (name, k, v)
         assert float(v.detach()) > 0, f"{name}: {k} is zero on different networks"
-    loss = method.task_loss_weight * task.loss(s, y) + sum(terms.values())
-    loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     for n_, p in method.named_parameters():
         if p.requires_grad:
@@ -231,7 +228,8 @@ def test_default_taps_per_method(seg_data, seg_models):
     assert cwd.taps().student == ("logits",) and cwd.weight == 5.0  # CWD on the logits, weight 5 (§2)
     assert ctx.shapes("teacher", "logits") == [(19, 4, 4)]
     freekd = METHODS.get("freekd")(ctx, stage_iters=1)
-    assert freekd.tap == "stages" and freekd.t_index == [3] and freekd.mu == 5.0  # layer4, μ = 5 (§7.3)
+    assert freekd.tap == "final" and freekd.mu == 5.0  # layer4 (the last stage), μ = 5 (§7.3)
+    assert [freekd.t_shapes[0]] == ctx.shapes("teacher", "stages")[-1:]
     assert METHODS.get("pkd")(ctx).taps().teacher == ("final",)
 
 
