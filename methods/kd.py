@@ -1,4 +1,4 @@
-"""KD: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015. Spec: METHODS.md §1."""
+"""KD: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015. Spec: docs/methods.md §1."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from kdbench.method import Distiller, register_method
 
 
 def kd_loss(logits_s: Tensor, logits_t: Tensor, temperature: float) -> Tensor:
-    """T² · KL(p_t ‖ p_s), summed over classes and averaged over the batch (METHODS.md §1).
+    """T² · KL(p_t ‖ p_s), summed over classes and averaged over the batch (docs/methods.md §1).
 
     Works for ``N×K`` logits; dense ``N×K×H×W`` logits are treated as N·H·W samples.
     """
@@ -29,7 +29,7 @@ def kd_loss(logits_s: Tensor, logits_t: Tensor, temperature: float) -> Tensor:
 
 @register_method("kd")
 class KD(Distiller):
-    """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network". METHODS.md §1.
+    """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network". docs/methods.md §1.
 
     ``L = ce_weight·CE + weight·T²·KL(p_t‖p_s)``. Defaults are mdistiller's CIFAR-100 ones
     (T=4, w_ce=0.1, w_kd=0.9); ImageNet uses T=1, 0.5/0.5.
@@ -37,7 +37,7 @@ class KD(Distiller):
 
     tasks = frozenset({"classification", "segmentation"})
     heterogeneous = True
-    citation = "Hinton et al., Distilling the Knowledge in a Neural Network, 2015 (METHODS.md §1)"
+    citation = "Hinton et al., Distilling the Knowledge in a Neural Network, 2015 (docs/methods.md §1)"
     version = 1
 
     def __init__(self, ctx, *, temperature: float = 4.0, weight: float = 0.9, ce_weight: float = 0.1):

@@ -1,7 +1,7 @@
 """COCO detection through pycocotools (``annotations/instances_<split>.json`` + ``<split>/`` images), and a
 writer of small generated datasets in exactly that format (``write_coco_shapes``, plugin ``coco_shapes``).
 
-Pipeline (decisions not settled by DESIGN.md/METHODS.md):
+Pipeline (decisions not settled by docs/architecture.md or docs/methods.md):
 
 * **Resize** as torchvision's ``GeneralizedRCNNTransform`` and mmdet's ``Resize(keep_ratio=True)``: scale
   ``s = min(min_size / short side, max_size / long side)``, size ``round(h·s) × round(w·s)``, bilinear with
