@@ -584,6 +584,9 @@ class FreeKD(PromptStageMixin, Distiller):
 
     tasks = frozenset({"classification", "detection", "segmentation"})
     heterogeneous = False
+    #: the constructor params that determine the stage-1 prompts (the harness runs the stage once per value)
+    stage_params = ("num_tokens", "levels", "tap", "stage_iters", "stage_lr", "stage_optimizer", "stage_seed",
+                    "dissimilarity", "dis_weight")
     citation = "Zhang et al., FreeKD: Knowledge Distillation via Semantic Frequency Prompt, CVPR 2024 (METHODS.md §7)"
     version = 1
 
