@@ -509,7 +509,8 @@ def validate_and_expand(path: Path, raw: dict) -> list[RunSpec]:
                 sspec = RunSpec(kind="stage", data=data, recipe=_jsonable(recipe), student=_jsonable(student),
                                 teacher=_jsonable(t_for_runs), teacher_run=teacher_run, needs=t_needs,
                                 method=mname, method_version=cls.version,
-                                params=_jsonable({k: resolved[k] for k in stage_params}), seed=0,
+                                params=_jsonable({k: resolved[k] for k in stage_params}),
+                                seed=int(resolved.get("stage_seed") or 0),  # seeds the stage's data order
                                 label=label, pair=pname, pair_index=p_i, method_index=m_i, **common)
                 stage_run = add(sspec)
             for seed in seeds:

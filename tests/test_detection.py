@@ -306,7 +306,7 @@ def _shrink(suite: Path, tmp: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("suite", ["quickstart_detection.yaml", "coco_detection.yaml", "coco_spatial_vs_dwt.yaml"])
 def test_detection_suites_run_end_to_end_shrunk(suite, tmp_path):
-    from kdbench.launch import launch
+    from kdbench.scheduler import launch
     from kdbench.suite import load_suite
     from kdbench.tables import make_table
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kdbench.launch import launch
+from kdbench.scheduler import launch
 from kdbench.results import read_record
 from kdbench.suite import load_suite
 

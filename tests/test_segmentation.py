@@ -260,7 +260,7 @@ def test_segmentation_suites_expand_without_data(tmp_path, monkeypatch):
 def test_segmentation_suites_run_end_to_end_shrunk(suite, tmp_path, monkeypatch):
     import yaml
 
-    from kdbench.launch import launch
+    from kdbench.scheduler import launch
     from kdbench.suite import load_suite
     from kdbench.tables import make_table
 

@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdbench.launch import job_states, launch, read_jobs, slurm_parameters
+from kdbench.scheduler import launch
+from kdbench.slurm import job_states, read_jobs, slurm_parameters
 from kdbench.suite import SuiteError, load_suite
 from kdb_util import tiny_suite
 
@@ -178,7 +179,7 @@ def test_ddp_two_local_processes_match_one_process(write_suite, tmp_path):
     """The DDP path without a cluster: submitit's LocalExecutor starts 2 tasks, gloo on CPU."""
     import submitit
 
-    from kdbench.launch import RunJob
+    from kdbench.slurm import RunJob
 
     d = tiny_suite(methods=["kd"])  # one run: a loaded teacher, KD, 2 epochs
     d["pairs"][0]["teacher"] = {"model": "kdbench:resnet8", "weights": str(_weights(tmp_path / "t.pt"))}
