@@ -44,33 +44,45 @@ def corruption_names(which: str | list | tuple = "benchmark") -> tuple[str, ...]
     return tuple(which)
 
 
-def check_eval(entry: Any, valid_names: tuple[str, ...]) -> dict:
-    """One ``evals:`` entry (a name or a mapping) -> its normalised mapping; ValueError with the reason
-    (the caller adds the file and key)."""
+class EvalEntryError(ValueError):
+    """An invalid ``evals:`` entry; ``key`` is the sub-key at fault ("" for the entry itself)."""
+
+    def __init__(self, key: str, msg: str):
+        super().__init__(msg)
+        self.key = key
+
+
+def check_eval(entry: Any, valid_names: tuple[str, ...], task: str = "") -> dict:
+    """One ``evals:`` entry (a name or a mapping) -> its normalised mapping; :class:`EvalEntryError` with the
+    sub-key and the reason (the caller adds the file and the entry's key)."""
     if isinstance(entry, str):
         entry = {"name": entry}
     if not isinstance(entry, dict) or "name" not in entry:
-        raise ValueError(f"expected a name or a mapping with 'name:', got {entry!r}")
+        raise EvalEntryError("", f"expected a name or a mapping with 'name:', got {entry!r}")
     name = entry["name"]
     if name not in valid_names:
-        raise ValueError(f"unknown eval {name!r}; valid: {', '.join(valid_names)}")
+        raise EvalEntryError("name", f"unknown eval {name!r}{' for ' + task if task else ''}; valid: "
+                                     f"{', '.join(valid_names)}")
     unknown = sorted(set(entry) - EVAL_KEYS.get(name, {"name"}))
     if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r} for eval {name!r}; valid: "
-                         f"{', '.join(sorted(EVAL_KEYS.get(name, {'name'})))}")
+        raise EvalEntryError(unknown[0], f"unknown key for eval {name!r}; valid keys here: "
+                                         f"{', '.join(sorted(EVAL_KEYS.get(name, {'name'})))}")
     if name != "corruptions":
         return dict(entry)
-    names = corruption_names(entry.get("set", "benchmark"))
+    try:
+        names = corruption_names(entry.get("set", "benchmark"))
+    except ValueError as e:
+        raise EvalEntryError("set", str(e)) from None
     sev = entry.get("severities", list(SEVERITIES))
     if not isinstance(sev, list) or not sev or not all(isinstance(s, int) and not isinstance(s, bool) for s in sev):
-        raise ValueError(f"severities: expected a non-empty list of integers 1-5, got {sev!r}")
+        raise EvalEntryError("severities", f"expected a non-empty list of integers 1-5, got {sev!r}")
     bad = [s for s in sev if s not in SEVERITIES]
     if bad:
-        raise ValueError(f"severities: {bad[0]} is outside 1-5 (the benchmark's severities)")
+        raise EvalEntryError("severities", f"severity {bad[0]} is outside 1-5 (the benchmark's severities)")
     out = {"name": name, "corruptions": list(names), "severities": sorted(set(sev))}
     if "batch_size" in entry:
         if not isinstance(entry["batch_size"], int) or entry["batch_size"] < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {entry['batch_size']!r}")
+            raise EvalEntryError("batch_size", f"expected a positive integer, got {entry['batch_size']!r}")
         out["batch_size"] = entry["batch_size"]
     return out
 

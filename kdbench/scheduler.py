@@ -55,8 +55,11 @@ def select_specs(suite: Suite, pattern: str | None) -> list[RunSpec]:
     """The runs whose label, method or pair matches ``pattern`` (all runs without one), plus what they need."""
     if not pattern:
         return list(suite.specs)
-    keep = [s for s in suite.specs if any(fnmatch.fnmatch(v, pattern)
-                                          for v in (s.label, s.method, s.pair, f"{s.label}/{s.pair}"))]
+    def fields(s: RunSpec) -> tuple:  # a teacher (and its evals) goes by its label, not by "baseline"
+        own = (s.label,) if s.label == "teacher" else (s.label, s.method)
+        return own + (s.pair, f"{s.label}/{s.pair}")
+
+    keep = [s for s in suite.specs if any(fnmatch.fnmatch(v, pattern) for v in fields(s))]
     return closure(suite.specs, keep)
 
 

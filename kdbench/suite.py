@@ -390,7 +390,7 @@ def validate_and_expand(path: Path, raw: dict) -> list[RunSpec]:
     if not isinstance(raw["version"], int) or isinstance(raw["version"], bool):
         raise _err(path, "version", f"must be an integer, got {raw['version']!r}")
     task = raw["task"]
-    from kdbench.evals import check_eval, chunks
+    from kdbench.evals import EvalEntryError, check_eval, chunks
     from kdbench.tasks import TASK_FACTS, TASK_NAMES
 
     if task not in TASK_NAMES:
@@ -402,9 +402,9 @@ def validate_and_expand(path: Path, raw: dict) -> list[RunSpec]:
     checked_evals = []
     for i, ev in enumerate(evals):
         try:
-            checked_evals.append(check_eval(ev, TASK_FACTS[task]["evals"]))
-        except ValueError as e:
-            raise _err(path, f"evals[{i}]", str(e)) from None
+            checked_evals.append(check_eval(ev, TASK_FACTS[task]["evals"], task))
+        except EvalEntryError as e:
+            raise _err(path, f"evals[{i}]" + (f".{e.key}" if e.key else ""), str(e)) from None
     eval_chunks = [c for ev in checked_evals for c in chunks(ev)]
     recipe = _check_recipe(path, "recipe", raw["recipe"])
     recipe = {**RECIPE_DEFAULTS, **recipe}
