@@ -193,7 +193,7 @@ def test_eval_runs_evaluate_saved_models_and_resume(write_suite, tmp_path, monke
                                                         "severities": [1, 3]}])
     results = tmp_path / "res"
     recs = launch(load_suite(write_suite(d)), results, executor="debug", log=lambda s: None)
-    assert [r["kind"] for r in recs] == ["teacher", "eval", "eval", "distill", "eval", "eval"]
+    assert [r["kind"] for r in recs] == ["teacher", "distill", "eval", "eval", "eval", "eval"]
     assert all(r["status"] == "ok" for r in recs), [r["error"] for r in recs]
     base = next(r for r in recs if r["kind"] == "distill")
     ev = [r for r in recs if r["kind"] == "eval" and r["target"] == base["run_id"]]
