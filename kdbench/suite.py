@@ -556,5 +556,7 @@ def check_data_available(suite: Suite) -> None:
             task.check_data(spec.data)
         except (OSError, ValueError) as e:
             raise SuiteError(f"{suite.path}: data: {e}") from None
-        if spec.teacher and spec.teacher.get("weights") and not Path(spec.teacher["weights"]).is_file():
-            raise SuiteError(f"{suite.path}: pairs ({spec.pair}): teacher weights not found: {spec.teacher['weights']}")
+    for spec in suite.specs:
+        for model in (spec.teacher, spec.student):  # an eval of a checkpoint teacher has it as its "student"
+            if model and model.get("weights") and not Path(model["weights"]).is_file():
+                raise SuiteError(f"{suite.path}: pairs ({spec.pair}): teacher weights not found: {model['weights']}")
