@@ -124,13 +124,6 @@ class RunSpec:
         d["run_id"] = self.run_id
         return d
 
-    @staticmethod
-    def from_dict(d: dict) -> "RunSpec":
-        d = {k: v for k, v in d.items() if k != "run_id"}
-        for k in ("reference", "needs"):
-            d[k] = tuple(d.get(k) or ())
-        return RunSpec(**d)
-
 
 def _digest(key: Any) -> str:
     blob = json.dumps(key, sort_keys=True, default=str, separators=(",", ":"))

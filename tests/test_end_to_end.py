@@ -176,7 +176,6 @@ def test_prompt_stage_is_its_own_run_once_for_all_seeds_and_cached(write_suite, 
 
 def test_eval_runs_evaluate_saved_models_and_resume(write_suite, tmp_path, monkeypatch):
     """An eval run loads the model.pt of the run it needs and records rows with target, corruption, severity."""
-    import kdbench.evals as evals
 
     calls = []
 
