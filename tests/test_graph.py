@@ -1,7 +1,6 @@
 """The run graph: kinds, needs, hashes (needs included, evals not in training runs), filter closure, task facts,
 eval validation, pair checks, and the local scheduler's order and failure propagation (runs faked)."""
 
-
 import pytest
 
 from kdbench.scheduler import launch, levels, select_specs, topological
