@@ -498,6 +498,10 @@ def validate_and_expand(path: Path, raw: dict) -> list[RunSpec]:
             t_needs = (teacher_run,) if (cls.needs_teacher and teacher_run) else ()
             stage_run = None
             stage_params = tuple(getattr(cls, "stage_params", ()) or ())
+            unknown_stage = [k for k in stage_params if k not in resolved]
+            if unknown_stage:  # a method's own mistake, said before anything runs
+                raise _err(path, f"methods[{m_i}].name", f"method {mname!r} declares stage_params "
+                                                         f"{unknown_stage} that are not among its parameters")
             if stage_params and cls.needs_teacher:
                 sspec = RunSpec(kind="stage", data=data, recipe=_jsonable(recipe), student=_jsonable(student),
                                 teacher=_jsonable(t_for_runs), teacher_run=teacher_run, needs=t_needs,

@@ -216,3 +216,16 @@ def test_eval_runs_evaluate_saved_models_and_resume(write_suite, tmp_path, monke
     assert sorted(r["eval"]["corruption"] for r in more) == ["frost", "frost"]
     from kdbench.tables import make_table
     assert "baseline" in make_table(results / "tiny"), "eval records stay out of the main table"
+
+
+def test_local_scheduler_starts_a_run_once_its_needs_are_ok(write_suite, tmp_path):
+    d = tiny_suite(methods=["baseline", {"name": "freekd", "params": {"stage_iters": 3}}])
+    d["data"]["image_size"] = 16
+    suite = load_suite(write_suite(d))
+    recs = launch(suite, tmp_path / "res", executor="local", parallel=2, log=lambda s: None)
+    assert sorted(r["kind"] for r in recs) == ["distill", "distill", "stage", "teacher"]
+    assert all(r["status"] == "ok" for r in recs), [r["error"] for r in recs]
+    by = {r["kind"] if r["kind"] != "distill" else r["label"]: r for r in recs}
+    assert by["stage"]["started_at"] >= by["teacher"]["finished_at"]
+    assert by["freekd"]["started_at"] >= by["stage"]["finished_at"]
+    assert by["baseline"]["started_at"] < by["teacher"]["finished_at"], "the baseline needs nothing: it starts at once"
