@@ -22,8 +22,9 @@ import pandas as pd
 RECORD_SCHEMA = 1
 RECORD_FILE = "record.json"
 STATUSES = ("ok", "failed", "diverged", "timeout")
-KINDS = ("distill", "teacher")
+KINDS = ("teacher", "stage", "distill", "eval")
 LAYOUT = "<results>/<suite>/runs/<run_id>/record.json"
+SPEC_FILE = "spec.json"
 
 #: Keys every record carries (schema 1). ``write_record`` refuses a record that lacks one.
 REQUIRED_KEYS = (
@@ -32,6 +33,8 @@ REQUIRED_KEYS = (
     "error", "metrics", "teacher_metrics", "reference", "cost", "env", "scheduler", "started_at", "finished_at",
 )
 METRIC_KEYS = ("eval", "metric", "select", "value", "higher_is_better")
+#: Optional keys of a metric row (eval records of corruptions), kept as columns of :func:`metrics_frame`.
+METRIC_OPTIONAL_KEYS = ("corruption", "severity")
 
 #: Columns of the frames returned by :func:`load_records` (in this order; extra columns never appear).
 RUN_COLUMNS = (
@@ -44,11 +47,66 @@ RUN_COLUMNS = (
 #: Run fields joined onto every metric row.
 JOINED_RUN_FIELDS = ("kind", "suite", "suite_version", "task", "method", "label", "method_index",
                      "method_version", "pair", "pair_index", "seed", "status")
-METRIC_COLUMNS = ("run_id", "eval", "metric", "select", "value", "higher_is_better") + JOINED_RUN_FIELDS
+METRIC_COLUMNS = (("run_id", "eval", "metric", "select", "value", "higher_is_better") + JOINED_RUN_FIELDS
+                  + ("target",) + METRIC_OPTIONAL_KEYS)
 
 
 class RecordError(ValueError):
     """A record that is missing, corrupt, partial or does not follow the schema."""
+
+
+# ------------------------------------------------------------------------------------------- layout
+def run_dir(results: str | os.PathLike, suite: str, run_id: str) -> Path:
+    """The folder of one run: ``<results>/<suite>/runs/<run_id>`` (the one place this layout is spelled)."""
+    return Path(results) / suite / "runs" / run_id
+
+
+def run_dir_for(results: str | os.PathLike, spec: Any) -> Path:
+    """The folder of a RunSpec's run."""
+    return run_dir(results, spec.suite, spec.run_id)
+
+
+def _now() -> str:
+    import datetime as _dt
+
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_record(spec: Any, *, status: str = "failed", error: str | None = None, scheduler: Mapping | None = None,
+               started: bool = True) -> dict:
+    """The record of a RunSpec before (or without) its numbers: every schema key, from the spec.
+
+    The runner fills in metrics, cost and env and sets the status; a job that died without writing a record
+    gets this one with ``status`` and ``error`` (``started=False``: no start time). Eval records carry
+    ``target`` (the evaluated model's run_id) and the ``eval`` chunk; stage and distill records ``needs``.
+    """
+    rec: dict[str, Any] = {
+        "schema": RECORD_SCHEMA, "run_id": spec.run_id, "kind": spec.kind, "suite": spec.suite,
+        "suite_version": spec.suite_version, "task": spec.task, "method": spec.method, "label": spec.label,
+        "method_index": spec.method_index, "method_version": spec.method_version, "params": spec.params,
+        "pair": spec.pair, "pair_index": spec.pair_index, "teacher": spec.teacher,
+        "student": {"model": spec.student["model"], "params": None}, "seed": spec.seed, "recipe": spec.recipe,
+        "data": spec.data, "needs": list(spec.needs), "status": status,
+        "error": None if error is None else str(error)[-4000:], "metrics": [], "teacher_metrics": [],
+        "reference": list(spec.reference), "cost": {}, "env": {}, "scheduler": dict(scheduler or {}),
+        "started_at": _now() if started else None, "finished_at": None,
+    }
+    if spec.kind == "eval":
+        rec["target"] = spec.target
+        rec["eval"] = spec.eval
+    return rec
+
+
+def finish_record(run_dir_: str | os.PathLike, record: dict) -> dict:
+    """Stamp ``finished_at`` and write the record (atomically); return it."""
+    record["finished_at"] = _now()
+    write_record(run_dir_, record)
+    return record
+
+
+def write_spec(run_dir_: str | os.PathLike, spec: Any) -> None:
+    """``spec.json`` of a run: the RunSpec as plain data (what a job is given, kept next to its record)."""
+    write_json_atomic(Path(run_dir_) / SPEC_FILE, spec.to_dict())
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -253,7 +311,8 @@ def metrics_frame(records: list[Mapping], field: str = "metrics") -> pd.DataFram
     """Long form of ``field`` ("metrics" or "teacher_metrics"): one row per (run, eval, metric, select).
 
     Every row carries the run fields of :data:`JOINED_RUN_FIELDS`; for ``teacher_metrics`` they are the
-    fields of the distillation run that evaluated its teacher.
+    fields of the distillation run that evaluated its teacher. Rows of eval records also carry ``target``
+    (the evaluated model's run_id) and, for corruptions, ``corruption`` and ``severity`` (else None).
     """
     rows = []
     for rec in records:
@@ -261,7 +320,8 @@ def metrics_frame(records: list[Mapping], field: str = "metrics") -> pd.DataFram
         for m in rec.get(field) or []:
             rows.append({"run_id": rec.get("run_id"), "eval": m["eval"], "metric": m["metric"],
                          "select": m["select"], "value": _num(m["value"]),
-                         "higher_is_better": bool(m["higher_is_better"]), **joined})
+                         "higher_is_better": bool(m["higher_is_better"]), **joined, "target": rec.get("target"),
+                         **{k: m.get(k) for k in METRIC_OPTIONAL_KEYS}})
     return pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
 
 

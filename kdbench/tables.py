@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdbench.tasks import TASK_FACTS
 from kdbench.results import RecordError, error_line, no_records_error, read_record, run_dirs
 
 FORMATS = ("md", "latex", "csv")
@@ -42,8 +43,10 @@ BASELINE = "baseline"
 TEACHER = "teacher"
 NO_DOMAIN = "other"
 DOMAIN_ORDER = ("spatial", "dwt")
-#: Main metric per task, used when no ``ok`` record tells the metric.
-TASK_METRICS = {"classification": "top1", "detection": "AP", "segmentation": "mIoU"}
+#: Main metric per task, used when no ``ok`` record tells the metric (from the task registry's facts).
+TASK_METRICS = {name: facts["primary_metric"] for name, facts in TASK_FACTS.items()}
+#: Record kinds a results table is made of (stage and eval records have tables of their own).
+TABLE_KINDS = ("teacher", "distill")
 CSV_COLUMNS = ("suite", "suite_version", "eval", "metric", "select", "higher_is_better", "row", "method", "pair",
                "pair_index", "domain", "mean", "std", "n", "n_runs", "delta", "best", "reference",
                "reference_source", "note")
@@ -54,7 +57,7 @@ def _load(suite_dir: Path) -> list[dict]:
     records = []
     for d in run_dirs(suite_dir):
         rec = read_record(d)
-        if rec is not None:
+        if rec is not None and rec.get("kind") in TABLE_KINDS:
             records.append(rec)
     if not records:
         raise no_records_error(suite_dir)
@@ -586,7 +589,7 @@ def status_table(suite_dir: str | os.PathLike, jobs: dict[str, dict] | None = No
     A folder without a record yet (running, or killed before writing one) shows "no record" (label/pair/seed
     from its ``spec.json``); an unreadable record shows "corrupt" with the reason. A summary line ends it.
 
-    ``jobs`` (``kdbench.launch.job_states``: run id -> the latest SLURM submission, with a ``status`` of
+    ``jobs`` (``kdbench.slurm.job_states``: run id -> the latest SLURM submission, with a ``status`` of
     pending / running / completed / cancelled / timeout / failed / unknown) adds a "job" column and lets the
     scheduler speak where the record cannot: a run whose job is pending or running shows that (unless this
     very job already wrote its record); a job that ended without writing a record (cancelled, time limit,
