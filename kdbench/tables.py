@@ -53,11 +53,11 @@ CSV_COLUMNS = ("suite", "suite_version", "eval", "metric", "select", "higher_is_
 
 
 # ------------------------------------------------------------------------------------------- loading
-def _load(suite_dir: Path) -> list[dict]:
+def _load(suite_dir: Path, kinds: tuple[str, ...] = TABLE_KINDS) -> list[dict]:
     records = []
     for d in run_dirs(suite_dir):
         rec = read_record(d)
-        if rec is not None and rec.get("kind") in TABLE_KINDS:
+        if rec is not None and rec.get("kind") in kinds:
             records.append(rec)
     if not records:
         raise no_records_error(suite_dir)
@@ -566,7 +566,8 @@ def make_table(suite_dir: str | os.PathLike, metric: str | None = None, select: 
     if select not in SELECTS:
         raise ValueError(f"unknown select {select!r}; valid: {', '.join(SELECTS)}")
     suite_dir = Path(suite_dir)
-    records = _one_version(_load(suite_dir), suite_dir, suite_version)
+    kinds = TABLE_KINDS + ((EVAL_KIND,) if layout == "robustness" else ())
+    records = _one_version(_load(suite_dir, kinds), suite_dir, suite_version)
     if layout == "robustness":
         return robustness_table(records, fmt, metric=metric, reference=reference, decimals=decimals)
     if layout == "cost":
