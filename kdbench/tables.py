@@ -580,6 +580,54 @@ def make_table(suite_dir: str | os.PathLike, metric: str | None = None, select: 
     return _latex(grid, legend, metric, eval, select, decimals)
 
 
+def _simple_table(rows: list[list], headers: list[str]) -> str:
+    """``tabulate(rows, headers, tablefmt="simple", disable_numparse=True)``, the same text, ~10x faster.
+
+    tabulate spends most of a 10,000-run status table on per-cell type sniffing and width measuring. For
+    one-line printable cells (what status shows) the layout is simple: None -> "", cells stripped, every
+    column left-aligned, as wide as its widest cell and at least its header + 2, columns joined by two spaces,
+    a dashed rule under the header, lines right-stripped. Anything else (line breaks, control or ANSI codes,
+    "True"/"False" cells that tabulate types as bool) goes to tabulate itself.
+    """
+    from tabulate import tabulate
+
+    def slow() -> str:
+        return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
+
+    import tabulate as tabulate_module
+
+    # tabulate measures display width with wcwidth when it is installed (CJK characters take two columns)
+    use_wcwidth = tabulate_module.wcwidth is not None and tabulate_module.WIDE_CHARS_MODE
+    measure = tabulate_module.wcwidth.wcswidth if use_wcwidth else len
+    known: dict[str, int] = {}  # non-ASCII texts repeat (pair names with "→"): measure each once
+
+    def wide(c: str) -> int:
+        n = known.get(c)
+        if n is None:
+            n = known[c] = measure(c)
+        return n
+    texts = [["" if c is None else str(c).strip() for c in row] for row in rows]
+    ncol = len(headers)
+    widths = [len(h) + 2 for h in headers]
+    for row in texts:
+        if len(row) != ncol:
+            return slow()
+        for i, c in enumerate(row):
+            if not c.isascii() or not c.isprintable() or c in ("True", "False"):
+                if not c.isprintable() or c in ("True", "False") or wide(c) < 0:
+                    return slow()
+            n = len(c) if c.isascii() else wide(c)
+            if n > widths[i]:
+                widths[i] = n
+    if any(not h.isascii() or not h.isprintable() for h in headers):
+        return slow()
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c + " " * (w - (len(c) if c.isascii() else wide(c))) for c, w in zip(cells, widths)).rstrip()
+
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths)] + [line(row) for row in texts])
+
+
 def status_table(suite_dir: str | os.PathLike, jobs: dict[str, dict] | None = None, tail: int = 0) -> str:
     """State of every run folder of a suite: run id (short), version, label, pair, seed, status, error line.
 
@@ -593,8 +641,6 @@ def status_table(suite_dir: str | os.PathLike, jobs: dict[str, dict] | None = No
     killed) shows the job's state and error. A record written by the job, or after it was submitted, wins.
     ``tail``: below the table, the last ``tail`` lines of the error of every run that is not ok.
     """
-    from tabulate import tabulate
-
     suite_dir = Path(suite_dir)
     jobs = jobs or {}
     dirs = {d.name: d for d in run_dirs(suite_dir)}
@@ -638,7 +684,7 @@ def status_table(suite_dir: str | os.PathLike, jobs: dict[str, dict] | None = No
                      "cells": cells, "full": full if status != "ok" else "", "status": status})
     rows.sort(key=lambda r: r["key"])
     headers = ["run", "v", "label", "pair", "seed", "status"] + (["job"] if jobs else []) + ["error"]
-    table = tabulate([r["cells"] for r in rows], headers=headers, tablefmt="simple", disable_numparse=True)
+    table = _simple_table([r["cells"] for r in rows], headers)
     tails = []
     if tail > 0:
         for r in rows:
