@@ -1,4 +1,4 @@
-"""Paper-style tables from a suite's run records (DESIGN.md §5). Torch-free: pandas and tabulate only.
+"""Paper-style tables from a suite's run records (DESIGN.md §5). Torch-free and pandas-free: tabulate only.
 
 ``make_table`` pivots the records of one suite (one suite version) into rows = methods and columns = pairs
 (or the metric when the suite has one pair):
@@ -534,10 +534,44 @@ def _r(x: float) -> float:
     return round(x, 6)
 
 
+def _csv_text(rows: list[dict], columns: list[str] | tuple[str, ...]) -> str:
+    """``pd.DataFrame(rows, columns=columns).to_csv(index=False, lineterminator="\\n").rstrip("\\n")``, the same
+    text without importing pandas (a third of a `kdbench table --format csv`); values of other types than
+    str, float, bool and 64-bit int are left to pandas itself.
+
+    A column is written as pandas types it: all numbers (bool aside) with a float or a missing value among them
+    -> float64 (``repr`` of the float, missing as ""), all ints -> int64, anything else -> object (``str``,
+    missing as ""); the csv module quotes as pandas' writer does (it is the same module, same dialect).
+    """
+    import csv
+    import io
+
+    def missing(v: Any) -> bool:
+        return v is None or (type(v) is float and v != v)
+
+    cols = []
+    for c in columns:
+        vals = [r.get(c) for r in rows]
+        present = [v for v in vals if not missing(v)]
+        if any(type(v) not in (str, float, bool, int) or (type(v) is int and not -2**63 <= v < 2**63)
+               for v in present):  # numpy scalars, huge ints, containers: pandas' own inference decides
+            import pandas as pd
+
+            return pd.DataFrame(rows, columns=list(columns)).to_csv(index=False, lineterminator="\n").rstrip("\n")
+        if present and all(type(v) in (int, float) for v in present) and \
+                (len(present) < len(vals) or any(type(v) is float for v in present)):
+            cols.append(["" if missing(v) else repr(float(v)) for v in vals])
+        else:
+            cols.append(["" if missing(v) else str(v) for v in vals])
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(zip(*cols))
+    return buf.getvalue().rstrip("\n")
+
+
 def _csv(grid: Grid, suite: str, version: Any, metric: str, eval: str, select: str, higher: bool,
          layout: str) -> str:
-    import pandas as pd
-
     rows = []
     for row in grid.rows:
         for gi, g in enumerate(grid.groups):
@@ -554,7 +588,7 @@ def _csv(grid: Grid, suite: str, version: Any, metric: str, eval: str, select: s
                 "reference": cell.ref[0] if cell.ref else None, "reference_source": cell.ref[1] if cell.ref else "",
                 "note": " | ".join(cell.notes(metric, eval, select)),
             })
-    return pd.DataFrame(rows, columns=list(CSV_COLUMNS)).to_csv(index=False, lineterminator="\n").rstrip("\n")
+    return _csv_text(rows, CSV_COLUMNS)
 
 
 # ------------------------------------------------------------------------------------------- public
@@ -997,11 +1031,9 @@ def robustness_table(records: list[dict], fmt: str = "md", *, metric: str | None
             lines.append(r"\end{tabular}")
             blocks.append("\n".join(lines))
     if fmt == "csv":
-        import pandas as pd
-
         cols_csv = ["suite", "suite_version", "pair", "row", "method", "column", "mean", "std", "n", "delta", "best",
                     "reference", "reference_source", "reference_model"]
-        return pd.DataFrame(csv_rows, columns=cols_csv).to_csv(index=False, lineterminator="\n").rstrip("\n")
+        return _csv_text(csv_rows, cols_csv)
     if not blocks:
         raise ValueError("no model has both a clean result and corruption results")
     return "\n\n".join(blocks)
@@ -1092,10 +1124,7 @@ def cost_table(records: list[dict], fmt: str = "md", *, decimals: int = 2) -> st
             lines += [" & ".join(b) + r" \\" for b in body] + [r"\bottomrule", r"\end{tabular}"]
             blocks.append("\n".join(lines))
     if fmt == "csv":
-        import pandas as pd
-
-        return pd.DataFrame(csv_rows, columns=["suite", "suite_version", "pair", "row", "method", "column", "mean",
-                                               "std", "n"]).to_csv(index=False, lineterminator="\n").rstrip("\n")
+        return _csv_text(csv_rows, ["suite", "suite_version", "pair", "row", "method", "column", "mean", "std", "n"])
     if not blocks:
         raise ValueError("no ok teacher or distillation record to take costs from")
     return "\n\n".join(blocks)
