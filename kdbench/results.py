@@ -9,6 +9,8 @@ This module is torch-free (pandas only) so that ``kdbench table`` and ``kdbench 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import os
@@ -146,6 +148,23 @@ def write_record(run_dir: str | os.PathLike, record: Mapping) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- reading
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while many records are parsed (restored afterwards).
+
+    Parsing 10,000 records makes millions of dicts and lists that all stay alive; the collector keeps
+    rescanning them, which took 30-50 % of the parse time. Parsed JSON holds no reference cycles, so nothing
+    is left for the collector to find: pausing it changes no result.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def read_record(run_dir: str | os.PathLike) -> dict | None:
     """The record of ``run_dir``, or None when the run has none (yet).
 
@@ -300,10 +319,11 @@ def load_records(suite_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFra
     Raises FileNotFoundError naming the path and the expected layout when there is no record.
     """
     records = []
-    for d in run_dirs(suite_dir):
-        rec = read_record(d)
-        if rec is not None:
-            records.append({**rec, "_path": str(d / RECORD_FILE)})
+    with gc_paused():
+        for d in run_dirs(suite_dir):
+            rec = read_record(d)
+            if rec is not None:
+                records.append({**rec, "_path": str(d / RECORD_FILE)})
     if not records:
         raise no_records_error(suite_dir)
     return records_to_frames(records)

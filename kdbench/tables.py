@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdbench.results import RecordError, error_line, no_records_error, read_record, run_dirs
+from kdbench.results import RecordError, error_line, gc_paused, no_records_error, read_record, run_dirs
 
 FORMATS = ("md", "latex", "csv")
 LAYOUTS = ("auto", "method_x_domain", "robustness", "cost")
@@ -52,10 +52,11 @@ CSV_COLUMNS = ("suite", "suite_version", "eval", "metric", "select", "higher_is_
 # ------------------------------------------------------------------------------------------- loading
 def _load(suite_dir: Path) -> list[dict]:
     records = []
-    for d in run_dirs(suite_dir):
-        rec = read_record(d)
-        if rec is not None:
-            records.append(rec)
+    with gc_paused():
+        for d in run_dirs(suite_dir):
+            rec = read_record(d)
+            if rec is not None:
+                records.append(rec)
     if not records:
         raise no_records_error(suite_dir)
     return records
@@ -126,9 +127,13 @@ def _metric_row(rows: list[dict], eval: str, metric: str, select: str) -> dict |
                  and m.get("select") == select), None)
 
 
+def _order_key(r: dict) -> tuple:
+    return (r["kind"] == TEACHER, r.get("pair_index", 0), r.get("method_index", 0), _seed_key(r.get("seed")),
+            r.get("run_id") or "")
+
+
 def _order(records: list[dict]) -> list[dict]:
-    return sorted(records, key=lambda r: (r["kind"] == TEACHER, r.get("pair_index", 0), r.get("method_index", 0),
-                                          _seed_key(r.get("seed")), r.get("run_id") or ""))
+    return sorted(records, key=_order_key)
 
 
 def _choose_metric(records: list[dict], metric: str | None, eval: str, select: str) -> str:
@@ -142,12 +147,15 @@ def _choose_metric(records: list[dict], metric: str | None, eval: str, select: s
             raise ValueError(f"no record has metric {metric!r} for eval {eval!r}, select {select!r}; "
                              f"available: {listing}")
         return metric
-    for r in _order(records):
+    found = []  # (ok record, its first metric); the first in table order wins (min: no sort of 10,000 records)
+    for r in records:
         if r["status"] == "ok":
             first = next((m["metric"] for m in r.get("metrics") or []
                           if m["eval"] == eval and m["select"] == select), None)
             if first is not None:
-                return first
+                found.append((r, first))
+    if found:
+        return min(found, key=lambda f: _order_key(f[0]))[1]
     if any(r["status"] == "ok" for r in records):
         raise ValueError(f"no ok record has a metric for eval {eval!r}, select {select!r}; available: {listing}")
     task = records[0].get("task")
@@ -613,7 +621,12 @@ def make_table(suite_dir: str | os.PathLike, metric: str | None = None, select: 
         raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     if select not in SELECTS:
         raise ValueError(f"unknown select {select!r}; valid: {', '.join(SELECTS)}")
-    suite_dir = Path(suite_dir)
+    with gc_paused():  # 10,000 records are millions of live containers: a collection pass costs ~0.1 s each
+        return _make_table(Path(suite_dir), metric, select, eval, fmt, suite_version, layout, decimals, reference)
+
+
+def _make_table(suite_dir: Path, metric: str | None, select: str, eval: str, fmt: str, suite_version: int | None,
+                layout: str, decimals: int, reference: str) -> str:
     records = _one_version(_load(suite_dir), suite_dir, suite_version)
     if layout == "robustness":
         return robustness_table(records, fmt, metric=metric, reference=reference, decimals=decimals)
