@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(a.out or tmp)
     try:
         kd = [a.kdbench]
-        results = []  # (what, seconds, target)
+        results = []  # (what, wall seconds, cpu seconds, target)
         if a.only != "suite":
             suite_dir = root / SUITE
             if not (suite_dir / "runs").is_dir() or sum(1 for _ in (suite_dir / "runs").iterdir()) != a.records:
@@ -207,11 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append((f"kdbench {what} ({a.records:,} records)", dt, cpu, 3.0))
         if a.only != "records":
             suite_yaml = write_suite(root, a.runs)
-            dt, cpu, _ = _time(kd + ["validate", str(suite_yaml), "--no-data"], a.repeats)
-            n_runs = "?"
-            p = subprocess.run(kd + ["validate", str(suite_yaml), "--no-data"], capture_output=True, text=True)
-            if "runs" in p.stdout:
-                n_runs = p.stdout.rsplit(",", 1)[-1].split()[0]
+            dt, cpu, out = _time(kd + ["validate", str(suite_yaml), "--no-data"], a.repeats)
+            n_runs = out.rsplit(",", 1)[-1].split()[0] if out.rstrip().endswith(" runs") else "?"
             results.append((f"kdbench validate ({n_runs} runs)", dt, cpu, 5.0))
             dt, cpu, _ = _time(kd + ["run", str(suite_yaml), "--dry-run"], a.repeats)
             results.append((f"kdbench run --dry-run ({n_runs} runs)", dt, cpu, 5.0))
