@@ -140,6 +140,14 @@ def summary(rec: dict) -> str:
             f"{' ' + what if what else ''}{extra}{err}")
 
 
+def progress_name(spec: RunSpec) -> str:
+    """How the live progress names a run: ``kd resnet20→resnet8 s0`` (stage and eval runs say so)."""
+    what = f"{spec.kind} " if spec.kind in ("stage", "eval") else ""
+    if spec.kind == "eval" and spec.eval:
+        what = f"eval {spec.eval.get('corruption') or spec.eval.get('name', '')} "
+    return f"{what}{spec.label} {spec.pair} s{spec.seed}"
+
+
 def default_parallel(resources: dict) -> int:
     try:
         import torch
@@ -239,10 +247,22 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
     def limit_of(spec: RunSpec) -> int:
         return parallel or default_parallel(spec.resources)
 
+    from kdbench.progress import LiveProgress, current_run
+
+    live = LiveProgress(len(todo), log=log)  # tqdm bars on a terminal, plain lines otherwise
+
     def finish(rec: dict) -> None:
         status[rec["run_id"]] = rec["status"]
-        log(summary(rec))
+        live.log(summary(rec))
+        live.finished()
         out.append(rec)
+
+    def now_running():  # (name, run dir) of the run each job works on
+        for _, batch, _ in running:
+            dirs = [run_dir_for(results, s) for s in batch]
+            i = current_run(dirs, live.t0)
+            if i is not None:
+                yield progress_name(batch[i]), dirs[i]
 
     try:
         while waiting or running:
@@ -283,6 +303,7 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
                 else:
                     still.append((job, batch, cap))
             running = still
+            live.poll(now_running())
             if waiting and not running and not any(
                     all(n not in by_id or n in status for n in s.needs) for s in waiting):
                 raise RuntimeError("scheduler stalled: runs wait on needs that never run")  # pragma: no cover
@@ -290,4 +311,6 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
         for job, _, _ in running:
             job.cancel(check=False)
         raise
+    finally:
+        live.close()
     return out
