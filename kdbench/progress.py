@@ -148,6 +148,9 @@ def metrics_text(p: dict) -> str:
     return " ".join(out)
 
 
+_RUN_BAR = "{desc}: {percentage:3.0f}%|{bar}| epoch {n_fmt}/{total_fmt}{postfix}"
+
+
 def _is_terminal(stream) -> bool:
     if os.environ.get("SLURM_JOB_ID"):  # inside a SLURM job stdout is a file, whatever isatty says
         return False
@@ -238,13 +241,16 @@ class LiveProgress:
             if bar is None:
                 slot = next(i for i in itertools.count(1) if i not in used and -i not in used)
                 used.add(slot)
+                # tqdm's own rate would count from the bar's creation (the worker's start-up): our ETA instead
                 bar = self._bars[name] = self._tqdm(total=(p or {}).get("epochs") or 1, desc=name, unit="ep",
                                                     file=self.stream, position=slot, leave=False,
-                                                    dynamic_ncols=True)
+                                                    dynamic_ncols=True, bar_format=_RUN_BAR)
             if p:
                 bar.total = p["epochs"]
                 bar.n = max(0, p["epoch"] - 1) + (1 if int(p.get("step") or 0) >= int(p.get("steps") or 1) else 0)
-                bar.set_postfix_str(metrics_text(p), refresh=False)
+                left = run_eta(p)
+                bar.set_postfix_str(" ".join(x for x in (metrics_text(p), left is not None and f"ETA {fmt_time(left)}")
+                                             if x), refresh=False)
             bar.refresh()
 
     def close(self) -> None:
