@@ -52,7 +52,8 @@ def closure(specs: list[RunSpec], keep: Iterable[RunSpec]) -> list[RunSpec]:
 
 
 def select_specs(suite: Suite, pattern: str | None) -> list[RunSpec]:
-    """The runs whose label, method or pair matches ``pattern`` (all runs without one), plus what they need."""
+    """The runs whose label, method or pair matches ``pattern`` (all runs without one), plus what they need. A
+    pattern that matches no run is an error that lists the labels, methods and pairs there are."""
     if not pattern:
         return list(suite.specs)
     def fields(s: RunSpec) -> tuple:  # a teacher (and its evals) goes by its label, not by "baseline"
@@ -60,6 +61,14 @@ def select_specs(suite: Suite, pattern: str | None) -> list[RunSpec]:
         return own + (s.pair, f"{s.label}/{s.pair}")
 
     keep = [s for s in suite.specs if any(fnmatch.fnmatch(v, pattern) for v in fields(s))]
+    if not keep:
+        def names(values) -> str:
+            return ", ".join(dict.fromkeys(values))
+
+        raise ValueError(f"--filter {pattern!r} matches no run of {suite.name} (a glob over the label, the method, "
+                         f"the pair and label/pair). Labels: {names(s.label for s in suite.specs)}; methods: "
+                         f"{names(s.method for s in suite.specs if s.label != 'teacher')}; "
+                         f"pairs: {names(s.pair for s in suite.specs)}")
     return closure(suite.specs, keep)
 
 
