@@ -11,7 +11,9 @@ from pathlib import Path
 
 
 def _add_suite_args(p: argparse.ArgumentParser, many: bool = False) -> None:
-    p.add_argument("suite", nargs="+" if many else None, help="suite YAML file" + ("s" if many else ""))
+    p.add_argument("suite", nargs="+" if many else None,
+                   help=("suite YAML files" if many else "suite YAML file") + ", or names of suites in ./suites "
+                        "(e.g. quickstart)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a suite value, e.g. --set recipe.epochs=2 (repeatable)")
 
@@ -51,10 +53,12 @@ def _matrix(specs) -> str:
 
 def cmd_run(a) -> int:
     from kdbench.scheduler import launch, select_specs
-    from kdbench.suite import check_data_available, load_suite
+    from kdbench.suite import check_data_available, find_suite, load_suite
 
-    suite = load_suite(a.suite, a.overrides)
+    suite = load_suite(find_suite(a.suite), a.overrides)  # a bare name: ./suites/<name>.yaml, then the package's
     specs = select_specs(suite, a.filter)
+    for note in suite.notes:
+        print(f"note: {note}", file=sys.stderr)
     if a.dry_run:
         kinds = {k: sum(s.kind == k for s in specs) for k in ("teacher", "stage", "distill", "eval")}
         print(f"{suite.path}: {suite.name} v{suite.version}, {len(specs)} runs "
@@ -80,20 +84,22 @@ def cmd_run(a) -> int:
             print(f"(no table: {e})", file=sys.stderr)
     if bad:
         print(f"{len(bad)} run(s) did not finish ok; `kdbench status {suite_dir}` lists them, "
-              f"`kdbench run {a.suite}` again reruns only those.", file=sys.stderr)
+              f"`kdbench run {suite.path}` again reruns only those.", file=sys.stderr)
     return 1 if bad else 0
 
 
 def cmd_validate(a) -> int:
-    from kdbench.suite import check_data_available, load_suite
+    from kdbench.suite import check_data_available, find_suite, load_suite
 
     failed = 0
     for path in a.suite:
         try:
-            suite = load_suite(path, a.overrides)
+            suite = load_suite(find_suite(path), a.overrides)
             if not a.no_data:
                 check_data_available(suite)
-            print(f"ok   {path}: {suite.name} v{suite.version}, {len(suite.specs)} runs")
+            print(f"ok   {suite.path}: {suite.name} v{suite.version}, {len(suite.specs)} runs")
+            for note in suite.notes:
+                print(f"     note: {note}")
             if a.verbose:
                 print(_matrix(suite.specs))
         except (ValueError, KeyError, OSError) as e:
@@ -116,13 +122,13 @@ def cmd_ls(a) -> int:
         headers = ["method", "tasks", "citation", "params" if a.verbose else ""]
         print(tabulate(rows, headers=headers, tablefmt="simple"))
     elif a.what == "suites":
-        import yaml
+        from kdbench.suite import load_raw
 
         folder = Path(a.dir)
         rows = []
         for p in sorted(folder.glob("*.yaml")):
-            try:
-                d = yaml.safe_load(p.read_text()) or {}
+            try:  # the loader the runs use: an include: (e.g. coco_spatial_vs_dwt) brings the task
+                d = load_raw(p)
                 rows.append([p.name, d.get("version", "?"), d.get("task", "?"), (d.get("description") or "").strip()[:70]])
             except Exception as e:
                 rows.append([p.name, "?", "?", f"(unreadable: {e})"])

@@ -52,7 +52,8 @@ def closure(specs: list[RunSpec], keep: Iterable[RunSpec]) -> list[RunSpec]:
 
 
 def select_specs(suite: Suite, pattern: str | None) -> list[RunSpec]:
-    """The runs whose label, method or pair matches ``pattern`` (all runs without one), plus what they need."""
+    """The runs whose label, method or pair matches ``pattern`` (all runs without one), plus what they need. A
+    pattern that matches no run is an error that lists the labels, methods and pairs there are."""
     if not pattern:
         return list(suite.specs)
     def fields(s: RunSpec) -> tuple:  # a teacher (and its evals) goes by its label, not by "baseline"
@@ -60,6 +61,14 @@ def select_specs(suite: Suite, pattern: str | None) -> list[RunSpec]:
         return own + (s.pair, f"{s.label}/{s.pair}")
 
     keep = [s for s in suite.specs if any(fnmatch.fnmatch(v, pattern) for v in fields(s))]
+    if not keep:
+        def names(values) -> str:
+            return ", ".join(dict.fromkeys(values))
+
+        raise ValueError(f"--filter {pattern!r} matches no run of {suite.name} (a glob over the label, the method, "
+                         f"the pair and label/pair). Labels: {names(s.label for s in suite.specs)}; methods: "
+                         f"{names(s.method for s in suite.specs if s.label != 'teacher')}; "
+                         f"pairs: {names(s.pair for s in suite.specs)}")
     return closure(suite.specs, keep)
 
 
@@ -138,6 +147,14 @@ def summary(rec: dict) -> str:
         what = "eval " + (rec["eval"].get("corruption") or rec["eval"].get("name", ""))
     return (f"[{rec['status']:>8}] {rec['label']:<14} {rec['pair']:<28} seed {rec['seed']}"
             f"{' ' + what if what else ''}{extra}{err}")
+
+
+def progress_name(spec: RunSpec) -> str:
+    """How the live progress names a run: ``kd resnet20→resnet8 s0`` (stage and eval runs say so)."""
+    what = f"{spec.kind} " if spec.kind in ("stage", "eval") else ""
+    if spec.kind == "eval" and spec.eval:
+        what = f"eval {spec.eval.get('corruption') or spec.eval.get('name', '')} "
+    return f"{what}{spec.label} {spec.pair} s{spec.seed}"
 
 
 def default_parallel(resources: dict) -> int:
@@ -239,10 +256,22 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
     def limit_of(spec: RunSpec) -> int:
         return parallel or default_parallel(spec.resources)
 
+    from kdbench.progress import LiveProgress, current_run
+
+    live = LiveProgress(len(todo), log=log)  # tqdm bars on a terminal, plain lines otherwise
+
     def finish(rec: dict) -> None:
         status[rec["run_id"]] = rec["status"]
-        log(summary(rec))
+        live.log(summary(rec))
+        live.finished()
         out.append(rec)
+
+    def now_running():  # (name, run dir) of the run each job works on
+        for _, batch, _ in running:
+            dirs = [run_dir_for(results, s) for s in batch]
+            i = current_run(dirs, live.t0)
+            if i is not None:
+                yield progress_name(batch[i]), dirs[i]
 
     try:
         while waiting or running:
@@ -283,6 +312,7 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
                 else:
                     still.append((job, batch, cap))
             running = still
+            live.poll(now_running())
             if waiting and not running and not any(
                     all(n not in by_id or n in status for n in s.needs) for s in waiting):
                 raise RuntimeError("scheduler stalled: runs wait on needs that never run")  # pragma: no cover
@@ -290,4 +320,6 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
         for job, _, _ in running:
             job.cancel(check=False)
         raise
+    finally:
+        live.close()
     return out

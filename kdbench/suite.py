@@ -143,6 +143,7 @@ class Suite:
     path: Path
     raw: dict  # the merged, overridden, env-expanded mapping
     specs: list[RunSpec]
+    notes: list[str] = field(default_factory=list)  # accepted but ignored (e.g. params of methods not run)
 
     @property
     def name(self) -> str:
@@ -374,7 +375,37 @@ def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
 
 
-def validate_and_expand(path: Path, raw: dict) -> list[RunSpec]:
+def _pair_params(path: Path, where: str, pair_params: Any, labels: list[str], names: list[str],
+                 notes: list[str] | None) -> dict:
+    """A pair's ``params:`` keyed by method label or name. Params of a registered method that this suite does not
+    run (e.g. after ``--set methods=[...]``) are dropped with a note; any other key is an error (a typo)."""
+    in_suite = set(labels) | set(names)
+    _check_keys(path, where, pair_params, set(pair_params))
+    kept = {}
+    for key, value in pair_params.items():
+        if key in in_suite:
+            kept[key] = value
+            continue
+        from kdbench.registry import METHODS
+
+        if isinstance(key, str) and key in METHODS:
+            if notes is not None:
+                notes.append(f"{path}: {where}.{key}: ignored, {key!r} is not among this suite's methods "
+                             f"({', '.join(labels)})")
+            continue
+        import difflib
+
+        close = difflib.get_close_matches(str(key), sorted(in_suite), n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise _err(path, f"{where}.{key}", f"not a method of this suite nor a registered method.{hint} Valid here: "
+                                           f"{', '.join(sorted(in_suite))} (params of a registered method that "
+                                           f"the suite does not run are ignored)")
+    return kept
+
+
+def validate_and_expand(path: Path, raw: dict, notes: list[str] | None = None) -> list[RunSpec]:
+    """Validate the suite and expand it into its run graph. ``notes`` (when given) collects what was accepted but
+    ignored, for ``validate`` and ``run --dry-run`` to print."""
     _check_keys(path, "", raw, TOP_KEYS, REQUIRED_TOP)
     if raw["suite"] != path.stem:
         raise _err(path, "suite", f"must equal the file stem {path.stem!r}, got {raw['suite']!r}")
@@ -452,8 +483,8 @@ def validate_and_expand(path: Path, raw: dict) -> list[RunSpec]:
         if pname in pair_names:
             raise _err(path, f"{where}.name", f"duplicate pair name {pname!r}")
         pair_names.append(pname)
-        pair_params = pair.get("params") or {}
-        _check_keys(path, f"{where}.params", pair_params, set(labels) | {m[1] for m in methods})
+        pair_params = _pair_params(path, f"{where}.params", pair.get("params") or {}, labels,
+                                   [m[1] for m in methods], notes)
 
         from kdbench.registry import METHODS
 
@@ -532,15 +563,100 @@ def validate_and_expand(path: Path, raw: dict) -> list[RunSpec]:
 def load_suite(path: str | os.PathLike, overrides: list[str] = ()) -> Suite:
     path = Path(path)
     raw = load_raw(path, list(overrides))
-    specs = validate_and_expand(path, raw)
-    return Suite(path=path, raw=raw, specs=specs)
+    notes: list[str] = []
+    specs = validate_and_expand(path, raw, notes)
+    return Suite(path=path, raw=raw, specs=specs, notes=notes)
+
+
+def package_suites_dir() -> Path | None:
+    """The suites folder that comes with this kdbench: ``kdbench/suites`` when packaged with it, else the source
+    checkout's ``suites/`` (an editable install); None when neither exists."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "suites", here.parent / "suites"):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def available_suites() -> list[str]:
+    """Names of the suites in ``./suites`` and in the package's suites folder."""
+    found: set[str] = set()
+    for folder in (Path("suites"), package_suites_dir()):
+        if folder is not None and folder.is_dir():
+            found |= {p.stem for p in folder.glob("*.yaml")}
+    return sorted(found)
+
+
+def find_suite(arg: str | os.PathLike) -> Path:
+    """A suite file from what the user typed: a path as is; a bare name (``quickstart`` or ``quickstart.yaml``)
+    is looked up as ``./suites/<name>.yaml``, then in the package's suites folder. An error lists the
+    available suites."""
+    p = Path(arg)
+    if p.is_file():
+        return p
+    tried = [str(p)]
+    if p.parent == Path(".") and p.name:
+        name = p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml"
+        for folder in (Path("suites"), package_suites_dir()):
+            if folder is None:
+                continue
+            cand = folder / name
+            if cand.is_file():
+                return cand
+            tried.append(str(cand))
+    import difflib
+
+    avail = available_suites()
+    close = difflib.get_close_matches(p.stem, avail, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise SuiteError(f"suite {str(arg)!r} not found (looked for {', '.join(dict.fromkeys(tried))}).{hint} Available "
+                     f"suites: {', '.join(avail) if avail else '(none in ./suites)'}")
+
+
+def _suite_texts(suite: Suite) -> str:
+    """The suite file's text and its include's, as written (before ``${VAR}`` expansion)."""
+    texts = []
+    try:
+        texts.append(suite.path.read_text(encoding="utf-8", errors="replace"))
+        inc = re.search(r"^include:\s*['\"]?([^'\"#\n]+?)['\"]?\s*(#.*)?$", texts[0], re.M)
+        if inc:
+            texts.append((suite.path.parent / expand_env(inc.group(1).strip())).read_text(encoding="utf-8",
+                                                                                        errors="replace"))
+    except (OSError, SuiteError):
+        pass
+    return "\n".join(texts)
+
+
+def env_hint(suite: Suite, var: str, what: str) -> str:
+    """How to point ``var`` (KDBENCH_DATA, KDBENCH_CKPT) at ``what``, as this suite uses it."""
+    text = re.sub(r"(^|\s)#.*", "", _suite_texts(suite))  # YAML comments may mention the variable too
+    m = re.search(r"\$\{%s(?::-([^}]*))?\}" % re.escape(var), text)
+    if m is None:
+        return f"the paths are written in {suite.path}: correct them there"
+    written = m.group(0)
+    now = f"{var}={os.environ[var]}" if var in os.environ else (
+        f"{var} is not set, so the default {m.group(1)!r} is used" if m.group(1) is not None else f"{var} is not set")
+    return (f"{suite.path} reads {what} under {written} ({now}): point {var} at the folder that holds them, "
+            f"e.g. `export {var}=/path/to/{what.split()[0]}`")
+
+
+def _model_files(model: dict) -> list[tuple[str, str]]:
+    """(what, path) of the files a model spec loads: its ``weights`` and every ``*weights`` path in its kwargs."""
+    out = [("weights", model["weights"])] if model.get("weights") else []
+    out += [(f"kwargs.{k}", v) for k, v in sorted((model.get("kwargs") or {}).items())
+            if k.endswith("weights") and isinstance(v, str) and v]
+    return out
 
 
 def check_data_available(suite: Suite) -> None:
-    """Check that every dataset the suite reads is where it says, in the expected layout."""
+    """Check that every dataset the suite reads is where it says, in the expected layout, and that every
+    checkpoint it loads (teacher weights, backbone weights) is there. All problems are reported at once, one line
+    each (every pair with a missing teacher checkpoint), with how to point KDBENCH_DATA / KDBENCH_CKPT at them."""
+    from kdbench.data.base import NOT_FOUND_HINT
     from kdbench.registry import TASKS
 
     task = TASKS.get(suite.raw["task"])()
+    problems: list[str] = []
     seen = set()
     for spec in suite.specs:
         key = json.dumps(spec.data, sort_keys=True)
@@ -549,9 +665,28 @@ def check_data_available(suite: Suite) -> None:
         seen.add(key)
         try:
             task.check_data(spec.data)
-        except (OSError, ValueError) as e:
-            raise SuiteError(f"{suite.path}: data: {e}") from None
+        except (OSError, ValueError) as e:  # the suite's own hint below replaces the data layer's generic one
+            problems.append(f"{suite.path}: data: {str(e).replace(NOT_FOUND_HINT, '')}")
+    data_bad = bool(problems)
+    missing: dict[tuple, str] = {}  # (pair, side, what, path) -> line, in the order of the pairs
     for spec in suite.specs:
-        for model in (spec.teacher, spec.student):  # an eval of a checkpoint teacher has it as its "student"
-            if model and model.get("weights") and not Path(model["weights"]).is_file():
-                raise SuiteError(f"{suite.path}: pairs ({spec.pair}): teacher weights not found: {model['weights']}")
+        sides = [("teacher", spec.teacher), ("student", spec.student)]
+        for side, model in sides:
+            if not model:
+                continue
+            if spec.label == "teacher":  # a teacher run, or an eval of a teacher: the trained/evaluated net is it
+                side = "teacher"
+            for what, f in _model_files(model):
+                k = (spec.pair_index, side, what, f)
+                if k not in missing and not Path(f).is_file():
+                    missing[k] = (f"{suite.path}: pairs[{spec.pair_index}] ({spec.pair}): {side} {what} not found: "
+                                  f"{f}")
+    problems += [missing[k] for k in sorted(missing, key=lambda k: (k[0], k[1] != "teacher", k[2], k[3]))]
+    if not problems:
+        return
+    hints = []
+    if data_bad:
+        hints.append(env_hint(suite, "KDBENCH_DATA", "datasets"))
+    if missing:
+        hints.append(env_hint(suite, "KDBENCH_CKPT", "checkpoints"))
+    raise SuiteError("\n".join(problems + [f"hint: {h}" for h in hints]))

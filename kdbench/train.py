@@ -4,7 +4,8 @@ prompt methods (``kdbench/prompts.py``), ``benchmarks/bench_detection.py`` and t
 
 :func:`fit` is the loop around it: optimiser, per-step LR schedule with warm-up, AMP on GPU, gradient clipping, a checkpoint
 every epoch and exact resume from it, a non-finite-loss guard, a progress bar, per-epoch metrics in
-``log.jsonl``, and the final and best-epoch metrics.
+``log.jsonl``, a ``progress.json`` for the scheduler's live display (``kdbench/progress.py``: at most one small
+write a second), and the final and best-epoch metrics.
 
 Reproducibility: every epoch reseeds the global RNG and the data order from ``(seed, epoch)``, so a run resumed
 from its last checkpoint continues exactly as an uninterrupted one would.
@@ -230,6 +231,11 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
 
     from tqdm.auto import tqdm
 
+    from kdbench.progress import ProgressFile
+
+    # the scheduler reads it to show this run's epoch across processes (kdbench/progress.py)
+    progress = ProgressFile(run_dir, "train", epochs, steps_per_epoch, metric=primary, enabled=dist.is_main)
+    progress.update(epoch=start_epoch, step=0, force=True)
     bar = tqdm(range(start_epoch, epochs + 1), desc=desc or "train", initial=start_epoch - 1, total=epochs,
                disable=None if dist.is_main else True, leave=False, dynamic_ncols=True)
     for epoch in bar:
@@ -246,6 +252,7 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
                                  num_workers=int(recipe.get("num_workers", 0)))
         sums: dict[str, float] = {}
         n_steps = 0
+        progress.update(epoch=epoch, step=0)
         for i, (x, y) in enumerate(loader):
             if i >= steps_per_epoch:
                 break
@@ -266,6 +273,7 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
             n_steps += 1
             for k, v in {"loss": out.loss, "loss_task": out.task_loss, **out.terms}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * (scale / dist.world)
+            progress.update(step=i + 1)
             if sleep_s:
                 time.sleep(sleep_s)
         sums = ddp.sum_over_ranks(sums, dist, device)  # the global batch's mean losses
@@ -281,6 +289,7 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
                 res.best, res.best_epoch = dict(metrics), epoch
             bar.set_postfix({primary: f"{metrics[primary]:.2f}", "loss": f"{entry.get('train_loss', 0):.3f}"})
         res.history.append(entry)
+        progress.update(value=entry.get(f"val_{primary}"), loss=entry.get("train_loss"), force=epoch == epochs)
         res.wall_time_s = wall_before + time.perf_counter() - t_start
         if not dist.is_main:
             continue

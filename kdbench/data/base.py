@@ -15,6 +15,11 @@ class DataLayoutError(FileNotFoundError):
     """The data is not where the suite says, or not in the expected layout."""
 
 
+#: appended to "not found" messages: the bundled suites write ``root: ${KDBENCH_DATA:-data}/<dataset>``
+NOT_FOUND_HINT = ("; the suites in suites/ read data.root under ${KDBENCH_DATA:-data}: point KDBENCH_DATA at the "
+                  "folder that holds your datasets (export KDBENCH_DATA=/path/to/datasets)")
+
+
 class DataFileError(ValueError):
     """A data file is there but unusable: undecodable, or inconsistent with its annotations (the message names
     the file and what to do)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdbench.data.base import (ClassificationData, DataFileError, DataLayoutError, DatasetPlugin, TensorImages, compose,
+from kdbench.data.base import (NOT_FOUND_HINT, ClassificationData, DataFileError, DataLayoutError, DatasetPlugin, TensorImages, compose,
                                random_crop_flip, resize_to, stratified_fraction)
 from kdbench.registry import DATASETS
 
@@ -30,7 +30,7 @@ def _folder(root: str | os.PathLike) -> Path:
             return cand
     missing = [f for f in ("train", "test", "meta") if not (root / "cifar-100-python" / f).is_file()]
     raise DataLayoutError(f"CIFAR-100 not found at {root}: missing {', '.join(missing)} in "
-                          f"{root / 'cifar-100-python'}. Expected layout: {LAYOUT}")
+                          f"{root / 'cifar-100-python'}. Expected layout: {LAYOUT}{NOT_FOUND_HINT}")
 
 
 # what the official pickles (and numpy arrays in them) need; anything else in a pickle (e.g. os.system) is refused

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kdbench.data.base import DataFileError, DataLayoutError, DatasetPlugin
+from kdbench.data.base import NOT_FOUND_HINT, DataFileError, DataLayoutError, DatasetPlugin
 from kdbench.registry import DATASETS
 
 LAYOUT = ("ROOT/leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png with "
@@ -311,7 +311,7 @@ class Cityscapes(DatasetPlugin):
         for split in ("train", "val"):
             for top in ("leftImg8bit", "gtFine"):
                 if not (root / top / split).is_dir():
-                    raise DataLayoutError(f"no folder {root / top / split}. Expected layout: {LAYOUT}")
+                    raise DataLayoutError(f"no folder {root / top / split}. Expected layout: {LAYOUT}{NOT_FOUND_HINT}")
 
     def build(self, root=None, *, crop_size: int | list = 512, scale_range: list = (0.5, 2.0), flip: bool = True,
               cat_max_ratio: float = 0.75, synthetic: dict | None = None) -> SegmentationData:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kdbench.data.base import DataFileError, DataLayoutError, DatasetPlugin
+from kdbench.data.base import NOT_FOUND_HINT, DataFileError, DataLayoutError, DatasetPlugin
 from kdbench.registry import DATASETS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -230,7 +230,8 @@ def _check_layout(root, train_split: str, val_split: str) -> Path:
         if not (root / split).is_dir():
             missing.append(str(root / split) + "/")
     if missing:
-        raise DataLayoutError(f"COCO not found at {root}: missing {', '.join(missing)}. Expected layout: {LAYOUT}")
+        raise DataLayoutError(f"COCO not found at {root}: missing {', '.join(missing)}. Expected layout: {LAYOUT}"
+                              f"{NOT_FOUND_HINT}")
     return root
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from kdbench.data.base import (ClassificationData, DataFileError, DataLayoutError, DatasetPlugin,
+from kdbench.data.base import (NOT_FOUND_HINT, ClassificationData, DataFileError, DataLayoutError, DatasetPlugin,
                                stratified_fraction)
 from kdbench.registry import DATASETS
 
@@ -279,7 +279,7 @@ def _scan(root: Path) -> str:
     """Check the layout under ``root`` (see :data:`LAYOUTS`) and return the validation layout's kind."""
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise DataLayoutError(f"no folder {root / split}. Accepted layouts: {LAYOUT}")
+            raise DataLayoutError(f"no folder {root / split}. Accepted layouts: {LAYOUT}{NOT_FOUND_HINT}")
     classes = _class_folders(root / "train")
     kind, path = _val_layout(root)
     if kind == "folders":

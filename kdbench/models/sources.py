@@ -167,7 +167,9 @@ def load_weights(model: TapModel, path: str | Path) -> str:
     returns its sha256. Missing or unexpected keys are an error naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"teacher weights not found: {path}")
+        raise FileNotFoundError(f"teacher weights not found: {path}; the suites in suites/ read checkpoints under "
+                                "${KDBENCH_CKPT:-download_ckpts}: point KDBENCH_CKPT at the folder that holds them "
+                                "(export KDBENCH_CKPT=/path/to/checkpoints)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
