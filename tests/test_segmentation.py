@@ -242,14 +242,17 @@ def test_segmentation_suites_expand_without_data(tmp_path, monkeypatch):
     cs = load_suite(SUITES / "cityscapes_segmentation.yaml")
     assert [(s.kind, s.label, s.pair) for s in cs.specs] == [
         ("teacher", "teacher", "pspnet_r101→pspnet_r18"),
-        *[("distill", m, "pspnet_r101→pspnet_r18") for m in ("baseline", "cwd", "freekd")],
-        *[("distill", m, "pspnet_r101→deeplabv3_r18") for m in ("baseline", "cwd", "freekd")]]
+        *[("distill", m, "pspnet_r101→pspnet_r18") for m in ("baseline", "cwd")],
+        ("stage", "freekd", "pspnet_r101→pspnet_r18"), ("distill", "freekd", "pspnet_r101→pspnet_r18"),
+        *[("distill", m, "pspnet_r101→deeplabv3_r18") for m in ("baseline", "cwd")],
+        ("stage", "freekd", "pspnet_r101→deeplabv3_r18"), ("distill", "freekd", "pspnet_r101→deeplabv3_r18")]
     assert len({s.teacher_run for s in cs.specs if s.teacher_run}) == 1  # one teacher, trained once
     assert cs.specs[0].recipe["epochs"] * (2975 // cs.specs[1].recipe["batch_size"]) >= 80_000
     assert 40_000 <= cs.specs[1].recipe["epochs"] * (2975 // 8) < 40_000 + 371
     assert cs.specs[1].data["crop_size"] == 512 and cs.specs[1].data["scale_range"] == [0.5, 2.0]
     qs = load_suite(SUITES / "quickstart_segmentation.yaml")
-    assert [s.label for s in qs.specs] == ["teacher", "baseline", "cwd", "pkd", "freekd"]
+    assert [(s.kind, s.label) for s in qs.specs] == [("teacher", "teacher"), ("distill", "baseline"), ("distill", "cwd"),
+                                                     ("distill", "pkd"), ("stage", "freekd"), ("distill", "freekd")]
     assert qs.specs[0].data["synthetic"]
 
 
