@@ -6,7 +6,9 @@ the valid choices, before anything runs. Strings may use ``${VAR}`` / ``${VAR:-d
 ``--set a.b=v`` overrides are applied after the include (values parsed as YAML; list items by index:
 ``pairs.0.student.model=...``). Only ``yaml.safe_load`` is used.
 
-This module imports torch only when methods are resolved (``expand``), never at import time.
+This module never imports torch itself: methods, models and datasets are resolved from their metadata
+(``kdbench.methodinfo``, ``kdbench.models.catalog``, ``Registry.info``), read without importing the plugins
+where it is literal; only a plugin whose metadata is not (or a model name only its library knows) is imported.
 """
 
 from __future__ import annotations
@@ -303,12 +305,17 @@ def _check_data(path: Path, where: str, data: dict, task: str, partial: bool = F
     if "name" not in data:
         return
     try:
-        plugin = DATASETS.get(data["name"])
+        info = DATASETS.info(data["name"])  # read from the plugin file: no import
+        if info is not None:
+            plugin_task, options = info.attrs.get("task", "classification"), list(info.params)
+        else:
+            plugin = DATASETS.get(data["name"])
+            plugin_task, options = plugin.task, plugin.option_names()
     except KeyError as e:
         raise _err(path, f"{where}.name", str(e)) from None
-    if plugin.task != task:
-        raise _err(path, f"{where}.name", f"dataset {data['name']!r} is for task {plugin.task!r}, not {task!r}")
-    valid = {"name", "root"} | set(plugin.option_names())
+    if plugin_task != task:
+        raise _err(path, f"{where}.name", f"dataset {data['name']!r} is for task {plugin_task!r}, not {task!r}")
+    valid = {"name", "root"} | set(options)
     _check_keys(path, where, data, valid)
 
 
@@ -350,13 +357,14 @@ def short_model(name: str) -> str:
 
 
 def _resolve_method(path: Path, where: str, entry: Any, task: str):
-    from kdbench.registry import METHODS
+    """-> (MethodInfo, name, label, params): the method's metadata (``kdbench.methodinfo``), torch-free."""
+    from kdbench.methodinfo import method_info
 
     if isinstance(entry, str):
         entry = {"name": entry}
     _check_keys(path, where, entry, METHOD_KEYS, ("name",))
     try:
-        cls = METHODS.get(entry["name"])
+        cls = method_info(entry["name"])
     except KeyError as e:
         raise _err(path, f"{where}.name", str(e)) from None
     if task not in cls.tasks:
@@ -455,11 +463,11 @@ def validate_and_expand(path: Path, raw: dict) -> list[RunSpec]:
         pair_params = pair.get("params") or {}
         _check_keys(path, f"{where}.params", pair_params, set(labels) | {m[1] for m in methods})
 
-        from kdbench.registry import METHODS
+        from kdbench.methodinfo import method_info
 
         teacher_run = None
         t_for_runs = {k: v for k, v in teacher.items() if k != "train"}
-        base = METHODS.get("baseline")
+        base = method_info("baseline")
         t_facts = dict(method="baseline", method_version=base.version, params={}, label="teacher", pair=pname,
                        pair_index=p_i, method_index=-1)
         if "train" in teacher:
@@ -485,10 +493,9 @@ def validate_and_expand(path: Path, raw: dict) -> list[RunSpec]:
                 resolved = cls.check_params(merged)
             except ValueError as e:
                 raise _err(path, f"{where}.params.{label}", str(e)) from None
-            check_pair = getattr(cls, "check_pair", None)
-            if check_pair is not None and cls.needs_teacher:
+            if cls.needs_teacher:
                 try:
-                    check_pair(resolved, teacher["model"], student["model"])
+                    cls.check_pair(resolved, teacher["model"], student["model"])
                 except ValueError as e:
                     raise _err(path, f"methods[{m_i}] ({label}) on {where} ({pname})", str(e)) from None
             ref = tuple(_jsonable({k: v for k, v in r.items() if k not in ("method", "pair")})
