@@ -133,6 +133,11 @@ def _class_chain(mod: _ModuleFile, node: ast.ClassDef, root: tuple[str, str]) ->
         elif base in mod.imports:
             module, name = mod.imports[base]
             mod = _ModuleFile.of_module(module)
+            for _ in range(8):  # follow re-exports (``from X import Y`` in the module that was named)
+                if name in mod.classes or name not in mod.imports:
+                    break
+                module, name = mod.imports[name]
+                mod = _ModuleFile.of_module(module)
             if name not in mod.classes:
                 raise _Opaque(name)
             node = mod.classes[name]
@@ -325,7 +330,7 @@ METHODS = Registry("method", discover=("kdbench.methods",), scan=Scan(
 MODELS = Registry("model source", discover=("kdbench.models",), scan=Scan(
     decorators=("MODELS.register",), root=("kdbench.models.sources", "Source"), attrs=("prefix",)))
 DATASETS = Registry("dataset", discover=("kdbench.data",), scan=Scan(
-    decorators=("DATASETS.register",), root=("kdbench.data.base", "DatasetPlugin"),
+    decorators=("DATASETS.register",), root=("kdbench.data.plugin", "DatasetPlugin"),
     attrs=("task", "needs_root", "layout"), params_of="build"))
 TASKS = Registry("task", discover=("kdbench.tasks",))
 

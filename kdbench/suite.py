@@ -545,9 +545,8 @@ def load_suite(path: str | os.PathLike, overrides: list[str] = ()) -> Suite:
 
 def check_data_available(suite: Suite) -> None:
     """Check that every dataset the suite reads is where it says, in the expected layout."""
-    from kdbench.registry import TASKS
+    from kdbench.data.plugin import check_data  # torch-free (the Task classes import torch)
 
-    task = TASKS.get(suite.raw["task"])()
     seen = set()
     for spec in suite.specs:
         key = json.dumps(spec.data, sort_keys=True)
@@ -555,7 +554,7 @@ def check_data_available(suite: Suite) -> None:
             continue
         seen.add(key)
         try:
-            task.check_data(spec.data)
+            check_data(spec.data)
         except (OSError, ValueError) as e:
             raise SuiteError(f"{suite.path}: data: {e}") from None
     for spec in suite.specs:
