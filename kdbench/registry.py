@@ -80,6 +80,30 @@ def _literal(node: ast.AST) -> Any:
     return ast.literal_eval(node)
 
 
+_SAFE_CALLS = {"enumerate": enumerate, "len": len, "str": str, "sorted": sorted, "tuple": tuple, "list": list}
+_SAFE_NODES = (ast.Expression, ast.BinOp, ast.Add, ast.Mod, ast.Constant, ast.Name, ast.Load, ast.Store, ast.Call,
+               ast.Attribute, ast.JoinedStr, ast.FormattedValue, ast.GeneratorExp, ast.ListComp, ast.comprehension,
+               ast.Tuple, ast.List)
+
+
+def _constant_expression(node: ast.AST, constants: dict[str, Any]) -> Any:
+    """A module constant built from literals and earlier constants by string joins, f-strings, ``+``/``%`` and
+    comprehensions (e.g. a layout text assembled from a tuple): evaluated when it uses nothing else."""
+    names = set(constants) | set(_SAFE_CALLS)
+    for n in ast.walk(node):
+        if not isinstance(n, _SAFE_NODES) or (isinstance(n, ast.Attribute) and n.attr not in ("join", "format")):
+            raise ValueError("not a constant expression")
+        if isinstance(n, ast.Call) and not (isinstance(n.func, ast.Attribute) or
+                                            (isinstance(n.func, ast.Name) and n.func.id in _SAFE_CALLS)):
+            raise ValueError("not a constant expression")
+        if isinstance(n, ast.comprehension):
+            names |= {t.id for t in ast.walk(n.target) if isinstance(t, ast.Name)}
+    if any(isinstance(n, ast.Name) and n.id not in names for n in ast.walk(node)):
+        raise ValueError("not a constant expression")
+    return eval(compile(ast.Expression(node), "<constant>", "eval"),  # noqa: S307  (checked just above)
+                {"__builtins__": dict(_SAFE_CALLS)}, dict(constants))
+
+
 def _dotted(node: ast.AST) -> str | None:
     if isinstance(node, ast.Name):
         return node.id
@@ -109,7 +133,10 @@ class _ModuleFile:
                 try:
                     self.constants[n.targets[0].id] = _literal(n.value)
                 except (ValueError, TypeError, SyntaxError):
-                    self.constants.pop(n.targets[0].id, None)
+                    try:
+                        self.constants[n.targets[0].id] = _constant_expression(n.value, self.constants)
+                    except Exception:
+                        self.constants.pop(n.targets[0].id, None)
 
     @classmethod
     def of_module(cls, module: str) -> "_ModuleFile":

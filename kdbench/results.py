@@ -15,9 +15,10 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas is imported where frames are built: the scheduler and `run --dry-run` need none
+    import pandas as pd
 
 RECORD_SCHEMA = 1
 RECORD_FILE = "record.json"
@@ -322,11 +323,15 @@ def metrics_frame(records: list[Mapping], field: str = "metrics") -> pd.DataFram
                          "select": m["select"], "value": _num(m["value"]),
                          "higher_is_better": bool(m["higher_is_better"]), **joined, "target": rec.get("target"),
                          **{k: m.get(k) for k in METRIC_OPTIONAL_KEYS}})
+    import pandas as pd
+
     return pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
 
 
 def records_to_frames(records: list[Mapping]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(runs, metrics)`` frames of in-memory records (see :func:`load_records`)."""
+    import pandas as pd
+
     runs = pd.DataFrame([run_row(r, r.get("_path")) for r in records], columns=list(RUN_COLUMNS))
     return runs, metrics_frame(records)
 
