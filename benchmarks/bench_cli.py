@@ -2,7 +2,8 @@
 
 Each command runs in a fresh ``python -m kdbench.cli`` subprocess (what ``kdbench ...`` runs), ``--repeats``
 times, round robin over the commands so that other load on the machine biases none of them; the table gives the
-minimum and the median wall time (load only ever adds time: compare minimums). One more run of each under
+minimum and the median wall time (load only ever adds time: compare minimums) and the minimum CPU time
+(user + system) of the process, which other load inflates much less than wall time. One more run of each under
 ``python -X importtime`` tells whether it imported torch (and timm/torchvision), and which kdbench module pulled
 torch in first. ``kdbench ls methods`` and ``kdbench validate suites/quickstart.yaml`` must import no torch and
 take under 1 s on an idle machine; ``ls models`` asks timm and torchvision for their names (it imports them).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,14 +43,17 @@ def _env() -> dict:
     return env
 
 
-def time_once(args: list[str]) -> float:
+def time_once(args: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user+system) of one fresh ``kdbench`` process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "kdbench.cli", *args], cwd=REPO, env=_env(),
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     dt = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise RuntimeError(f"kdbench {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()[-500:]}")
-    return dt
+    return dt, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def imports(args: list[str]) -> dict:
@@ -77,20 +82,24 @@ def imports(args: list[str]) -> dict:
 def run(repeats: int = 5, only: str | None = None, log=print) -> dict:
     cmds = [(label, args) for label, args in COMMANDS if only is None or only in label]
     times: dict[str, list[float]] = {label: [] for label, _ in cmds}
+    cpu: dict[str, list[float]] = {label: [] for label, _ in cmds}
     for _ in range(repeats):
         for label, args in cmds:
-            times[label].append(time_once(args))
+            wall, used = time_once(args)
+            times[label].append(wall)
+            cpu[label].append(used)
     rows = {}
     for label, args in cmds:
         imp = imports(args)
-        rows[label] = {"min_s": min(times[label]), "median_s": statistics.median(times[label]), **imp}
+        rows[label] = {"min_s": min(times[label]), "median_s": statistics.median(times[label]),
+                       "cpu_s": min(cpu[label]), **imp}
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     log(f"kdbench CLI start-up, {repeats} runs each (fresh process), load average "
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs; python {sys.version.split()[0]}")
-    log(f"{'command':28s} {'min s':>7s} {'median s':>9s}  torch  timm  torchvision  torch first under")
+    log(f"{'command':28s} {'min s':>7s} {'median s':>9s} {'cpu s':>7s}  torch  timm  torchvision  torch first under")
     for label, r in rows.items():
         flag = lambda b: "yes" if b else "no"  # noqa: E731
-        log(f"{label:28s} {r['min_s']:7.2f} {r['median_s']:9.2f}  {flag(r['torch']):5s}  {flag(r['timm']):4s}  "
+        log(f"{label:28s} {r['min_s']:7.2f} {r['median_s']:9.2f} {r['cpu_s']:7.2f}  {flag(r['torch']):5s}  {flag(r['timm']):4s}  "
             f"{flag(r['torchvision']):11s}  {r['via'] or '-'}")
     bad = [label for label in rows if label in TORCH_FREE and rows[label]["torch"]]
     if bad:

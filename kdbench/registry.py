@@ -23,6 +23,7 @@ import fnmatch
 import importlib
 import importlib.util
 import pkgutil
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -121,22 +122,36 @@ class _ModuleFile:
     def __init__(self, name: str, path: Path):
         self.name, self.path = name, path
         self.source = path.read_text(encoding="utf-8")
-        self.tree = ast.parse(self.source, filename=str(path))
-        self.classes = {n.name: n for n in self.tree.body if isinstance(n, ast.ClassDef)}
-        self.imports: dict[str, tuple[str, str]] = {}
-        self.constants: dict[str, Any] = {}  # module-level NAME = <literal>, for attributes such as layout = LAYOUT
-        for n in self.tree.body:
-            if isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
-                for a in n.names:
-                    self.imports[a.asname or a.name] = (n.module, a.name)
-            elif isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
-                try:
-                    self.constants[n.targets[0].id] = _literal(n.value)
-                except (ValueError, TypeError, SyntaxError):
+        self._tree: ast.Module | None = None
+        self._constants: dict[str, Any] | None = None
+
+    @property
+    def tree(self) -> ast.Module:  # parsed on first use: most files are only searched for a decorator's name
+        if self._tree is None:
+            self._tree = ast.parse(self.source, filename=str(self.path))
+            self.classes = {n.name: n for n in self._tree.body if isinstance(n, ast.ClassDef)}
+            self.imports: dict[str, tuple[str, str]] = {}
+            for n in self._tree.body:
+                if isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
+                    for a in n.names:
+                        self.imports[a.asname or a.name] = (n.module, a.name)
+        return self._tree
+
+    @property
+    def constants(self) -> dict[str, Any]:
+        """Module-level ``NAME = <literal or constant expression>``, for attributes such as ``layout = LAYOUT``."""
+        if self._constants is None:
+            self._constants = {}
+            for n in self.tree.body:
+                if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
                     try:
-                        self.constants[n.targets[0].id] = _constant_expression(n.value, self.constants)
-                    except Exception:
-                        self.constants.pop(n.targets[0].id, None)
+                        self._constants[n.targets[0].id] = _literal(n.value)
+                    except (ValueError, TypeError, SyntaxError):
+                        try:
+                            self._constants[n.targets[0].id] = _constant_expression(n.value, self._constants)
+                        except Exception:
+                            self._constants.pop(n.targets[0].id, None)
+        return self._constants
 
     @classmethod
     def of_module(cls, module: str) -> "_ModuleFile":
@@ -145,7 +160,9 @@ class _ModuleFile:
             if spec is None or not spec.origin or not spec.origin.endswith(".py"):
                 raise _Opaque(module)
             cls._cache[module] = cls(module, Path(spec.origin))
-        return cls._cache[module]
+        mod = cls._cache[module]
+        mod.tree  # noqa: B018  (parse: callers read classes and imports)
+        return mod
 
 
 def _class_chain(mod: _ModuleFile, node: ast.ClassDef, root: tuple[str, str]) -> list[tuple[_ModuleFile, ast.ClassDef]]:
@@ -246,10 +263,13 @@ class Registry:
                     continue
                 module = f"{pkg_name}.{mi.name}"
                 try:
-                    mod = _ModuleFile.of_module(module)
-                except (_Opaque, OSError, SyntaxError, UnicodeDecodeError):
-                    mod = None
-                names = self._scan_module(mod) if mod is not None else None
+                    path = Path(mi.module_finder.path) / (f"{mi.name}/__init__.py" if mi.ispkg else f"{mi.name}.py")
+                    mod = _ModuleFile(module, path)
+                    names = self._scan_module(mod)
+                    if names:
+                        _ModuleFile._cache.setdefault(module, mod)
+                except (_Opaque, OSError, SyntaxError, UnicodeDecodeError, AttributeError):
+                    names = None
                 if names is None:  # not readable as literals: import it, it registers itself
                     before = set(self._items)
                     importlib.import_module(module)
@@ -264,7 +284,12 @@ class Registry:
 
     def _scan_module(self, mod: _ModuleFile) -> dict[str, PluginInfo | None] | None:
         scan = self._scan_spec
-        calls = [n for n in ast.walk(mod.tree) if isinstance(n, ast.Call) and _dotted(n.func) in scan.decorators]
+        # every call of a decorator name in the text, docstrings included (one the reading below does not
+        # account for makes the module opaque, which only costs an import)
+        calls = re.findall(r"(?<![\w.])(?:%s)\s*\(" % "|".join(re.escape(d) for d in scan.decorators), mod.source)
+        if not calls:
+            return {}
+        mod.tree  # noqa: B018  (parse)
         out: dict[str, PluginInfo | None] = {}
         for node in mod.classes.values():
             for deco in node.decorator_list:
@@ -330,7 +355,8 @@ class Registry:
         raise RegistryError(self.unknown_message(name))
 
     def _all_names(self) -> set[str]:
-        return set(self._items) | set(self._scan())
+        scanned = self._scan()  # first: a registry without a scan imports its plugins here
+        return set(self._items) | set(scanned)
 
     def unknown_message(self, name: str) -> str:
         names = sorted(self._all_names())
@@ -339,7 +365,8 @@ class Registry:
         return f"unknown {self.kind} {name!r}.{hint} Valid {self.kind}s: {', '.join(names) or '(none)'}"
 
     def __contains__(self, name: str) -> bool:
-        return name in self._items or name in self._scan()
+        scanned = self._scan()
+        return name in self._items or name in scanned
 
     def names(self, pattern: str = "*") -> list[str]:
         return sorted(n for n in self._all_names() if fnmatch.fnmatch(n, pattern))
