@@ -190,8 +190,8 @@ def check_required_taps(method: str, requires_taps: dict[str, tuple[str, str]], 
             continue
         model = models[side]
         if tap not in model_taps(model):
-            raise ValueError(f"{method}: {param}=true needs the {tap!r} tap on the {side}, which {model!r} does not "
-                             f"provide (only {tap_providers(tap)} do); set {param}: false")
+            raise ValueError(f"{method}: {param}=true needs the {tap!r} tap, which only {tap_providers(tap)} "
+                             f"provide, not the {side} {model!r}; set {param}: false")
 
 
 class MethodInfo:

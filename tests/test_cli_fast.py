@@ -145,11 +145,11 @@ def test_requires_taps_refuses_a_pair_without_the_tap(write_suite):
         load_suite(suite({}))  # teacher_preact defaults to true
     msg = str(e.value)
     assert "methods[0] (reviewkd) on pairs[0]" in msg, msg
-    assert ("reviewkd: teacher_preact=true needs the 'stages_preact' tap on the teacher, which 'timm:resnet18' does "
-            "not provide (only kdbench: CIFAR models do); set teacher_preact: false") in msg, msg
+    assert ("reviewkd: teacher_preact=true needs the 'stages_preact' tap, which only kdbench: CIFAR models provide, "
+            "not the teacher 'timm:resnet18'; set teacher_preact: false") in msg, msg
     load_suite(suite({"teacher_preact": False}))  # post-ReLU stages: fine
     load_suite(suite({}, teacher="kdbench:resnet20"))  # a kdbench teacher has them
-    with pytest.raises(SuiteError, match="student_preact=true needs the 'stages_preact' tap on the student"):
+    with pytest.raises(SuiteError, match="student_preact=true needs the 'stages_preact' tap, .* not the student 'timm:resnet18'"):
         pair = {"teacher": {"model": "kdbench:resnet20", "weights": "t.pt"}, "student": {"model": "timm:resnet18"}}
         load_suite(write_suite(tiny_suite(pairs=[pair], methods=[{"name": "reviewkd",
                                                                   "params": {"student_preact": True}}]), name="tiny"))
