@@ -111,14 +111,16 @@ def cmd_validate(a) -> int:
 def cmd_ls(a) -> int:
     from tabulate import tabulate
 
-    if a.what == "methods":
+    if a.what == "methods":  # metadata read from the method files (kdbench.methodinfo): no torch
+        from kdbench.methodinfo import method_info
         from kdbench.registry import METHODS
 
         rows = []
-        for name, cls in METHODS.items():
-            defaults = ", ".join(f"{k}={v}" for k, v in cls.param_defaults().items())
-            rows.append([name, ",".join(sorted(cls.tasks)), cls.citation or (cls.__doc__ or "").strip().splitlines()[0],
-                         defaults if a.verbose else ""])
+        for name in METHODS.names():
+            info = method_info(name)
+            defaults = ", ".join(f"{k}={v}" for k, v in info.param_defaults().items())
+            first_doc = (info.doc.strip().splitlines() or [""])[0]
+            rows.append([name, ",".join(sorted(info.tasks)), info.citation or first_doc, defaults if a.verbose else ""])
         headers = ["method", "tasks", "citation", "params" if a.verbose else ""]
         print(tabulate(rows, headers=headers, tablefmt="simple"))
     elif a.what == "suites":
@@ -133,22 +135,29 @@ def cmd_ls(a) -> int:
             except Exception as e:
                 rows.append([p.name, "?", "?", f"(unreadable: {e})"])
         print(tabulate(rows, headers=["suite", "version", "task", "description"], tablefmt="simple"))
-    elif a.what == "models":
+    elif a.what == "models":  # kdbench/smp names from kdbench.models.catalog; timm/torchvision ask their library
+        import fnmatch
+
+        from kdbench.models import catalog
         from kdbench.registry import MODELS
 
-        for prefix, src in MODELS.items():
-            names = src().names()
+        for prefix in MODELS.names():
+            names = list(catalog.LISTED.get(prefix) or MODELS.get(prefix)().names())
             if a.pattern:
-                import fnmatch
-
                 names = [n for n in names if fnmatch.fnmatch(n, a.pattern)]
             shown = names if (a.verbose or len(names) <= 40) else names[:40] + [f"... {len(names)} in all (-v)"]
             print(f"{prefix}: " + ", ".join(shown))
-    elif a.what == "datasets":
+    elif a.what == "datasets":  # read from the plugin files; a plugin whose metadata is not literal is imported
         from kdbench.registry import DATASETS
 
-        for name, plugin in DATASETS.items():
-            print(f"{name} ({plugin.task}): options {', '.join(plugin.option_names())}; layout {plugin.layout}")
+        for name in DATASETS.names():
+            info = DATASETS.info(name)
+            if info is not None:
+                task, options, layout = info.attrs.get("task", "classification"), list(info.params), info.attrs.get("layout", "")
+            else:
+                plugin = DATASETS.get(name)
+                task, options, layout = plugin.task, plugin.option_names(), plugin.layout
+            print(f"{name} ({task}): options {', '.join(options)}; layout {layout}")
     return 0
 
 

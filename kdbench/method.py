@@ -31,6 +31,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from kdbench.methodinfo import (  # noqa: F401  (torch-free; re-exported: the checks live there)
+    _NUMERIC_STRING, _ParamTypeError, _type_word, check_param_value, check_required_taps, describe_type, resolve_params)
 from kdbench.registry import register_method  # noqa: F401  (re-exported for method files)
 
 
@@ -118,6 +120,12 @@ class Distiller(nn.Module):
         before distillation, e.g. FreeKD's prompt tuning); empty = no stage. The harness runs the stage as its
         own run per value of these (and teacher, student, data, batch size) and hands its artifact to every
         distillation run that uses it.
+      * ``requires_taps``: ``{param: (side, tap)}``: when the boolean parameter ``param`` is true, the model on
+        ``side`` ("teacher"/"student") must provide the semantic tap ``tap``; ``check_pair`` checks it against the
+        models' tap metadata at validate time (e.g. ReviewKD's ``teacher_preact`` needs ``stages_preact``).
+
+    The class attributes and the keyword-only ``__init__`` parameters (annotations, defaults) should be literals:
+    ``kdbench ls``/``validate`` then read them from the file without importing it (``kdbench.methodinfo``).
     """
 
     tasks: frozenset[str] | set[str] = frozenset({"classification"})
@@ -127,6 +135,7 @@ class Distiller(nn.Module):
     citation: str = ""
     task_loss_weight: float = 1.0
     stage_params: tuple[str, ...] = ()
+    requires_taps: dict[str, tuple[str, str]] = {}
 
     def __init__(self, ctx: Context):
         super().__init__()
@@ -189,151 +198,20 @@ class Distiller(nn.Module):
         and gets a float; ``int`` takes integers only, ``bool`` booleans only; ``Literal[...]`` one of its
         choices; ``X | None`` also null; ``tuple``/``list``/``Sequence`` a list with items of the given type.
         """
-        defaults = cls.param_defaults()
         method = getattr(cls, "registry_name", cls.__name__)
-        unknown = sorted(set(params) - set(defaults))
-        if unknown:
-            valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "(none)"
-            raise ValueError(
-                f"unknown parameter(s) {', '.join(map(repr, unknown))} for method "
-                f"{method!r}; valid: {valid}"
-            )
-        hints = cls.param_annotations()
-        resolved = {**defaults, **params}
-        for name, value in resolved.items():
-            if name not in hints:
-                continue
-            try:  # defaults are converted too: `weight: 2` and the default 2.0 are the same run
-                resolved[name] = check_param_value(value, hints[name])
-            except _ParamTypeError:
-                if name not in params:  # a default the annotation does not describe (e.g. a required param)
-                    continue
-                raise ValueError(f"parameter {name!r} of method {method!r} must be {describe_type(hints[name])}, "
-                                 f"got {value!r} ({_type_word(value)})") from None
-        return resolved
+        return resolve_params(method, cls.param_defaults(), cls.param_annotations(), params)
 
     @classmethod
     def check_pair(cls, params: dict[str, Any], teacher_model: str, student_model: str) -> None:
         """Raise ``ValueError`` with a one-line reason when the method, with ``params`` (as in the suite, not yet
         resolved over the defaults), cannot work on this teacher/student pair (``SOURCE:NAME`` model names).
-        Called at validate time, before anything is built; the default accepts every pair."""
+        Called at validate time, before anything is built. The default checks ``requires_taps`` against the
+        models' tap metadata (torch-free); a method overriding it makes the registry import it to validate."""
+        check_required_taps(getattr(cls, "registry_name", cls.__name__), dict(cls.requires_taps or {}),
+                            cls.param_defaults(), params, teacher_model, student_model)
 
     def extra_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-# -- hyperparameter type checks (Distiller.check_params) ------------------------------------------------
-# A numeric string as YAML 1.1 leaves one (``1e1``, ``5e-4``, ``1.0e4``); also plain decimals written in quotes.
-_NUMERIC_STRING = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$")
-_NONE_TYPE = type(None)
-
-
-class _ParamTypeError(Exception):
-    pass
-
-
-def _type_word(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list",
-            tuple: "a list", dict: "a mapping", _NONE_TYPE: "null"}.get(type(value), type(value).__name__)
-
-
-def describe_type(ann: Any) -> str:
-    """How a parameter annotation reads in an error message."""
-    origin, args = typing.get_origin(ann), typing.get_args(ann)
-    if ann is _NONE_TYPE or ann is None:
-        return "null"
-    if ann is float:
-        return "a number (float)"
-    if ann is int:
-        return "an integer"
-    if ann is bool:
-        return "true or false"
-    if ann is str:
-        return "a string"
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(describe_type(a) for a in args)
-    if origin in (tuple, list, collections.abc.Sequence) or ann in (tuple, list, collections.abc.Sequence):
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return f"a list of {len(args)} items (" + ", ".join(describe_type(a) for a in args) + ")"
-        return f"a list of {describe_type(args[0])}" if args else "a list"
-    if origin in (dict, collections.abc.Mapping) or ann in (dict, collections.abc.Mapping):
-        return f"a mapping of {describe_type(args[0])} to {describe_type(args[1])}" if args else "a mapping"
-    return getattr(ann, "__name__", str(ann))
-
-
-def check_param_value(value: Any, ann: Any, convert: bool = True) -> Any:
-    """``value`` checked against the annotation ``ann`` (raises _ParamTypeError), converted where the annotation
-    asks (float parameters get floats). Annotations this does not know (``Any``, other generics) accept anything.
-    With ``convert=False`` a numeric string is not taken for a float (used to try union members exactly first).
-    """
-    origin, args = typing.get_origin(ann), typing.get_args(ann)
-    if ann is Any or ann is inspect.Parameter.empty:
-        return value
-    if ann is None or ann is _NONE_TYPE:
-        if value is None:
-            return None
-        raise _ParamTypeError
-    if ann is bool:
-        if isinstance(value, bool):
-            return value
-        raise _ParamTypeError
-    if ann is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _ParamTypeError
-    if ann is float:
-        try:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if convert and isinstance(value, str) and _NUMERIC_STRING.match(value.strip()):
-                return float(value.strip().replace("_", ""))
-        except OverflowError:
-            pass
-        raise _ParamTypeError
-    if ann is str:
-        if isinstance(value, str):
-            return value
-        raise _ParamTypeError
-    if origin is typing.Literal:
-        for choice in args:  # exact type too: Literal[1] does not take True
-            if type(value) is type(choice) and value == choice:
-                return value
-        raise _ParamTypeError
-    if origin in (typing.Union, types.UnionType):
-        for exact in (False, True) if convert else (False,):  # a member that fits as is wins over a conversion
-            for member in args:
-                try:
-                    return check_param_value(value, member, convert=exact)
-                except _ParamTypeError:
-                    pass
-        raise _ParamTypeError
-    seq = origin in (tuple, list, collections.abc.Sequence) or ann in (tuple, list, collections.abc.Sequence)
-    if seq:
-        if not isinstance(value, (list, tuple)):
-            raise _ParamTypeError
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise _ParamTypeError
-            items = [check_param_value(v, a, convert) for v, a in zip(value, args)]
-        elif args:
-            items = [check_param_value(v, args[0], convert) for v in value]
-        else:
-            items = list(value)
-        return tuple(items) if (origin or ann) is tuple else items
-    if origin in (dict, collections.abc.Mapping) or ann in (dict, collections.abc.Mapping):
-        if not isinstance(value, dict):
-            raise _ParamTypeError
-        if not args:
-            return dict(value)
-        return {check_param_value(k, args[0], convert): check_param_value(v, args[1], convert)
-                for k, v in value.items()}
-    if isinstance(ann, type):
-        if isinstance(value, ann):
-            return value
-        raise _ParamTypeError
-    return value  # an annotation this check does not understand: accepted as is
 
 
 def fp32(*tensors: Tensor) -> Sequence[Tensor] | Tensor:

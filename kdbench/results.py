@@ -356,6 +356,8 @@ def metrics_frame(records: list[Mapping], field: str = "metrics") -> pd.DataFram
                          "select": m["select"], "value": _num(m["value"]),
                          "higher_is_better": bool(m["higher_is_better"]), **joined, "target": rec.get("target"),
                          **{k: m.get(k) for k in METRIC_OPTIONAL_KEYS}})
+    import pandas as pd
+
     return pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
 
 

@@ -6,7 +6,9 @@ the valid choices, before anything runs. Strings may use ``${VAR}`` / ``${VAR:-d
 ``--set a.b=v`` overrides are applied after the include (values parsed as YAML; list items by index:
 ``pairs.0.student.model=...``). Only ``yaml.safe_load`` is used.
 
-This module imports torch only when methods are resolved (``expand``), never at import time.
+This module never imports torch itself: methods, models and datasets are resolved from their metadata
+(``kdbench.methodinfo``, ``kdbench.models.catalog``, ``Registry.info``), read without importing the plugins
+where it is literal; only a plugin whose metadata is not (or a model name only its library knows) is imported.
 """
 
 from __future__ import annotations
@@ -304,12 +306,17 @@ def _check_data(path: Path, where: str, data: dict, task: str, partial: bool = F
     if "name" not in data:
         return
     try:
-        plugin = DATASETS.get(data["name"])
+        info = DATASETS.info(data["name"])  # read from the plugin file: no import
+        if info is not None:
+            plugin_task, options = info.attrs.get("task", "classification"), list(info.params)
+        else:
+            plugin = DATASETS.get(data["name"])
+            plugin_task, options = plugin.task, plugin.option_names()
     except KeyError as e:
         raise _err(path, f"{where}.name", str(e)) from None
-    if plugin.task != task:
-        raise _err(path, f"{where}.name", f"dataset {data['name']!r} is for task {plugin.task!r}, not {task!r}")
-    valid = {"name", "root"} | set(plugin.option_names())
+    if plugin_task != task:
+        raise _err(path, f"{where}.name", f"dataset {data['name']!r} is for task {plugin_task!r}, not {task!r}")
+    valid = {"name", "root"} | set(options)
     _check_keys(path, where, data, valid)
 
 
@@ -351,13 +358,14 @@ def short_model(name: str) -> str:
 
 
 def _resolve_method(path: Path, where: str, entry: Any, task: str):
-    from kdbench.registry import METHODS
+    """-> (MethodInfo, name, label, params): the method's metadata (``kdbench.methodinfo``), torch-free."""
+    from kdbench.methodinfo import method_info
 
     if isinstance(entry, str):
         entry = {"name": entry}
     _check_keys(path, where, entry, METHOD_KEYS, ("name",))
     try:
-        cls = METHODS.get(entry["name"])
+        cls = method_info(entry["name"])
     except KeyError as e:
         raise _err(path, f"{where}.name", str(e)) from None
     if task not in cls.tasks:
@@ -486,11 +494,11 @@ def validate_and_expand(path: Path, raw: dict, notes: list[str] | None = None) -
         pair_params = _pair_params(path, f"{where}.params", pair.get("params") or {}, labels,
                                    [m[1] for m in methods], notes)
 
-        from kdbench.registry import METHODS
+        from kdbench.methodinfo import method_info
 
         teacher_run = None
         t_for_runs = {k: v for k, v in teacher.items() if k != "train"}
-        base = METHODS.get("baseline")
+        base = method_info("baseline")
         t_facts = dict(method="baseline", method_version=base.version, params={}, label="teacher", pair=pname,
                        pair_index=p_i, method_index=-1)
         if "train" in teacher:
@@ -516,10 +524,9 @@ def validate_and_expand(path: Path, raw: dict, notes: list[str] | None = None) -
                 resolved = cls.check_params(merged)
             except ValueError as e:
                 raise _err(path, f"{where}.params.{label}", str(e)) from None
-            check_pair = getattr(cls, "check_pair", None)
-            if check_pair is not None and cls.needs_teacher:
+            if cls.needs_teacher:
                 try:
-                    check_pair(resolved, teacher["model"], student["model"])
+                    cls.check_pair(resolved, teacher["model"], student["model"])
                 except ValueError as e:
                     raise _err(path, f"methods[{m_i}] ({label}) on {where} ({pname})", str(e)) from None
             ref = tuple(_jsonable({k: v for k, v in r.items() if k not in ("method", "pair")})
@@ -652,10 +659,8 @@ def check_data_available(suite: Suite) -> None:
     """Check that every dataset the suite reads is where it says, in the expected layout, and that every
     checkpoint it loads (teacher weights, backbone weights) is there. All problems are reported at once, one line
     each (every pair with a missing teacher checkpoint), with how to point KDBENCH_DATA / KDBENCH_CKPT at them."""
-    from kdbench.data.base import NOT_FOUND_HINT
-    from kdbench.registry import TASKS
+    from kdbench.data.plugin import NOT_FOUND_HINT, check_data  # torch-free (the Task classes import torch)
 
-    task = TASKS.get(suite.raw["task"])()
     problems: list[str] = []
     seen = set()
     for spec in suite.specs:
@@ -664,7 +669,7 @@ def check_data_available(suite: Suite) -> None:
             continue
         seen.add(key)
         try:
-            task.check_data(spec.data)
+            check_data(spec.data)
         except (OSError, ValueError) as e:  # the suite's own hint below replaces the data layer's generic one
             problems.append(f"{suite.path}: data: {str(e).replace(NOT_FOUND_HINT, '')}")
     data_bad = bool(problems)

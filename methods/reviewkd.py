@@ -191,7 +191,7 @@ class ReviewKD(Distiller):
     ``student_preact`` (``"stages_preact"``), + the pooled feature as ``N×C×1×1``; teacher taps = pre-ReLU
     stage outputs (``teacher_preact``, ``"stages_preact"``; ``teacher_preact=False`` takes post-ReLU
     ``"stages"``, for models without pre-activation taps) + pooled. Only kdbench CIFAR nets provide
-    ``"stages_preact"``: ``check_pair`` refuses ``teacher_preact``/``student_preact`` on timm/torchvision
+    ``"stages_preact"``: ``requires_taps`` makes validate refuse ``teacher_preact``/``student_preact`` on timm/torchvision
     models at validate time. Channels and resolutions come from ``ctx.shapes``: fusion shapes are
     the student's spatial sizes, output shapes the teacher's, ``mid = min(512, C_pooled_student)``.
     If the two networks have different numbers of stages, the deepest ``min(n_s, n_t)`` of each are paired.
@@ -204,6 +204,8 @@ class ReviewKD(Distiller):
     heterogeneous = False
     citation = "Chen et al., Distilling Knowledge via Knowledge Review, CVPR 2021 (docs/methods.md §4)"
     version = 2  # 2: student taps "stages_raw" (WRN students: raw residual sums, as mdistiller)
+    # pre-ReLU stage taps exist only where the model has them (kdbench: CIFAR nets); checked at validate time
+    requires_taps = {"teacher_preact": ("teacher", "stages_preact"), "student_preact": ("student", "stages_preact")}
 
     def __init__(
         self,
@@ -241,16 +243,6 @@ class ReviewKD(Distiller):
             out_shapes=[_spatial(sh) for sh in t_all],
             mid=min(512, int(s_pooled[0])),
         )
-
-    @classmethod
-    def check_pair(cls, params, teacher_model, student_model):
-        from kdbench.models.sources import model_taps
-
-        for flag, side, model in (("teacher_preact", "teacher", teacher_model),
-                                  ("student_preact", "student", student_model)):
-            if params.get(flag, cls.param_defaults()[flag]) and "stages_preact" not in model_taps(model):
-                raise ValueError(f"reviewkd: {flag}=true needs pre-ReLU stage taps ('stages_preact'), which only "
-                                 f"kdbench: CIFAR models provide, not the {side} {model!r}; set {flag}: false")
 
     def taps(self) -> Taps:
         return Taps(student=(self.student_tap, "pooled"), teacher=(self.teacher_tap, "pooled"))

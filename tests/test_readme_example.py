@@ -53,6 +53,7 @@ def readme_method(tmp_path, monkeypatch):
     (folder / f"{PLUGIN}.py").write_text(code, encoding="utf-8")
     monkeypatch.setattr(METHODS, "_items", dict(METHODS._items))  # registrations go to a copy
     monkeypatch.setattr(METHODS, "_discovered", False)  # discover again: picks the new file up
+    monkeypatch.setattr(METHODS, "_scanned", None)  # and read the plugin files again (Registry.info)
     monkeypatch.setattr(kdbench.methods, "__path__", [*kdbench.methods.__path__, str(folder)])
     try:
         yield name, METHODS.get(name)

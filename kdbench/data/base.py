@@ -10,19 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-
-class DataLayoutError(FileNotFoundError):
-    """The data is not where the suite says, or not in the expected layout."""
-
-
-#: appended to "not found" messages: the bundled suites write ``root: ${KDBENCH_DATA:-data}/<dataset>``
-NOT_FOUND_HINT = ("; the suites in suites/ read data.root under ${KDBENCH_DATA:-data}: point KDBENCH_DATA at the "
-                  "folder that holds your datasets (export KDBENCH_DATA=/path/to/datasets)")
-
-
-class DataFileError(ValueError):
-    """A data file is there but unusable: undecodable, or inconsistent with its annotations (the message names
-    the file and what to do)."""
+from kdbench.data.plugin import NOT_FOUND_HINT, DataFileError, DataLayoutError, DatasetPlugin  # noqa: F401  (torch-free; re-exported)
 
 
 @dataclass
@@ -33,33 +21,6 @@ class ClassificationData:
     in_chans: int
     image_size: int
     classes: list[str]
-
-
-class DatasetPlugin:
-    """A dataset family. Subclasses implement ``check`` (layout only, cheap) and ``build``.
-
-    Keyword arguments of ``build`` (after ``root``) are the suite's ``data:`` options; unknown keys are rejected.
-    """
-
-    task = "classification"
-    needs_root = True
-    layout = ""  # a human description of the expected on-disk layout, used in errors
-
-    def check(self, root: str | None, **options: Any) -> None:
-        raise NotImplementedError
-
-    def build(self, root: str | None, **options: Any) -> ClassificationData:
-        raise NotImplementedError
-
-    @classmethod
-    def option_names(cls) -> list[str]:
-        sig = inspect.signature(cls.build)
-        return [n for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-
-    @classmethod
-    def option_defaults(cls) -> dict[str, Any]:
-        sig = inspect.signature(cls.build)
-        return {n: p.default for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 class TensorImages(Dataset):

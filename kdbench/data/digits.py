@@ -6,10 +6,7 @@ Real data that needs no download, for the quickstart and the tests. The train/te
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-
-from kdbench.data.base import ClassificationData, DatasetPlugin, TensorImages, random_crop_flip, stratified_fraction
+from kdbench.data.plugin import DatasetPlugin  # torch-free: `kdbench validate` imports this module (without torch, numpy)
 from kdbench.registry import DATASETS
 
 
@@ -30,8 +27,12 @@ class Digits(DatasetPlugin):
 
     def build(self, root=None, *, train_fraction: float = 1.0, image_size: int = 8, augment: bool = False,
               fraction_seed: int = 0) -> ClassificationData:
+        import numpy as np
+        import torch
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
+
+        from kdbench.data.base import ClassificationData, TensorImages, random_crop_flip, stratified_fraction
 
         self.option_check(train_fraction=train_fraction, image_size=image_size, augment=augment)
         d = load_digits()

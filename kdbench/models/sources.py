@@ -2,26 +2,23 @@
 
 A source validates a name without building it (``check``, with close-match suggestions) and builds a TapModel
 for a number of classes and input channels. Checkpoints are loaded by ``load_weights``.
+
+Importing this module is torch-free: names and taps come from ``kdbench.models.catalog``; torch, timm and
+torchvision are imported when a model is built, or to check a name only their library knows.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from kdbench.models.tap import RESNET_TAPS, KdbenchCifar, TapModel, TimmModel, TorchvisionModel
+from kdbench.models import catalog
+from kdbench.models.catalog import unknown_model as _unknown  # noqa: F401  (also used by the smp source)
 from kdbench.registry import MODELS
 
-
-def _unknown(source: str, name: str, valid: list[str]) -> ValueError:
-    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(f'{source}:{c}' for c in close)}?" if close else ""
-    shown = valid if len(valid) <= 30 else valid[:30] + [f"... ({len(valid)} in all; `kdbench ls models`)"]
-    return ValueError(f"unknown model '{source}:{name}'.{hint} Valid {source} models: {', '.join(shown)}")
+if TYPE_CHECKING:
+    from kdbench.models.tap import TapModel
 
 
 class Source:
@@ -48,15 +45,14 @@ class KdbenchSource(Source):
     prefix = "kdbench"
 
     def semantic_taps(self, name):
-        return KdbenchCifar.supported
+        return catalog.KDBENCH_TAPS
 
     def names(self):
-        from kdbench.models.cifar import CIFAR_MODELS
-
-        return sorted(CIFAR_MODELS)
+        return sorted(catalog.KDBENCH_NAMES)
 
     def build(self, name, num_classes, in_chans, **kwargs):
         from kdbench.models.cifar import CIFAR_MODELS
+        from kdbench.models.tap import KdbenchCifar
 
         self.check(name)
         return KdbenchCifar(CIFAR_MODELS[name](num_classes=num_classes, in_chans=in_chans, **kwargs), f"kdbench:{name}")
@@ -78,10 +74,12 @@ class TimmSource(Source):
             raise _unknown(self.prefix, name, timm.list_models())
 
     def semantic_taps(self, name):
-        return TimmModel.supported
+        return catalog.CLASSIFIER_TAPS
 
     def build(self, name, num_classes, in_chans, **kwargs):
         import timm
+
+        from kdbench.models.tap import TimmModel
 
         self.check(name)
         net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
@@ -100,18 +98,18 @@ class TorchvisionSource(Source):
 
         return sorted(models.list_models(module=models)) + list(DETECTOR_NAMES) + torchvision_segmentation_names()
 
-    def semantic_taps(self, name):
-        from kdbench.models.detection import DETECTOR_NAMES, DetectorModel
-        from kdbench.models.segmentation import SEGMENTATION_TAPS, torchvision_segmentation_names
+    def check(self, name):
+        if not catalog.check_listed(self.prefix, name):  # detectors, segmenters: listed; classifiers: ask torchvision
+            super().check(name)
 
-        if name in DETECTOR_NAMES:
-            return DetectorModel.supported
-        if name in torchvision_segmentation_names():
-            return SEGMENTATION_TAPS
-        return RESNET_TAPS if name.startswith(("resnet", "resnext", "wide_resnet")) else ("logits",)
+    def semantic_taps(self, name):
+        return catalog.source_taps(self.prefix, name)
 
     def build(self, name, num_classes, in_chans, **kwargs):
+        import torch
         from torchvision import models
+
+        from kdbench.models.tap import TorchvisionModel
 
         from kdbench.models.detection import DETECTOR_NAMES, build_detector
 
@@ -133,18 +131,17 @@ class TorchvisionSource(Source):
 
 
 def check_model(spec: str) -> None:
+    """Raise ValueError for an unknown model; torch-free for the names ``kdbench.models.catalog`` lists."""
     from kdbench.models import split_model_name
 
     source, name = split_model_name(spec)
-    MODELS.get(source)().check(name)
+    if source not in MODELS:
+        MODELS.get(source)  # the unknown-source error
+    if not catalog.check_listed(source, name):
+        MODELS.get(source)().check(name)
 
 
-def model_taps(spec: str) -> tuple[str, ...]:
-    """The semantic taps the model ``spec`` (``SOURCE:NAME``) provides, without building it."""
-    from kdbench.models import split_model_name
-
-    source, name = split_model_name(spec)
-    return tuple(MODELS.get(source)().semantic_taps(name))
+model_taps = catalog.model_taps  # the semantic taps of ``SOURCE:NAME``, without building it
 
 
 def build_model(spec: str, num_classes: int, in_chans: int, **kwargs: Any) -> TapModel:
@@ -162,7 +159,7 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_weights(model: TapModel, path: str | Path) -> str:
+def load_weights(model: "TapModel", path: str | Path) -> str:
     """Load a checkpoint into ``model.net`` (a plain state dict, or a dict with ``model``/``state_dict``);
     returns its sha256. Missing or unexpected keys are an error naming the file."""
     path = Path(path)
@@ -170,6 +167,8 @@ def load_weights(model: TapModel, path: str | Path) -> str:
         raise FileNotFoundError(f"teacher weights not found: {path}; the suites in suites/ read checkpoints under "
                                 "${KDBENCH_CKPT:-download_ckpts}: point KDBENCH_CKPT at the folder that holds them "
                                 "(export KDBENCH_CKPT=/path/to/checkpoints)")
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -1,0 +1,59 @@
+"""The dataset plugin contract, torch-free: ``kdbench validate`` checks a suite's data with a plugin's ``check``
+(layout and options only) without importing torch; ``build`` imports what it needs. A plugin module that keeps
+its torch imports inside ``build`` (``kdbench/data/digits.py``) is validated without torch; the registry reads
+every plugin's task, options and layout from its file (``kdbench.registry``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+
+#: appended to "not found" messages: the bundled suites write ``root: ${KDBENCH_DATA:-data}/<dataset>``
+NOT_FOUND_HINT = ("; the suites in suites/ read data.root under ${KDBENCH_DATA:-data}: point KDBENCH_DATA at the "
+                  "folder that holds your datasets (export KDBENCH_DATA=/path/to/datasets)")
+
+
+class DataLayoutError(FileNotFoundError):
+    """The data is not where the suite says, or not in the expected layout."""
+
+
+class DataFileError(ValueError):
+    """A data file is there but unusable: undecodable, or inconsistent with its annotations (the message names
+    the file and what to do)."""
+
+
+class DatasetPlugin:
+    """A dataset family. Subclasses implement ``check`` (layout only, cheap) and ``build``.
+
+    Keyword arguments of ``build`` (after ``root``) are the suite's ``data:`` options; unknown keys are rejected.
+    """
+
+    task = "classification"
+    needs_root = True
+    layout = ""  # a human description of the expected on-disk layout, used in errors
+
+    def check(self, root: str | None, **options: Any) -> None:
+        raise NotImplementedError
+
+    def build(self, root: str | None, **options: Any) -> ClassificationData:
+        raise NotImplementedError
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        sig = inspect.signature(cls.build)
+        return [n for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        sig = inspect.signature(cls.build)
+        return {n: p.default for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def check_data(data: dict[str, Any]) -> None:
+    """Check a suite's ``data:`` mapping with its plugin's ``check`` (the layout on disk, the options)."""
+    from kdbench.registry import DATASETS
+
+    opts = {k: v for k, v in data.items() if k not in ("name", "root")}
+    DATASETS.get(data["name"])().check(data.get("root"), **opts)
