@@ -22,6 +22,7 @@ preemption) is noted in the record's ``scheduler`` with the job id. ``threads``:
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.metadata
 import os
 import platform
@@ -41,6 +42,8 @@ TRACEBACK_TAIL = 4000
 STAGE_FILE = "stage.pt"
 MODEL_FILE = "model.pt"
 LOCK_FILE = ".lock"
+#: filesystem faults that stop the whole walk instead of failing one run: full disk, quota, read-only
+DISK_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 #: a temporary file of a process that is still alive is left alone unless it is older than this
 STALE_TMP_S = 3600
 
@@ -102,15 +105,11 @@ def _select_device():
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    import torch
+    """Save through a temporary file renamed over ``path``; a full disk or an interrupt leaves no temporary
+    file behind and raises the ``OSError`` (see ``kdbench.train._atomic_save``)."""
+    from kdbench.train import _atomic_save
 
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, an interrupt: no half-written temporary file stays behind
-        tmp.unlink(missing_ok=True)
-        raise
+    _atomic_save(obj, path)
 
 
 @contextlib.contextmanager
@@ -221,6 +220,12 @@ def _run_one(spec: RunSpec, results: Path, rdir: Path, requeues: int, dist, thre
         record["status"] = "ok"
     except (KeyboardInterrupt, SystemExit):
         raise
+    except OSError as e:
+        if e.errno not in DISK_FAULTS:
+            record["status"] = "failed"
+            record["error"] = traceback.format_exc()[-TRACEBACK_TAIL:]
+        else:  # a full disk / quota / read-only filesystem is not the run's fault and would fail every run
+            raise  # no record (none could be written); the run resumes once the disk is fixed
     except Exception as e:  # the record says what went wrong; the other runs go on
         from kdbench.train import Diverged
 

@@ -266,6 +266,7 @@ def _collect(job, specs: list[RunSpec], results: Path) -> list[dict]:
     try:
         return job.result()
     except Exception as e:  # the job died without returning (killed, OOM, cancelled) or raised outside run_one
+        _raise_disk_fault(str(e))
         tail = ""
         try:
             tail = (job.stderr() or "")[-3000:]
@@ -274,6 +275,17 @@ def _collect(job, specs: list[RunSpec], results: Path) -> list[dict]:
         # runs the job finished keep their records; the others get one that says why
         return [crash_record(spec, results, f"job {job.job_id} ended without a result: {e}\n{tail}")
                 for spec in specs]
+
+
+def _raise_disk_fault(text: str) -> None:
+    """A worker that stopped on a full disk, a quota or a read-only filesystem (``runner.DISK_FAULTS``) stops
+    the walk: every other run would fail the same way; the error says what to fix."""
+    import errno
+    import re
+
+    m = re.search(r"OSError: \[Errno (\d+)\] ([^\n]*)", text)
+    if m and int(m.group(1)) in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        raise OSError(int(m.group(1)), m.group(2).strip() + " (in a worker)")
 
 
 def _res_key(spec: RunSpec) -> str:

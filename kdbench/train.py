@@ -104,8 +104,23 @@ def _replace_via_tmp(path: Path, write) -> None:
         raise
 
 
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a full disk surfaces as the ``OSError`` it is (torch's own
+    writer reports it as a RuntimeError from its C++ stream)."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as e:
+        cause = e.__cause__ or e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from e
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
-    _replace_via_tmp(path, lambda tmp: torch.save(obj, tmp))
+    _replace_via_tmp(path, lambda tmp: _torch_save(obj, tmp))
 
 
 def _write_log(history: list[dict], path: Path) -> None:
