@@ -229,15 +229,31 @@ def read_record(run_dir: str | os.PathLike) -> dict | None:
 
 
 def _check_place(record: Mapping, run_dir: Path, path: Path) -> None:
-    """A record belongs to the folder it sits in: ``<suite>/runs/<run_id>``. One copied or moved from another
-    run or another suite would put that run's numbers under this one's name: refused, naming the file."""
+    """A record belongs to the folder it sits in (``<suite>/runs/<run_id>``): one copied or moved from another
+    run would put that run's numbers under this one's name. Refused, naming the file."""
     if run_dir.parent.name != "runs":  # not in the results layout (a record read from elsewhere)
         return
-    suite = run_dir.parent.parent.name
-    if record["run_id"] != run_dir.name or record["suite"] != suite:
-        raise RecordError(f"{path}: record of run {record['run_id']} of suite {record['suite']!r}, not of this "
-                          f"folder (run {run_dir.name} of suite {suite!r}): it was copied or moved here; "
-                          "move it back or delete it")
+    if record["run_id"] != run_dir.name:
+        raise RecordError(f"{path}: record of run {record['run_id']} (suite {record['suite']!r}), not of this "
+                          f"folder's run {run_dir.name}: it was copied or moved here; move it back or delete it")
+
+
+def check_one_suite(records: list[Mapping], suite_dir: str | os.PathLike) -> None:
+    """The records of one suite folder are of one suite: a record of another suite placed in its ``runs/`` is
+    refused, naming the file (the folder's own suite is the one named like the folder, else the most common).
+    Records carry ``_path`` (as :func:`load_records` adds it) or are named by run_id."""
+    from collections import Counter
+
+    counts = Counter(r.get("suite") for r in records)
+    if len(counts) <= 1:
+        return
+    name = Path(suite_dir).name
+    own = name if name in counts else counts.most_common(1)[0][0]
+    odd = [r for r in records if r.get("suite") != own]
+    files = ", ".join(str(r.get("_path") or Path(suite_dir) / "runs" / str(r.get("run_id")) / RECORD_FILE)
+                      for r in odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+    raise RecordError(f"{files}: record(s) of suite {odd[0].get('suite')!r} among the records of suite {own!r} in "
+                      f"{suite_dir}: copied or moved here; move them to their own suite's folder or delete them")
 
 
 def run_dirs(suite_dir: str | os.PathLike) -> list[Path]:
@@ -418,4 +434,5 @@ def load_records(suite_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFra
             records.append({**rec, "_path": str(d / RECORD_FILE)})
     if not records:
         raise no_records_error(suite_dir)
+    check_one_suite(records, suite_dir)
     return records_to_frames(records)

@@ -376,8 +376,9 @@ def _children(pid: int) -> list[int]:
 
 
 def stop_jobs(jobs: list, grace_s: float = 15.0) -> None:
-    """Stop local submitit jobs and their task processes: Ctrl-C to each job's controller (which interrupts
-    its tasks, then kills them), and whatever is still alive after ``grace_s`` is killed, tasks first."""
+    """Stop local submitit jobs and their task processes: Ctrl-C to each job's tasks (the runs stop without a
+    record, to resume later; the job's controller then ends by itself), and whatever is still alive after
+    ``grace_s`` is killed, tasks first."""
     import signal
 
     import threading
@@ -399,9 +400,13 @@ def _stop(jobs: list, grace_s: float) -> None:
 
     procs = [p for p in (getattr(j, "_process", None) for j in jobs) if p is not None and p.poll() is None]
     tasks = {p.pid: _children(p.pid) for p in procs}
-    for p in procs:
-        with contextlib.suppress(OSError):
-            p.send_signal(signal.SIGINT)
+    for p in procs:  # Ctrl-C to the tasks (each run stops without a record); their controller then ends cleanly
+        for pid in tasks[p.pid]:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGINT)
+        if not tasks[p.pid]:  # not started its tasks yet
+            with contextlib.suppress(OSError):
+                p.send_signal(signal.SIGINT)
     deadline = time.time() + grace_s
     while time.time() < deadline and any(p.poll() is None for p in procs):
         time.sleep(0.1)

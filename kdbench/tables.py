@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from kdbench.tasks import TASK_FACTS
-from kdbench.results import RecordError, error_line, no_records_error, read_record, run_dirs
+from kdbench.results import RecordError, check_one_suite, error_line, no_records_error, read_record, run_dirs
 
 FORMATS = ("md", "latex", "csv")
 LAYOUTS = ("auto", "method_x_domain", "robustness", "cost")
@@ -61,6 +61,7 @@ def _load(suite_dir: Path, kinds: tuple[str, ...] = TABLE_KINDS) -> list[dict]:
             records.append(rec)
     if not records:
         raise no_records_error(suite_dir)
+    check_one_suite(records, suite_dir)
     return records
 
 

@@ -162,15 +162,20 @@ def test_truncated_checkpoint_is_set_aside_and_the_run_restarts(copy, capsys):
 def test_record_of_another_run_or_suite_is_refused(copy, capsys):
     path, res, ref = copy
     kd, base = ref["kd"], ref["baseline"]
-    # another suite's results, its record copied into this suite's runs/ under its own run_id
-    other = res / "other" / "runs" / "deadbeef0000"
-    other.mkdir(parents=True)
-    shutil.copy(folder(res, kd) / "record.json", other / "record.json")
-    with pytest.raises(RecordError, match="copied or moved here"):
-        read_record(other)
+    # a suite "other" with one record of its own, and tiny's kd run folder copied into its runs/
+    own = json.loads((folder(res, base) / "record.json").read_text())
+    own.update(suite="other", run_id="0123456789abcdef")
+    (res / "other" / "runs" / own["run_id"]).mkdir(parents=True)
+    (res / "other" / "runs" / own["run_id"] / "record.json").write_text(json.dumps(own))
+    shutil.copytree(folder(res, kd), res / "other" / "runs" / kd["run_id"])
     assert cli.main(["table", str(res / "other")]) != 0
     err = capsys.readouterr().err
-    assert str(other / "record.json") in err and "Traceback" not in err
+    assert str(res / "other" / "runs" / kd["run_id"] / "record.json") in err and "suite 'tiny'" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    from kdbench.results import load_records
+
+    with pytest.raises(RecordError, match="copied or moved here"):
+        load_records(res / "other")
     # kd's record copied over the baseline's: the baseline would show KD's numbers
     shutil.copy(folder(res, kd) / "record.json", folder(res, base) / "record.json")
     assert cli.main(["table", str(res / "tiny")]) != 0
@@ -481,6 +486,26 @@ def _bad(tmp: Path) -> dict:
 
 
 BAD = sorted(_bad(Path("/x")))
+#: what the one line must say (so that a case cannot pass by failing for another reason)
+SAYS = {
+    "suite-is-a-directory": "is a directory", "suite-missing": "not found", "suite-not-utf8": "not UTF-8",
+    "suite-empty": "must be a YAML mapping", "suite-yaml-syntax": "not valid YAML",
+    "suite-a-list": "must be a YAML mapping", "suite-duplicate-key": "duplicate key 'seeds'",
+    "suite-alias-bomb": "alias bomb", "suite-binary": "not UTF-8", "validate-dir": "is a directory",
+    "unknown-task": "unknown task 'classify'", "unknown-method": "unknown method 'kdd'",
+    "unknown-param": "unknown parameter(s) 'tau'", "param-wrong-type": "'temperature'",
+    "unknown-model": "resnet9000", "missing-teacher-weights": "/nonexistent/t.pt", "missing-key": "recipe",
+    "seeds-not-ints": "seeds", "unknown-dataset": "mnist-ish", "missing-include": "nothere.yaml",
+    "unknown-top-key": "colour", "set-no-equals": "KEY=VALUE", "set-unknown-key": "epohcs",
+    "set-bad-value": "recipe.epochs", "filter-matches-nothing": "matches no run", "parallel-zero": "at least 1",
+    "parallel-negative": "at least 1", "parallel-text": "'many'", "unknown-executor": "'cloud'",
+    "unknown-command": "'train'", "no-command": "required", "unknown-option": "--fast", "ls-unknown": "'weights'",
+    "no-wait-local": "--no-wait", "results-is-a-file": "is a file, not a folder",
+    "results-under-a-file": "is a file, not a folder", "table-missing": "does not exist",
+    "table-empty": "no run records", "table-corrupt-record": "record.json", "table-not-a-record": "record.json",
+    "table-bad-format": "'xlsx'", "table-bad-select": "'worst'", "table-suite-version-text": "'two'",
+    "status-missing": "does not exist", "status-tail-text": "'all'", "run-over-corrupt-record": "delete it",
+}
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -505,7 +530,7 @@ def test_bad_input_is_one_line_and_non_zero(case, tmp_path, capsys, monkeypatch)
     assert "Traceback" not in err + out
     assert len(lines) == 1, err
     assert "internal error" not in err, err
-    print(f"{case}: {lines[0]}")
+    assert SAYS[case] in lines[0], lines[0]
 
 
 def test_bad_input_case_count():
