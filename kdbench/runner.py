@@ -8,6 +8,13 @@ interrupted corruption eval from its last finished (corruption, severity) cell. 
 write no record (the run is not over: it will resume; SystemExit is how submitit ends a job it has just
 requeued). A run whose ``needs`` have not finished ok fails at once, naming the run it needed.
 
+Integrity: whoever runs a run holds its lock (``run_lock``: ``flock`` on ``<run dir>/.lock``), so that two
+processes never train it twice; temporary files of dead writers are removed under it (``clean_stale_temps``).
+The record of a run that leaves a file (``model.pt``, ``stage.pt``) keeps its sha256 (``record["artifact"]``);
+the runs that load it refuse a file with another hash, and an ok run whose file is missing or corrupt runs
+again. Checkpoints carry their run_id (``kdbench.train.fit``). A full disk, a quota or a read-only filesystem
+(``DISK_FAULTS``) writes no record and stops the walk: it is not the run's fault.
+
 What each kind leaves in its run folder: ``teacher`` and ``distill`` a ``model.pt`` (the trained network's
 state dict), ``stage`` a ``stage.pt`` (tensors only, loaded with ``weights_only=True`` by the distill runs
 that need it), ``eval`` its metric rows (corruption cells go to ``<evaluated run dir>/evals/``).

@@ -9,7 +9,10 @@ each with the run_ids it ``needs``) with one of three executors:
 * ``slurm``: the whole graph submitted at once as job arrays with ``afterok`` dependencies
   (``kdbench.slurm``).
 
-A run whose record says ``ok`` is skipped; any other run (failed, diverged, interrupted) is launched again and
+A run whose record says ``ok`` is skipped (a run others need also needs its file: a missing or corrupt
+``model.pt``/``stage.pt`` is rebuilt); a corrupt record, or one copied from another run, stops the launch
+naming the file. SIGTERM and SIGHUP stop a walk as Ctrl-C does, and any abort stops the local workers
+(``stop_jobs``) before it propagates. Any other run (failed, diverged, interrupted) is launched again and
 resumes (training from its last epoch checkpoint, a corruption eval from its finished cells). A run whose need
 ends badly is not started: it gets a ``failed`` record naming that need, and the runs that do not depend on it
 go on. A job that dies without writing a record (killed, out of memory) gets a ``failed`` record with the

@@ -144,7 +144,8 @@ def _plain(x: Any) -> Any:
     return item() if callable(item) else x
 
 
-def _read_checkpoint(path: Path, run_id: str | None, device: torch.device, res: FitResult) -> dict | None:
+def _read_checkpoint(path: Path, run_id: str | None, device: torch.device, res: FitResult,
+                     main: bool = True) -> dict | None:
     """The checkpoint to resume from, or None (start from epoch 1).
 
     Read with ``weights_only=True``: tensors and plain containers only, nothing in the file can run code. A
@@ -159,6 +160,8 @@ def _read_checkpoint(path: Path, run_id: str | None, device: torch.device, res: 
     except Exception as e:
         from kdbench.models.sources import _load_error
 
+        if not main:  # rank 0 sets it aside; every rank restarts alike
+            return None
         aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
         os.replace(path, aside)
         why = str(e) if isinstance(e, ValueError) and "kdbench" in str(e) else _load_error(e)
@@ -286,7 +289,7 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     res = FitResult()
     start_epoch = 1
-    ck = _read_checkpoint(ckpt_path, run_id, device, res) if ckpt_path.is_file() else None
+    ck = _read_checkpoint(ckpt_path, run_id, device, res, dist.is_main) if ckpt_path.is_file() else None
     if ck is not None:
         student.load_state_dict(ck["student"])
         method.load_state_dict(ck["method"])
