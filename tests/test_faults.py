@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from kdbench import cli
-from kdbench.results import RecordError, read_record
+from kdbench.results import RecordError
 from kdbench.scheduler import launch, pending
 from kdbench.suite import load_suite
 
@@ -43,10 +43,6 @@ def by_label(results: Path, suite: str = "tiny") -> dict:
 
 def folder(results: Path, rec: dict) -> Path:
     return runs_dir(results, rec["suite"]) / rec["run_id"]
-
-
-def top1(rec: dict) -> float:
-    return next(m["value"] for m in rec["metrics"] if m["metric"] == "top1" and m["select"] == "final")
 
 
 @pytest.fixture(scope="module")
