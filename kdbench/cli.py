@@ -10,6 +10,13 @@ import sys
 from pathlib import Path
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the message and where to get the usage, not the usage itself."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} -h` shows the usage)\n")
+
+
 def _add_suite_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("suite", nargs="+" if many else None,
                    help=("suite YAML files" if many else "suite YAML file") + ", or names of suites in ./suites "
@@ -65,6 +72,7 @@ def cmd_run(a) -> int:
               f"({', '.join(f'{n} {k}' for k, n in kinds.items() if n)})")
         print(_matrix(specs))
         return 0
+    check_results_folder(Path(a.results), suite.name)
     check_data_available(suite)
     records = launch(suite, a.results, executor=a.executor, parallel=a.parallel, pattern=a.filter,
                      wait=not a.no_wait)
@@ -86,6 +94,24 @@ def cmd_run(a) -> int:
         print(f"{len(bad)} run(s) did not finish ok; `kdbench status {suite_dir}` lists them, "
               f"`kdbench run {suite.path}` again reruns only those.", file=sys.stderr)
     return 1 if bad else 0
+
+
+def check_results_folder(results: Path, suite_name: str) -> None:
+    """The results folder can hold this suite's runs: it is a folder (or can be made) and can be written to;
+    checked before anything runs, so that the error names the folder instead of surfacing in every run."""
+    import os
+    import tempfile
+
+    for p in (results, *results.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"--results {results}: {p} is a file, not a folder; name a folder")
+            break
+    folder = results / suite_name
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.")
+    os.close(fd)
+    os.unlink(probe)
 
 
 def cmd_validate(a) -> int:
@@ -187,7 +213,7 @@ def cmd_status(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from kdbench import __version__
 
-    p = argparse.ArgumentParser(prog="kdbench", description="Knowledge-distillation benchmark harness: "
+    p = _Parser(prog="kdbench", description="Knowledge-distillation benchmark harness: "
                                 "run suites of (method x teacher/student pair x seed), aggregate paper tables.")
     p.add_argument("--version", action="version", version=f"kdbench {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -238,20 +264,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def os_error_line(e: OSError) -> str:
+    """One line for a filesystem fault: the file, what went wrong, and what to do."""
+    import errno
+
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    what = e.strerror or str(e)
+    hint = {errno.ENOSPC: "the disk is full: free space, then run the same command again (finished runs are kept)",
+            errno.EDQUOT: "the disk quota is exceeded: free space, then run the same command again",
+            errno.EROFS: "the filesystem is read-only: choose a writable folder (e.g. --results DIR)",
+            errno.EACCES: "no permission: choose a folder you can write to (e.g. --results DIR) or fix its permissions",
+            errno.EPERM: "not permitted: choose another folder or fix its permissions",
+            errno.EISDIR: "a folder where a file is expected: name a file",
+            errno.ENOTDIR: "a file where a folder is expected: name a folder"}.get(e.errno, "")
+    return f"{where + ': ' if where else ''}{what}" + (f" ({hint})" if hint else "")
+
+
+def _one_line(msg: str) -> str:
+    return " | ".join(ln.strip() for ln in str(msg).strip().splitlines() if ln.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line. User mistakes and filesystem faults end in one line on stderr and a non-zero exit,
+    never a traceback (``KDBENCH_TRACEBACK=1`` shows it for an unexpected error); the records of runs that
+    crashed keep their full traceback."""
+    import os
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
     except BrokenPipeError:  # e.g. `kdbench run S --dry-run | head`
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print("interrupted: finished runs are recorded; `kdbench run` again resumes the rest", file=sys.stderr)
-        return 130
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (kdbench.scheduler.Stopped: the signal's name)
+        what = f"stopped by {e.args[0]}" if e.args else "interrupted"
+        print(f"kdbench: {what}: finished runs are recorded; `kdbench run` again resumes the rest", file=sys.stderr)
+        import signal
+
+        sig = getattr(signal, str(e.args[0]), None) if e.args else None
+        return 128 + int(sig) if sig is not None else 130
+    except (ValueError, KeyError) as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        print(f"kdbench: error: {msg}", file=sys.stderr)
+        print(f"kdbench: error: {_one_line(msg)}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"kdbench: error: {_one_line(os_error_line(e))}", file=sys.stderr)
+        return 2 if isinstance(e, FileNotFoundError) else 1
+    except Exception as e:  # a bug, not a user mistake: one line, the traceback on request
+        if os.environ.get("KDBENCH_TRACEBACK"):
+            raise
+        print(f"kdbench: internal error: {type(e).__name__}: {_one_line(str(e))[:500]} "
+              "(KDBENCH_TRACEBACK=1 shows the traceback; please report it)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -191,10 +191,17 @@ def validate_record(record: Mapping, where: str = "record") -> None:
             lacking = [k for k in METRIC_KEYS if not isinstance(row, Mapping) or k not in row]
             if lacking:
                 problems.append(f"{field}[{i}] lacks {', '.join(lacking)}")
+            elif not _is_number(row["value"]):
+                problems.append(f"{field}[{i}] ({row.get('metric')}) value {row['value']!r} is not a number")
     if "reference" in record and not isinstance(record["reference"], list):
         problems.append("reference must be a list")
     if problems:
         raise RecordError(f"{where}: invalid record: " + "; ".join(problems))
+
+
+def _is_number(x: Any) -> bool:
+    """A metric value: an int or float (NaN included: a diverged metric) or null; never a string or a bool."""
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
 
 
 def write_record(run_dir: str | os.PathLike, record: Mapping) -> Path:
@@ -245,7 +252,36 @@ def read_record(run_dir: str | os.PathLike) -> dict | None:
         raise RecordError(f"{path}: corrupt or partial record ({e.msg} at line {e.lineno} column {e.colno}); "
                           "delete it to rerun this run") from None
     validate_record(record, where=str(path))
+    _check_place(record, Path(run_dir), path)
     return record
+
+
+def _check_place(record: Mapping, run_dir: Path, path: Path) -> None:
+    """A record belongs to the folder it sits in (``<suite>/runs/<run_id>``): one copied or moved from another
+    run would put that run's numbers under this one's name. Refused, naming the file."""
+    if run_dir.parent.name != "runs":  # not in the results layout (a record read from elsewhere)
+        return
+    if record["run_id"] != run_dir.name:
+        raise RecordError(f"{path}: record of run {record['run_id']} (suite {record['suite']!r}), not of this "
+                          f"folder's run {run_dir.name}: it was copied or moved here; move it back or delete it")
+
+
+def check_one_suite(records: list[Mapping], suite_dir: str | os.PathLike) -> None:
+    """The records of one suite folder are of one suite: a record of another suite placed in its ``runs/`` is
+    refused, naming the file (the folder's own suite is the one named like the folder, else the most common).
+    Records carry ``_path`` (as :func:`load_records` adds it) or are named by run_id."""
+    from collections import Counter
+
+    counts = Counter(r.get("suite") for r in records)
+    if len(counts) <= 1:
+        return
+    name = Path(suite_dir).name
+    own = name if name in counts else counts.most_common(1)[0][0]
+    odd = [r for r in records if r.get("suite") != own]
+    files = ", ".join(str(r.get("_path") or Path(suite_dir) / "runs" / str(r.get("run_id")) / RECORD_FILE)
+                      for r in odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+    raise RecordError(f"{files}: record(s) of suite {odd[0].get('suite')!r} among the records of suite {own!r} in "
+                      f"{suite_dir}: copied or moved here; move them to their own suite's folder or delete them")
 
 
 def run_dirs(suite_dir: str | os.PathLike) -> list[Path]:
@@ -269,6 +305,55 @@ def iter_records(suite_dir: str | os.PathLike) -> Iterator[dict]:
         rec = read_record(d)
         if rec is not None:
             yield rec
+
+
+# ------------------------------------------------------------------------------------------- artifacts
+#: The file each kind of run leaves for the runs that need it.
+ARTIFACTS = {"teacher": "model.pt", "distill": "model.pt", "stage": "stage.pt"}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def artifact_entry(path: str | os.PathLike) -> dict:
+    """What a record keeps of the file its run left: name, size and sha256 (``record["artifact"]``)."""
+    path = Path(path)
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def artifact_problem(run_dir_: str | os.PathLike, record: Mapping) -> str | None:
+    """Why the artifact of an ``ok`` run cannot be used (missing, or not a readable torch file), else None.
+
+    A file whose sha256 is the recorded one is fine. One that differs but is an intact torch archive (zip,
+    every CRC right) was replaced: it is not rebuilt here; the runs that load it compare the hash and refuse
+    it, naming the file. Torch-free: torch files are zip archives.
+    """
+    import zipfile
+
+    name = ARTIFACTS.get(record.get("kind"))
+    if name is None:
+        return None
+    path = Path(run_dir_) / name
+    if not path.is_file():
+        return f"{path} is missing"
+    want = (record.get("artifact") or {}).get("sha256")
+    if want is None:  # a record from before artifacts were recorded: the file is there
+        return None
+    if file_sha256(path) == want:
+        return None
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"{path} is corrupt ({type(e).__name__}: {e})"
+    return f"{path} is corrupt (CRC error in {bad})" if bad else None
 
 
 def no_records_error(suite_dir: str | os.PathLike) -> FileNotFoundError:
@@ -388,4 +473,5 @@ def load_records(suite_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFra
                 records.append({**rec, "_path": str(d / RECORD_FILE)})
     if not records:
         raise no_records_error(suite_dir)
+    check_one_suite(records, suite_dir)
     return records_to_frames(records)

@@ -8,6 +8,13 @@ interrupted corruption eval from its last finished (corruption, severity) cell. 
 write no record (the run is not over: it will resume; SystemExit is how submitit ends a job it has just
 requeued). A run whose ``needs`` have not finished ok fails at once, naming the run it needed.
 
+Integrity: whoever runs a run holds its lock (``run_lock``: ``flock`` on ``<run dir>/.lock``), so that two
+processes never train it twice; temporary files of dead writers are removed under it (``clean_stale_temps``).
+The record of a run that leaves a file (``model.pt``, ``stage.pt``) keeps its sha256 (``record["artifact"]``);
+the runs that load it refuse a file with another hash, and an ok run whose file is missing or corrupt runs
+again. Checkpoints carry their run_id (``kdbench.train.fit``). A full disk, a quota or a read-only filesystem
+(``DISK_FAULTS``) writes no record and stops the walk: it is not the run's fault.
+
 What each kind leaves in its run folder: ``teacher`` and ``distill`` a ``model.pt`` (the trained network's
 state dict), ``stage`` a ``stage.pt`` (tensors only, loaded with ``weights_only=True`` by the distill runs
 that need it), ``eval`` its metric rows (corruption cells go to ``<evaluated run dir>/evals/``).
@@ -21,22 +28,31 @@ preemption) is noted in the record's ``scheduler`` with the job id. ``threads``:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib.metadata
 import os
 import platform
+import re
 import socket
 import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from kdbench.results import run_dir, run_dir_for
+from kdbench.results import artifact_entry, run_dir, run_dir_for
 from kdbench.suite import RunSpec
 
 TRACEBACK_TAIL = 4000
 STAGE_FILE = "stage.pt"
 MODEL_FILE = "model.pt"
+LOCK_FILE = ".lock"
+#: filesystem faults that stop the whole walk instead of failing one run: full disk, quota, read-only
+DISK_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+#: a temporary file of a process that is still alive is left alone unless it is older than this
+STALE_TMP_S = 3600
 
 __all__ = ["run_one", "run_dir_for", "build_context", "resolved_params"]
 
@@ -96,11 +112,83 @@ def _select_device():
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    import torch
+    """Save through a temporary file renamed over ``path``; a full disk or an interrupt leaves no temporary
+    file behind and raises the ``OSError`` (see ``kdbench.train._atomic_save``)."""
+    from kdbench.train import _atomic_save
 
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _atomic_save(obj, path)
+
+
+@contextlib.contextmanager
+def run_lock(rdir: Path, enabled: bool = True):
+    """Hold the run's lock (``flock`` on ``<run dir>/.lock``) while it runs: whoever runs it (a local job, the
+    debug executor, a SLURM job, a second ``kdbench run`` on the same results) waits for the one already
+    running it; the lock dies with its process (kill -9 included). A filesystem without locks (some network
+    filesystems) runs unlocked, with a warning."""
+    if not enabled:
+        yield
+        return
+    import fcntl
+
+    rdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(rdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{rdir}: another process is running this run; waiting for it to finish", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # ENOLCK / EOPNOTSUPP
+            print(f"warning: {rdir}: cannot lock ({e.strerror}); running unlocked", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(rdir: Path) -> list[Path]:
+    """Remove temporary files (``*.tmp<pid>``, ``.<name>.<random>.tmp``) left in the run folder by processes
+    that died while writing; called under the run's lock, so no live writer of this run is interrupted."""
+    removed = []
+    for p in rdir.iterdir() if rdir.is_dir() else ():
+        if ".tmp" not in p.name or not p.is_file():
+            continue
+        m = re.search(r"\.tmp(\d+)$", p.name)
+        try:
+            age = time.time() - p.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if (m and not _alive(int(m.group(1)))) or age > STALE_TMP_S or (not m and age > 60):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def _done(rdir: Path, rec: dict | None, spec: RunSpec, warn: bool = True) -> bool:
+    """The run has finished ok and what it left for others is usable."""
+    from kdbench.results import artifact_problem
+
+    if rec is None or rec.get("status") != "ok":
+        return False
+    problem = artifact_problem(rdir, rec)
+    if problem and warn:
+        print(f"warning: run {spec.run_id} ({spec.kind}) is recorded ok but {problem}: running it again",
+              file=sys.stderr, flush=True)
+    return problem is None
 
 
 def run_one(spec: RunSpec, results: str | os.PathLike = "results", *, requeues: int = 0,
@@ -112,10 +200,17 @@ def run_one(spec: RunSpec, results: str | os.PathLike = "results", *, requeues: 
     results = Path(results)
     rdir = run_dir_for(results, spec)
     old = read_record(rdir)
-    if old is not None and old.get("status") == "ok":
+    if _done(rdir, old, spec, warn=False):
         return old
-    with ddp.initialized() as dist:
-        return _run_one(spec, results, rdir, requeues, dist, threads)
+    rank = ddp.job_topology()[0]
+    with run_lock(rdir, enabled=rank == 0):
+        if rank == 0:
+            old = read_record(rdir)  # another process may have run it while this one waited for the lock
+            if _done(rdir, old, spec):
+                return old
+            clean_stale_temps(rdir)
+        with ddp.initialized() as dist:
+            return _run_one(spec, results, rdir, requeues, dist, threads)
 
 
 def _run_one(spec: RunSpec, results: Path, rdir: Path, requeues: int, dist, threads: int | None) -> dict:
@@ -132,6 +227,12 @@ def _run_one(spec: RunSpec, results: Path, rdir: Path, requeues: int, dist, thre
         record["status"] = "ok"
     except (KeyboardInterrupt, SystemExit):
         raise
+    except OSError as e:
+        if e.errno not in DISK_FAULTS:
+            record["status"] = "failed"
+            record["error"] = traceback.format_exc()[-TRACEBACK_TAIL:]
+        else:  # a full disk / quota / read-only filesystem is not the run's fault and would fail every run
+            raise  # no record (none could be written); the run resumes once the disk is fixed
     except Exception as e:  # the record says what went wrong; the other runs go on
         from kdbench.train import Diverged
 
@@ -180,13 +281,15 @@ def _load_teacher(spec: RunSpec, results: Path, record: dict, task, data, device
     torch.manual_seed(0)
     teacher = task.build_model(spec.teacher, data)
     t_rec = None
+    expect = None
     if spec.teacher_run:
         t_dir, t_rec = _needed_record(results, spec, spec.teacher_run, f"the suite's teacher ({spec.teacher['model']})")
         weights = t_dir / MODEL_FILE
         record["teacher_metrics"] = t_rec["metrics"]
+        expect = (t_rec.get("artifact") or {}).get("sha256")  # the file its run wrote, not a replacement
     else:
         weights = Path(spec.teacher["weights"])
-    sha = load_weights(teacher, weights)
+    sha = load_weights(teacher, weights, sha256=expect)
     record["teacher"] = {"model": spec.teacher["model"], "weights": str(weights), "sha256": sha,
                          "params": sum(p.numel() for p in teacher.parameters()), "run": spec.teacher_run}
     teacher.to(device).eval().requires_grad_(False)
@@ -228,23 +331,26 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
             raise RuntimeError(f"the stage run {spec.stage_run} was computed with teacher weights of sha256 "
                                f"{s_sha}, this run loads {record['teacher']['sha256']} "
                                f"({record['teacher']['weights']}): the file changed; delete {s_dir} to redo the stage")
-        method.load_stage(torch.load(s_dir / STAGE_FILE, map_location="cpu", weights_only=True))
+        method.load_stage(_load_stage(s_dir / STAGE_FILE, s_rec))
         record["stage"] = {"run": spec.stage_run, "dir": str(s_dir)}
 
     res = fit(student=student, teacher=teacher, method=method, task=task, data=data, recipe=spec.recipe,
               run_dir=rdir, seed=spec.seed, device=device, desc=f"{spec.label} {spec.pair} s{spec.seed}",
               primary=task.primary_metric, higher_is_better=task.metrics.get(task.primary_metric, True),
-              dist=dist)
+              dist=dist, run_id=spec.run_id)
     record["metrics"] = _metric_rows(res.final, "final", task) + _metric_rows(res.best, "best", task)
     record["best_epoch"] = res.best_epoch
     record["cost"] = {"wall_time_s": round(res.wall_time_s, 3), "step_time_s": res.step_time_s,
                       "peak_mem_mb": res.peak_mem_mb, "extra_params": method.extra_parameters(),
                       "epochs": len(res.history)}
     record["scheduler"]["resumes"] = res.resumes
+    if res.warnings:
+        record["warnings"] = list(res.warnings)
     if dist.enabled:
         record["scheduler"]["world_size"] = dist.world
     if dist.is_main:  # a suite-trained teacher is loaded from it; every model is kept for its eval runs
         _save_atomic(student.net.state_dict(), rdir / MODEL_FILE)
+        record["artifact"] = artifact_entry(rdir / MODEL_FILE)  # its sha256: dependents refuse another file
 
 
 def _stage(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None:
@@ -271,6 +377,7 @@ def _stage(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
     record["stage"] = {"tensors": {k: list(v.shape) for k, v in state.items()}}
     if dist.is_main:
         _save_atomic(state, rdir / STAGE_FILE)
+        record["artifact"] = artifact_entry(rdir / STAGE_FILE)
 
 
 def _eval(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None:
@@ -280,18 +387,42 @@ def _eval(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None:
 
     device, task, data = _setup(spec, record, dist)
     net = task.build_model(spec.student, data)
+    expect = None
     if spec.needs:
-        t_dir, _ = _needed_record(results, spec, spec.target, "the evaluated model's")
+        t_dir, t_rec = _needed_record(results, spec, spec.target, "the evaluated model's")
         weights = t_dir / MODEL_FILE
+        expect = (t_rec.get("artifact") or {}).get("sha256")
     else:
         weights = Path(spec.student["weights"])
-    sha = load_weights(net, weights)
+    sha = load_weights(net, weights, sha256=expect)
     record["student"] = {"model": spec.student["model"], "params": sum(p.numel() for p in net.parameters()),
                          "weights": str(weights), "sha256": sha}
     net.to(device).eval().requires_grad_(False)
     t0 = time.perf_counter()
     record["metrics"] = run_eval(spec, net, task, data, device, run_dir(results, spec.suite, spec.target) / "evals")
     record["cost"] = {"wall_time_s": round(time.perf_counter() - t0, 3)}
+
+
+def _load_stage(path: Path, s_rec: dict) -> dict:
+    """A stage run's tensors: the file its run recorded (sha256), read with ``weights_only=True``."""
+    import torch
+
+    from kdbench.models.sources import _load_error
+    from kdbench.results import file_sha256
+
+    want = (s_rec.get("artifact") or {}).get("sha256")
+    if not path.is_file():
+        raise FileNotFoundError(f"stage file not found: {path}; run again to rebuild it")
+    if want is not None and file_sha256(path) != want:
+        raise ValueError(f"{path}: the file changed after its stage run recorded it: put the original back, or "
+                         f"delete {path.parent} to redo the stage")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read stage file {path}: {_load_error(e)}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: a stage file holds a dict of tensors, not a {type(state).__name__}")
+    return state
 
 
 def build_context(task, data, recipe: dict, student, teacher, device, student_model: str = "", teacher_model: str = ""):

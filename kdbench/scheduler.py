@@ -9,7 +9,10 @@ each with the run_ids it ``needs``) with one of three executors:
 * ``slurm``: the whole graph submitted at once as job arrays with ``afterok`` dependencies
   (``kdbench.slurm``).
 
-A run whose record says ``ok`` is skipped; any other run (failed, diverged, interrupted) is launched again and
+A run whose record says ``ok`` is skipped (a run others need also needs its file: a missing or corrupt
+``model.pt``/``stage.pt`` is rebuilt); a corrupt record, or one copied from another run, stops the launch
+naming the file. SIGTERM and SIGHUP stop a walk as Ctrl-C does, and any abort stops the local workers
+(``stop_jobs``) before it propagates. Any other run (failed, diverged, interrupted) is launched again and
 resumes (training from its last epoch checkpoint, a corruption eval from its finished cells). A run whose need
 ends badly is not started: it gets a ``failed`` record naming that need, and the runs that do not depend on it
 go on. A job that dies without writing a record (killed, out of memory) gets a ``failed`` record with the
@@ -18,6 +21,7 @@ job's log tail.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fnmatch
 import json
@@ -26,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from kdbench.results import finish_record, new_record, read_record, run_dir_for
+from kdbench.results import artifact_problem, finish_record, new_record, read_record, run_dir_for
 from kdbench.suite import RunSpec, Suite
 
 EXECUTORS = ("debug", "local", "slurm")
@@ -97,17 +101,35 @@ def topological(specs: list[RunSpec]) -> list[RunSpec]:
     return sorted(specs, key=lambda s: d[s.run_id])
 
 
-def _ok(spec: RunSpec, results: Path) -> bool:
-    try:
-        rec = read_record(run_dir_for(results, spec))
-    except Exception:  # a corrupt record: rerun
+def _ok(spec: RunSpec, results: Path, needed: bool = False, log: Callable[[str], None] | None = None) -> bool:
+    """The run's record says ok and, for a run others need (``needed``), the file it left them is there and
+    intact. A corrupt record, or one copied from another run or suite, raises (``RecordError`` naming the file):
+    nothing is launched over it."""
+    rdir = run_dir_for(results, spec)
+    rec = read_record(rdir)
+    if rec is None or rec.get("status") != "ok":
         return False
-    return rec is not None and rec.get("status") == "ok"
+    if needed:
+        problem = artifact_problem(rdir, rec)
+        if problem:
+            (log or _warn)(f"warning: the {spec.kind} run {spec.run_id} is recorded ok but {problem}: "
+                           "it runs again")
+            return False
+    return True
 
 
-def pending(specs: Iterable[RunSpec], results: Path) -> list[RunSpec]:
-    """The runs without an ``ok`` record."""
-    return [s for s in specs if not _ok(s, results)]
+def _warn(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+def pending(specs: Iterable[RunSpec], results: Path, log: Callable[[str], None] | None = None) -> list[RunSpec]:
+    """The runs without an ``ok`` record, and the runs others need whose file (model.pt, stage.pt) is missing
+    or corrupt (rebuilt: a teacher resumes from its last checkpoint when it is still there)."""
+    specs = list(specs)
+    needed = {n for s in specs for n in s.needs}
+    return [s for s in specs if not _ok(s, results, s.run_id in needed, log)]
 
 
 # ------------------------------------------------------------------------------------------- records
@@ -187,19 +209,55 @@ def launch(suite: Suite, results: str | os.PathLike = "results", executor: str =
                          "in this process")
     results = Path(results)
     specs = select_specs(suite, pattern)
-    todo = topological(pending(specs, results))
+    todo = topological(pending(specs, results, _warn))
     log(f"{suite.name} v{suite.version}: {len(specs)} runs, {len(specs) - len(todo)} already ok, {len(todo)} to run "
         f"({executor} executor) -> {results / suite.name}")
     if not todo:
         return []
-    if executor == "slurm":
-        from kdbench.slurm import submit_slurm, wait_slurm
+    with signals_interrupt():
+        if executor == "slurm":
+            from kdbench.slurm import submit_slurm, wait_slurm
 
-        submitted = submit_slurm(suite, todo, results, parallel, log)
-        return wait_slurm(submitted, results, log) if wait else []
-    if executor == "debug":
-        return _walk_debug(todo, results, log)
-    return _walk_local(suite, todo, results, parallel, log)
+            submitted = submit_slurm(suite, todo, results, parallel, log)
+            return wait_slurm(submitted, results, log) if wait else []
+        if executor == "debug":
+            return _walk_debug(todo, results, log)
+        return _walk_local(suite, todo, results, parallel, log)
+
+
+#: signals that end ``kdbench run`` the way Ctrl-C does (``timeout``, ``kill``, a closed terminal, schedulers)
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: handled as Ctrl-C (workers stopped, finished runs recorded, a rerun resumes)."""
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """While the scheduler runs, SIGTERM and SIGHUP raise :class:`Stopped` (a KeyboardInterrupt) in the main
+    thread, so that the local workers are stopped and nothing is left running. Outside the main thread (where
+    Python cannot take signals) nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    old = {}
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def _walk_debug(todo: list[RunSpec], results: Path, log) -> list[dict]:
@@ -228,6 +286,7 @@ def _collect(job, specs: list[RunSpec], results: Path) -> list[dict]:
     try:
         return job.result()
     except Exception as e:  # the job died without returning (killed, OOM, cancelled) or raised outside run_one
+        _raise_disk_fault(str(e))
         tail = ""
         try:
             tail = (job.stderr() or "")[-3000:]
@@ -236,6 +295,17 @@ def _collect(job, specs: list[RunSpec], results: Path) -> list[dict]:
         # runs the job finished keep their records; the others get one that says why
         return [crash_record(spec, results, f"job {job.job_id} ended without a result: {e}\n{tail}")
                 for spec in specs]
+
+
+def _raise_disk_fault(text: str) -> None:
+    """A worker that stopped on a full disk, a quota or a read-only filesystem (``runner.DISK_FAULTS``) stops
+    the walk: every other run would fail the same way; the error says what to fix."""
+    import errno
+    import re
+
+    m = re.search(r"OSError: \[Errno (\d+)\] ([^\n]*)", text)
+    if m and int(m.group(1)) in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        raise OSError(int(m.group(1)), m.group(2).strip() + " (in a worker)")
 
 
 def _res_key(spec: RunSpec) -> str:
@@ -316,10 +386,72 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
             if waiting and not running and not any(
                     all(n not in by_id or n in status for n in s.needs) for s in waiting):
                 raise RuntimeError("scheduler stalled: runs wait on needs that never run")  # pragma: no cover
-    except KeyboardInterrupt:
-        for job, _, _ in running:
-            job.cancel(check=False)
+    except BaseException:  # Ctrl-C, SIGTERM/SIGHUP, or an error of the scheduler itself (a corrupt record,
+        stop_jobs([job for job, _, _ in running])  # a full disk): no worker may outlive it
         raise
     finally:
         live.close()
     return out
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc; empty where there is none)."""
+    out = []
+    for d in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if d.name.isdigit() and _ppid(int(d.name)) == pid:
+            out.append(int(d.name))
+    return out
+
+
+def stop_jobs(jobs: list, grace_s: float = 15.0) -> None:
+    """Stop local submitit jobs and their task processes: Ctrl-C to each job's tasks (the runs stop without a
+    record, to resume later; the job's controller then ends by itself), and whatever is still alive after
+    ``grace_s`` is killed, tasks first."""
+    import signal
+
+    import threading
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():  # a second Ctrl-C must not cut the cleanup short
+        for name in ("SIGINT",) + STOP_SIGNALS:
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                old[getattr(signal, name)] = signal.signal(getattr(signal, name), signal.SIG_IGN)
+    try:
+        _stop(jobs, grace_s)
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _stop(jobs: list, grace_s: float) -> None:
+    import signal
+
+    procs = [p for p in (getattr(j, "_process", None) for j in jobs) if p is not None and p.poll() is None]
+    tasks = {p.pid: _children(p.pid) for p in procs}
+    for p in procs:  # Ctrl-C to the tasks (each run stops without a record); their controller then ends cleanly
+        for pid in tasks[p.pid]:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGINT)
+        if not tasks[p.pid]:  # not started its tasks yet
+            with contextlib.suppress(OSError):
+                p.send_signal(signal.SIGINT)
+    deadline = time.time() + grace_s
+    while time.time() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.1)
+    for p in procs:
+        for pid in set(tasks[p.pid] + _children(p.pid)):
+            if _ppid(pid) in (p.pid, 1):  # still its task, or orphaned by it
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        if p.poll() is None:
+            with contextlib.suppress(OSError):
+                p.kill()
+        with contextlib.suppress(Exception):
+            p.wait(timeout=5)

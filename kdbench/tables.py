@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdbench.results import RecordError, error_line, gc_paused, no_records_error, read_record, run_dirs
+from kdbench.results import (RecordError, check_one_suite, error_line, gc_paused, no_records_error, read_record,
+                             run_dirs)
 from kdbench.tasks import TASK_FACTS
 
 FORMATS = ("md", "latex", "csv")
@@ -62,6 +63,7 @@ def _load(suite_dir: Path, kinds: tuple[str, ...] = TABLE_KINDS) -> list[dict]:
                 records.append(rec)
     if not records:
         raise no_records_error(suite_dir)
+    check_one_suite(records, suite_dir)
     return records
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,18 +90,92 @@ class FitResult:
     wall_time_s: float = 0.0
     resumes: int = 0
     peak_mem_mb: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+def _replace_via_tmp(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``; the temporary file (named after this process, so that two
+    processes never share one) is removed when anything fails, a full disk included."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a full disk surfaces as the ``OSError`` it is (torch's own
+    writer reports it as a RuntimeError from its C++ stream)."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as e:
+        cause = e.__cause__ or e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from e
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _replace_via_tmp(path, lambda tmp: _torch_save(obj, tmp))
 
 
 def _write_log(history: list[dict], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-    os.replace(tmp, path)
+    _replace_via_tmp(path, lambda tmp: tmp.write_text("".join(json.dumps(h) + "\n" for h in history)))
+
+
+#: What a checkpoint written by :func:`fit` holds (besides ``run_id``).
+CHECKPOINT_KEYS = ("epoch", "student", "method", "optimizer", "scaler", "history", "best", "best_epoch",
+                   "wall_time_s", "resumes", "step_times")
+
+
+def _plain(x: Any) -> Any:
+    """Numbers as Python numbers, containers as lists/dicts: what ``torch.load(weights_only=True)`` reads back."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (bool, int, float, str, type(None), Tensor)):
+        return x
+    item = getattr(x, "item", None)  # numpy scalars
+    return item() if callable(item) else x
+
+
+def _read_checkpoint(path: Path, run_id: str | None, device: torch.device, res: FitResult,
+                     main: bool = True) -> dict | None:
+    """The checkpoint to resume from, or None (start from epoch 1).
+
+    Read with ``weights_only=True``: tensors and plain containers only, nothing in the file can run code. A
+    file that cannot be read that way (truncated, damaged, foreign content) is set aside under a new name,
+    never deleted, with a warning, and the run restarts. A readable checkpoint of another run (its ``run_id``
+    differs: copied from another run folder) is refused: resuming it would record that run's numbers here.
+    """
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(ck, dict) or any(k not in ck for k in CHECKPOINT_KEYS):
+            raise ValueError("not a kdbench training checkpoint")
+    except Exception as e:
+        from kdbench.models.sources import _load_error
+
+        if not main:  # rank 0 sets it aside; every rank restarts alike
+            return None
+        aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        os.replace(path, aside)
+        why = str(e) if isinstance(e, ValueError) and "kdbench" in str(e) else _load_error(e)
+        msg = f"warning: {path}: unreadable checkpoint ({why}); set aside as {aside.name}, the run restarts"
+        print(msg, file=sys.stderr, flush=True)
+        res.warnings.append(msg)
+        return None
+    if run_id is not None and ck.get("run_id") != run_id:
+        other = ck.get("run_id")
+        where = f"of run {other}" if other else "without a run_id (an older kdbench's, or copied)"
+        raise ValueError(f"{path}: checkpoint {where}, not of this run {run_id}: it was copied here; delete it "
+                         f"(or move it back to its run folder) and run again")
+    return ck
 
 
 def _peak_mem_mb(device: torch.device) -> float:
@@ -184,7 +259,10 @@ def train_step(student: nn.Module, teacher: nn.Module | None, method: nn.Module,
 
 def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, task, data, recipe: dict,
         run_dir: Path, seed: int, device: torch.device, desc: str = "", primary: str = "top1",
-        higher_is_better: bool = True, dist: ddp.Dist = ddp.SINGLE) -> FitResult:
+        higher_is_better: bool = True, dist: ddp.Dist = ddp.SINGLE, run_id: str | None = None) -> FitResult:
+    """Train ``student`` (with ``method`` and the frozen ``teacher``) as the recipe says, resuming from
+    ``run_dir/checkpoint.pt``; ``run_id`` is written into every checkpoint and a checkpoint of another run is
+    refused (see :func:`_read_checkpoint`)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl"
@@ -212,8 +290,8 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     res = FitResult()
     start_epoch = 1
-    if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+    ck = _read_checkpoint(ckpt_path, run_id, device, res, dist.is_main) if ckpt_path.is_file() else None
+    if ck is not None:
         student.load_state_dict(ck["student"])
         method.load_state_dict(ck["method"])
         opt.load_state_dict(ck["optimizer"])
@@ -293,10 +371,11 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
         res.wall_time_s = wall_before + time.perf_counter() - t_start
         if not dist.is_main:
             continue
-        _atomic_save({"epoch": epoch, "student": student.state_dict(), "method": method.state_dict(),
-                      "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "history": res.history,
-                      "best": res.best, "best_epoch": res.best_epoch, "wall_time_s": res.wall_time_s,
-                      "resumes": res.resumes, "step_times": step_times}, ckpt_path)
+        _atomic_save({"run_id": run_id, "epoch": epoch, "student": student.state_dict(),
+                      "method": method.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                      **_plain({"history": res.history, "best": res.best, "best_epoch": res.best_epoch,
+                                "wall_time_s": res.wall_time_s, "resumes": res.resumes,
+                                "step_times": step_times})}, ckpt_path)
         _write_log(res.history, log_path)
     bar.close()
     last_eval = [h for h in res.history if any(k.startswith("val_") for k in h)][-1]

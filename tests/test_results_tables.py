@@ -99,8 +99,8 @@ def basic_suite(suite_dir: Path) -> None:
 
 # --------------------------------------------------------------------------------------------- records
 def test_write_record_atomic_and_crash_keeps_old(tmp_path, monkeypatch):
-    run = tmp_path / "s" / "runs" / "abc"
     old = make_record(value=71.0)
+    run = tmp_path / "s" / "runs" / old["run_id"]
     write_record(run, old)
     assert sorted(p.name for p in run.iterdir()) == ["record.json"]
     assert read_record(run) == old

@@ -159,25 +159,48 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_weights(model: "TapModel", path: str | Path) -> str:
+def load_weights(model: "TapModel", path: str | Path, sha256: str | None = None) -> str:
     """Load a checkpoint into ``model.net`` (a plain state dict, or a dict with ``model``/``state_dict``);
-    returns its sha256. Missing or unexpected keys are an error naming the file."""
+    returns its sha256. Missing or unexpected keys are an error naming the file.
+
+    Only tensors and plain containers are read (``weights_only=True``): a file holding anything else (a
+    pickled object, which could run code) is refused, naming the file. With ``sha256`` (the hash a finished run
+    recorded for it), a file whose hash differs is refused before it is read at all.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher weights not found: {path}; the suites in suites/ read checkpoints under "
                                 "${KDBENCH_CKPT:-download_ckpts}: point KDBENCH_CKPT at the folder that holds them "
                                 "(export KDBENCH_CKPT=/path/to/checkpoints)")
+    got = sha256_file(path)
+    if sha256 is not None and got != sha256:
+        raise ValueError(f"{path}: the file changed after its run recorded it (sha256 {sha256[:12]}... recorded, "
+                         f"{got[:12]}... now): put the original back, or delete {path.parent} to retrain it")
     import torch
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise ValueError(f"cannot read checkpoint {path}: {_load_error(e)}") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"cannot read checkpoint {path}: it holds a {type(state).__name__}, not a state dict")
     missing, unexpected = model.net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not fit {model.name}: missing {list(missing)[:5]}, "
                          f"unexpected {list(unexpected)[:5]}")
-    return sha256_file(path)
+    return got
+
+
+def _load_error(e: BaseException) -> str:
+    """One line for a failed ``torch.load(weights_only=True)``: refused content, or a damaged file."""
+    import pickle
+
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
+        return ("it holds objects other than tensors and plain containers, which kdbench does not unpickle "
+                "(they could run code); save a state dict")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"not a readable torch file ({type(e).__name__}: {first[:200]})"
