@@ -186,7 +186,8 @@ def validate_record(record: Mapping, where: str = "record") -> None:
             problems.append(f"{field} must be a list")
             continue
         for i, row in enumerate(rows or []):
-            if type(row) is dict and _METRIC_KEYSET <= row.keys():  # the common case, no ABC isinstance
+            if type(row) is dict and _METRIC_KEYSET <= row.keys() and (  # the common case, no ABC isinstance
+                    type(row["value"]) in (float, int) or row["value"] is None):
                 continue
             lacking = [k for k in METRIC_KEYS if not isinstance(row, Mapping) or k not in row]
             if lacking:

@@ -601,6 +601,9 @@ def find_suite(arg: str | os.PathLike) -> Path:
     p = Path(arg)
     if p.is_file():
         return p
+    if p.is_dir():
+        raise SuiteError(f"{p} is a directory, not a suite file: pass a suite YAML file (e.g. suites/quickstart.yaml); "
+                         f"`kdbench ls suites` lists them")
     tried = [str(p)]
     if p.parent == Path(".") and p.name:
         name = p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml"
