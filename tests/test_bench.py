@@ -1,0 +1,117 @@
+"""kdbench bench (kdbench/bench.py) and the speed defaults of the training step (kdbench/train.py): channels_last
+conv nets give the same losses and gradients as the default memory format; AMP modes; loader options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+
+from kdb_util import tiny_suite
+from kdbench import bench
+from kdbench.method import Batch
+from kdbench.models.sources import build_model
+from kdbench.registry import METHODS
+from kdbench.runner import build_context
+from kdbench.tasks.classification import ClassificationTask
+from kdbench.train import amp_dtype, loader_options, prepare_models, teacher_dtype, train_step
+
+
+def _suite(tmp_path, methods):
+    d = tiny_suite(methods=methods)
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(d, allow_unicode=True))
+    return p
+
+
+def test_bench_tiny_suite_one_step(tmp_path):
+    p = _suite(tmp_path, ["baseline", "kd", "reviewkd"])
+    logs = []
+    rows, facts = bench.run_bench(p, steps=1, log=logs.append)
+    labels = [r["label"] for r in rows]
+    assert labels == ["(student step)", "(teacher forward)", "baseline", "kd", "reviewkd"]
+    by = {r["label"]: r for r in rows}
+    for r in rows:
+        assert r["min_ms"] > 0 and r["median_ms"] >= r["min_ms"]
+        assert r["samples_per_s"] == pytest.approx(32 / (r["min_ms"] / 1000))
+    floor = by["(student step)"]["min_ms"] + by["(teacher forward)"]["min_ms"]
+    assert by["kd"]["step_over_floor"] == pytest.approx(by["kd"]["min_ms"] / floor)
+    assert math.isnan(by["(student step)"]["step_over_floor"])
+    assert by["kd"]["extra_params"] == 0 and by["reviewkd"]["extra_params"] > 0
+    assert by["reviewkd"]["peak_mem_mb"] > 0
+    md, text = bench.format_md(rows, facts), bench.format_csv(rows)
+    assert "| reviewkd | reviewkd |" in md and "step / floor" in md
+    assert text.splitlines()[0].startswith("pair,label,method,min_ms") and len(text.splitlines()) == 6
+
+
+def test_bench_filter_and_cli(tmp_path, capsys):
+    p = _suite(tmp_path, ["baseline", "kd", "cwd"])
+    out = tmp_path / "b" / "bench.md"
+    assert bench.main([str(p), "--filter", "kd", "--steps", "1", "--no-memory", "--out", str(out)]) == 0
+    md = capsys.readouterr().out
+    assert "| kd | kd |" in md and "| cwd |" not in md
+    assert out.read_text().startswith("# Step cost: tiny") and out.with_suffix(".csv").is_file()
+    assert bench.main([str(p), "--filter", "nothing*", "--steps", "1"]) == 2
+    assert "matches --filter" in capsys.readouterr().err
+
+
+def test_interleaved_times_order_and_summary():
+    calls = []
+    times = bench.interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2,
+                                    warmup=1)
+    assert calls == ["a", "b"] * 3 and all(len(v) == 2 for v in times.values())
+    best, med = bench.summarize({"x": [3.0, 1.0, 2.0]})
+    assert best == {"x": 1.0} and med == {"x": 2.0}
+
+
+def _one_step(name, channels_last, monkeypatch):
+    """Loss terms and student gradients of one step (no optimiser step) with and without channels_last."""
+    monkeypatch.setenv("KDBENCH_CHANNELS_LAST", "1" if channels_last else "0")
+    task = ClassificationTask()
+    torch.manual_seed(0)
+    teacher = build_model("kdbench:resnet20", 10, 3)
+    student = build_model("kdbench:resnet8", 10, 3)
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(8) % 10
+    data = type("D", (), {"num_classes": 10, "train": [(x[i], y[i]) for i in range(8)],
+                          "val": [(x[i], y[i]) for i in range(2)]})()
+    cls = METHODS.get(name)
+    t = teacher if cls.needs_teacher else None
+    ctx = build_context(task, data, {"epochs": 4, "batch_size": 8}, student, t, torch.device("cpu"))
+    torch.manual_seed(2)
+    method = cls(ctx, **cls.check_params({}))
+    if cls.stage_params:
+        method.load_stage({k: v.clone() for k, v in method.prompts.state_dict().items()})
+    xb, yb = prepare_models(student, t, method, torch.device("cpu"), x, y)
+    assert xb.is_contiguous(memory_format=torch.channels_last) == channels_last
+    out = train_step(student, t, method, task, Batch(xb, yb, epoch=3, step=10, epochs=4, steps_per_epoch=4))
+    grads = {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}
+    return {k: float(v.detach()) for k, v in {"loss": out.loss, **out.terms}.items()}, grads
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in METHODS.items() if "classification" in c.tasks))
+def test_channels_last_same_loss_and_grads(name, monkeypatch):
+    a, ga = _one_step(name, False, monkeypatch)
+    b, gb = _one_step(name, True, monkeypatch)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    for k in ga:
+        assert torch.allclose(ga[k], gb[k], rtol=1e-3, atol=1e-5), k
+
+
+def test_amp_modes_and_loader_options():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for v in (True, "bf16", "fp16", False):
+        assert amp_dtype(v, cpu) is None  # never on CPU
+    assert amp_dtype(True, cuda) is torch.float16 and amp_dtype("fp16", cuda) is torch.float16
+    assert amp_dtype("bf16", cuda) is torch.bfloat16 and amp_dtype(False, cuda) is None
+    with pytest.raises(ValueError, match="bf16, fp16"):
+        amp_dtype("fp8", cuda)
+    assert teacher_dtype({}, cpu) is None
+    assert loader_options({"num_workers": 2}, {"cpus_per_task": 8}, cpu) == {"num_workers": 2, "pin_memory": False}
+    assert loader_options({"num_workers": "auto"}, {"cpus_per_task": 8}, cuda) == {"num_workers": 7,
+                                                                                 "pin_memory": True}
+    assert loader_options({"num_workers": "auto"}, {"cpus_per_task": 8}, cpu)["num_workers"] == 0
