@@ -27,30 +27,39 @@ def _positive_int(text: str) -> int:
     return n
 
 
-def _matrix(suite, specs_waves) -> str:
+def _resources(res: dict) -> str:
+    return " ".join(f"{k.replace('slurm_', '')}={v}" for k, v in sorted(res.items())) or "-"
+
+
+def _matrix(specs) -> str:
+    """The run graph, in topological order: run_id, kind, label, pair, seed, needs (short ids), resources."""
     from tabulate import tabulate
 
+    from kdbench.scheduler import levels, topological
+
+    depth = levels(specs)
     rows = []
-    for wave_i, wave in enumerate(specs_waves):
-        for s in wave:
-            teacher = (s.teacher or {}).get("model", "-") if s.kind != "teacher" else "-"
-            src = "suite-trained" if s.teacher_run else ((s.teacher or {}).get("weights") or "-")
-            params = ", ".join(f"{k}={v}" for k, v in s.params.items())
-            rows.append([s.run_id, wave_i, s.kind, s.label, s.pair, s.seed, s.student["model"], teacher, src,
-                         params[:60]])
-    return tabulate(rows, headers=["run_id", "wave", "kind", "label", "pair", "seed", "student", "teacher",
-                                   "teacher weights", "params"], tablefmt="simple")
+    for s in topological(specs):
+        what = s.label
+        if s.kind == "eval" and s.eval:
+            what = f"{s.label}: {s.eval.get('corruption') or s.eval['name']}"
+        rows.append([s.run_id, depth[s.run_id], s.kind, what, s.pair, s.seed,
+                     " ".join(n[:8] for n in s.needs) or "-", _resources(s.resources)])
+    return tabulate(rows, headers=["run_id", "level", "kind", "label", "pair", "seed", "needs", "resources"],
+                    tablefmt="simple")
 
 
 def cmd_run(a) -> int:
-    from kdbench.launch import launch, select_specs
+    from kdbench.scheduler import launch, select_specs
     from kdbench.suite import check_data_available, load_suite
 
     suite = load_suite(a.suite, a.overrides)
-    waves = select_specs(suite, a.filter)
+    specs = select_specs(suite, a.filter)
     if a.dry_run:
-        print(f"{suite.path}: {suite.name} v{suite.version}, {sum(map(len, waves))} runs")
-        print(_matrix(suite, waves))
+        kinds = {k: sum(s.kind == k for s in specs) for k in ("teacher", "stage", "distill", "eval")}
+        print(f"{suite.path}: {suite.name} v{suite.version}, {len(specs)} runs "
+              f"({', '.join(f'{n} {k}' for k, n in kinds.items() if n)})")
+        print(_matrix(specs))
         return 0
     check_data_available(suite)
     records = launch(suite, a.results, executor=a.executor, parallel=a.parallel, pattern=a.filter,
@@ -86,7 +95,7 @@ def cmd_validate(a) -> int:
                 check_data_available(suite)
             print(f"ok   {path}: {suite.name} v{suite.version}, {len(suite.specs)} runs")
             if a.verbose:
-                print(_matrix(suite, suite.stages()))
+                print(_matrix(suite.specs))
         except (ValueError, KeyError, OSError) as e:
             failed += 1
             print(f"FAIL {e}", file=sys.stderr)
@@ -152,7 +161,7 @@ def cmd_table(a) -> int:
 
 
 def cmd_status(a) -> int:
-    from kdbench.launch import job_states
+    from kdbench.slurm import job_states
     from kdbench.tables import status_table
 
     jobs = job_states(Path(a.results_dir))  # {} unless runs were submitted to SLURM
@@ -173,13 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", choices=("debug", "local", "slurm"), default="local",
                    help="debug: in process; local: subprocesses on this machine (default); slurm: job arrays")
     r.add_argument("--results", default="results", help="results folder (default: results/)")
-    r.add_argument("--filter", metavar="GLOB", help="only runs whose label, method or pair matches GLOB")
+    r.add_argument("--filter", metavar="GLOB", help="only runs whose label, method or pair matches GLOB (and the runs they need)")
     r.add_argument("--parallel", type=_positive_int, metavar="N",
                    help="runs at a time (local) / array parallelism (slurm); N >= 1")
-    r.add_argument("--dry-run", action="store_true", help="resolve the suite and print the run matrix; run nothing")
+    r.add_argument("--dry-run", action="store_true", help="resolve the suite and print the run graph (kinds, needs, resources); run nothing")
     r.add_argument("--no-table", action="store_true", help="do not print the table at the end")
     r.add_argument("--no-wait", action="store_true",
-                   help="slurm: submit the whole suite (stages as job dependencies) and return at once")
+                   help="slurm: submit the whole run graph (needs as job dependencies) and return at once")
     r.set_defaults(fn=cmd_run)
 
     v = sub.add_parser("validate", help="validate suites fully (models, methods, params, data) without running")

@@ -1,7 +1,7 @@
 """torch.distributed helpers: one run trained by several tasks (DDP), one task per GPU (or CPU process).
 
 A run is distributed when its job has more than one task: ``resources: {gpus_per_node: N}`` on SLURM makes
-submitit start N tasks (``tasks_per_node`` defaults to the GPU count, see ``kdbench.launch.slurm_parameters``);
+submitit start N tasks (``tasks_per_node`` defaults to the GPU count, see ``kdbench.slurm.slurm_parameters``);
 ``tasks_per_node: 2`` without GPUs runs 2 CPU processes. Rank, local rank and world size come from submitit's
 job environment (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS); the rendezvous is submitit's
 ``TorchDistributedEnvironment`` (first host of the job, a port derived from the job id). Backend: NCCL on

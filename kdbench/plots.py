@@ -29,7 +29,7 @@ def _pyplot():
 
 
 def _records(suite_dir: Path, suite_version: int | None) -> list[dict]:
-    return TB._one_version(TB._load(suite_dir), suite_dir, suite_version)
+    return TB._one_version(TB._load(suite_dir, TB.TABLE_KINDS + (TB.EVAL_KIND,)), suite_dir, suite_version)
 
 
 def _pairs(records: list[dict]) -> list[str]:

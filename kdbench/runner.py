@@ -1,23 +1,27 @@
-"""run_one(spec): the only place that wires task, data, models, method and training loop for one run.
+"""run_one(spec): the only place that wires task, data, models, method and training loop for one run of any
+kind (``teacher``, ``stage``, ``distill``, ``eval``; see ``kdbench.suite.RunSpec``).
 
-Whatever happens, a record is written atomically at ``<results>/<suite>/runs/<run_id>/record.json``:
-``ok``, ``failed`` (with the traceback tail) or ``diverged``. A run whose record already says ``ok`` is not
-redone; an interrupted run resumes from its last epoch checkpoint. KeyboardInterrupt and SystemExit write no
-record (the run is not over: it will resume; SystemExit is how submitit ends a job it has just requeued).
+Whatever happens, a record is written atomically at ``<results>/<suite>/runs/<run_id>/record.json`` (built by
+``kdbench.results.new_record``): ``ok``, ``failed`` (with the traceback tail) or ``diverged``. A run whose record
+already says ``ok`` is not redone; an interrupted training run resumes from its last epoch checkpoint, an
+interrupted corruption eval from its last finished (corruption, severity) cell. KeyboardInterrupt and SystemExit
+write no record (the run is not over: it will resume; SystemExit is how submitit ends a job it has just
+requeued). A run whose ``needs`` have not finished ok fails at once, naming the run it needed.
+
+What each kind leaves in its run folder: ``teacher`` and ``distill`` a ``model.pt`` (the trained network's
+state dict), ``stage`` a ``stage.pt`` (tensors only, loaded with ``weights_only=True`` by the distill runs
+that need it), ``eval`` its metric rows (corruption cells go to ``<evaluated run dir>/evals/``).
 
 A job with several tasks trains one run with torch.distributed (``kdbench/ddp.py``): every rank runs
 ``run_one``, only rank 0 writes (spec, record, checkpoint, model) and returns the written record.
-``requeues`` (set by ``kdbench.launch.RunJob`` when SLURM requeued the job after a time limit or a
-preemption) is noted in the record's ``scheduler`` with the job id.
+``requeues`` (set by ``kdbench.slurm.RunJob`` when SLURM requeued the job after a time limit or a
+preemption) is noted in the record's ``scheduler`` with the job id. ``threads``: the torch threads of this run
+(the scheduler's share of the CPUs); ``KDBENCH_THREADS`` in the environment overrides it (a user's choice).
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
-import hashlib
 import importlib.metadata
-import json
 import os
 import platform
 import socket
@@ -27,17 +31,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from kdbench.results import run_dir, run_dir_for
 from kdbench.suite import RunSpec
 
 TRACEBACK_TAIL = 4000
+STAGE_FILE = "stage.pt"
+MODEL_FILE = "model.pt"
 
-
-def run_dir_for(results: str | os.PathLike, spec: RunSpec) -> Path:
-    return Path(results) / spec.suite / "runs" / spec.run_id
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+__all__ = ["run_one", "run_dir_for", "build_context", "resolved_params"]
 
 
 def environment(device: Any = None) -> dict:
@@ -94,85 +95,40 @@ def _select_device():
     return torch.device("cpu")
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _prepare_stage(method, spec: RunSpec, results: Path, teacher, teacher_id: str, task, data, device) -> dict | None:
-    """Run (once) or load the method's pre-distillation stage, cached by the hash of what determines it."""
+def _save_atomic(obj: Any, path: Path) -> None:
     import torch
 
-    cfg = method.stage_config()
-    if cfg is None:
-        return None
-    key = {"method": spec.method, "method_version": spec.method_version, "stage": cfg, "teacher": teacher_id,
-           "data": spec.data}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    stage_dir = results / spec.suite / "stages" / f"{spec.method}-{digest}"
-    artifact = stage_dir / "stage.pt"
-    with _file_lock(stage_dir / ".lock"):
-        if artifact.is_file():
-            state = torch.load(artifact, map_location="cpu", weights_only=True)
-            reused = True
-        else:
-            g = torch.Generator().manual_seed(int(cfg.get("seed", 0)) if isinstance(cfg, dict) else 0)
-            torch.manual_seed(int(cfg.get("seed", 0)) if isinstance(cfg, dict) else 0)
-            loader = task.loader(data.train, int(spec.recipe["batch_size"]), shuffle=True,
-                                 drop_last=len(data.train) >= int(spec.recipe["batch_size"]), generator=g)
-            t0 = time.perf_counter()
-            state = method.run_stage(teacher, loader, device)
-            state = {k: v.detach().cpu() for k, v in state.items()}
-            tmp = stage_dir / f"stage.pt.tmp{os.getpid()}"
-            torch.save(state, tmp)
-            os.replace(tmp, artifact)
-            (stage_dir / "stage.json").write_text(json.dumps({**key, "seconds": time.perf_counter() - t0}, indent=2,
-                                                             default=str))
-            reused = False
-    method.load_stage(state)
-    return {"dir": str(stage_dir), "hash": digest, "reused": reused}
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
-def run_one(spec: RunSpec, results: str | os.PathLike = "results", *, requeues: int = 0) -> dict:
-    """Train and evaluate one run; write and return its record. Idempotent: an ``ok`` record is returned as is."""
+def run_one(spec: RunSpec, results: str | os.PathLike = "results", *, requeues: int = 0,
+            threads: int | None = None) -> dict:
+    """Run one node of the graph; write and return its record. Idempotent: an ``ok`` record is returned as is."""
     from kdbench import ddp
-    from kdbench.results import read_record, write_record
+    from kdbench.results import read_record
 
     results = Path(results)
-    run_dir = run_dir_for(results, spec)
-    old = read_record(run_dir)
+    rdir = run_dir_for(results, spec)
+    old = read_record(rdir)
     if old is not None and old.get("status") == "ok":
         return old
     with ddp.initialized() as dist:
-        return _run_one(spec, results, run_dir, requeues, dist)
+        return _run_one(spec, results, rdir, requeues, dist, threads)
 
 
-def _run_one(spec: RunSpec, results: Path, run_dir: Path, requeues: int, dist) -> dict:
-    from kdbench.results import write_record
+def _run_one(spec: RunSpec, results: Path, rdir: Path, requeues: int, dist, threads: int | None) -> dict:
+    from kdbench.results import finish_record, new_record, write_spec
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    rdir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
-        (run_dir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True, default=str))
-    record: dict[str, Any] = {
-        "schema": 1, "run_id": spec.run_id, "kind": spec.kind, "suite": spec.suite,
-        "suite_version": spec.suite_version, "task": spec.task, "method": spec.method, "label": spec.label,
-        "method_index": spec.method_index, "method_version": spec.method_version, "params": spec.params,
-        "pair": spec.pair, "pair_index": spec.pair_index, "teacher": None,
-        "student": {"model": spec.student["model"], "params": None}, "seed": spec.seed, "recipe": spec.recipe,
-        "data": spec.data, "evals": list(spec.evals), "status": "failed", "error": None, "metrics": [],
-        "teacher_metrics": [], "reference": list(spec.reference), "cost": {}, "env": {},
-        "scheduler": {**scheduler_info(), "requeues": int(requeues)}, "started_at": _now(), "finished_at": None,
-    }
+        write_spec(rdir, spec)
+    record = new_record(spec, scheduler={**scheduler_info(), "requeues": int(requeues)})
     try:
-        _run(spec, results, run_dir, record, dist)
+        _set_threads(spec, threads)
+        {"teacher": _train, "distill": _train, "stage": _stage, "eval": _eval}[spec.kind](
+            spec, results, rdir, record, dist)
         record["status"] = "ok"
     except (KeyboardInterrupt, SystemExit):
         raise
@@ -181,57 +137,80 @@ def _run_one(spec: RunSpec, results: Path, run_dir: Path, requeues: int, dist) -
 
         record["status"] = "diverged" if isinstance(e, Diverged) else "failed"
         record["error"] = traceback.format_exc()[-TRACEBACK_TAIL:]
-    record["finished_at"] = _now()
     if dist.is_main:
-        write_record(run_dir, record)
+        finish_record(rdir, record)
     return record
 
 
-def _run(spec: RunSpec, results: Path, run_dir: Path, record: dict, dist) -> None:
+def _set_threads(spec: RunSpec, threads: int | None) -> None:
     import torch
 
-    from kdbench.models.sources import load_weights
-    from kdbench.registry import METHODS, TASKS
-    from kdbench.results import read_record
-    from kdbench.train import fit
+    n = os.environ.get("KDBENCH_THREADS") or threads or spec.resources.get("cpus_per_task")
+    if n:
+        torch.set_num_threads(int(n))
 
-    threads = os.environ.get("KDBENCH_THREADS") or spec.resources.get("cpus_per_task")
-    if threads:
-        torch.set_num_threads(int(threads))
+
+def _needed_record(results: Path, spec: RunSpec, run_id: str, what: str) -> tuple[Path, dict]:
+    """The folder and ok record of a run this one needs; an error naming it when it has not finished ok."""
+    from kdbench.results import read_record
+
+    d = run_dir(results, spec.suite, run_id)
+    rec = read_record(d)
+    if rec is None or rec.get("status") != "ok":
+        state = "no record" if rec is None else rec.get("status")
+        raise RuntimeError(f"{what} run {run_id} has not finished ok ({state}); see {d}")
+    return d, rec
+
+
+def _setup(spec: RunSpec, record: dict, dist):
+    from kdbench.registry import TASKS
+
     device = dist.device() if dist.enabled else _select_device()
     record["env"] = environment(device)
     task = TASKS.get(spec.task)()
-    data = task.build_data(spec.data)
+    return device, task, task.build_data(spec.data)
 
+
+def _load_teacher(spec: RunSpec, results: Path, record: dict, task, data, device):
+    """The run's teacher, built, loaded (a suite-trained teacher's model.pt or the checkpoint), frozen."""
+    import torch
+
+    from kdbench.models.sources import load_weights
+
+    torch.manual_seed(0)
+    teacher = task.build_model(spec.teacher, data)
+    t_rec = None
+    if spec.teacher_run:
+        t_dir, t_rec = _needed_record(results, spec, spec.teacher_run, f"the suite's teacher ({spec.teacher['model']})")
+        weights = t_dir / MODEL_FILE
+        record["teacher_metrics"] = t_rec["metrics"]
+    else:
+        weights = Path(spec.teacher["weights"])
+    sha = load_weights(teacher, weights)
+    record["teacher"] = {"model": spec.teacher["model"], "weights": str(weights), "sha256": sha,
+                         "params": sum(p.numel() for p in teacher.parameters()), "run": spec.teacher_run}
+    teacher.to(device).eval().requires_grad_(False)
+    return teacher, t_rec
+
+
+def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None:
+    """teacher and distill runs: train the student (a teacher run trains the teacher as a baseline student)."""
+    import torch
+
+    from kdbench.registry import METHODS
+    from kdbench.train import fit
+
+    device, task, data = _setup(spec, record, dist)
     torch.manual_seed(spec.seed)
     student = task.build_model(spec.student, data)
     record["student"]["params"] = sum(p.numel() for p in student.parameters())
 
     teacher = None
-    teacher_id = ""
     if spec.teacher is not None:
-        torch.manual_seed(0)
-        teacher = task.build_model(spec.teacher, data)
-        if spec.teacher_run:
-            t_dir = results / spec.suite / "runs" / spec.teacher_run
-            t_rec = read_record(t_dir)
-            if t_rec is None or t_rec.get("status") != "ok":
-                state = "no record" if t_rec is None else t_rec.get("status")
-                raise RuntimeError(f"the suite's teacher run {spec.teacher_run} ({spec.teacher['model']}) has not "
-                                   f"finished ok ({state}); see {t_dir}")
-            weights = t_dir / "model.pt"
-            record["teacher_metrics"] = t_rec["metrics"]
-        else:
-            weights = Path(spec.teacher["weights"])
-        sha = load_weights(teacher, weights)
-        teacher_id = spec.teacher_run or sha
-        record["teacher"] = {"model": spec.teacher["model"], "weights": str(weights), "sha256": sha,
-                             "params": sum(p.numel() for p in teacher.parameters()), "run": spec.teacher_run}
-        teacher.to(device).eval().requires_grad_(False)
-        if not spec.teacher_run:
+        teacher, t_rec = _load_teacher(spec, results, record, task, data, device)
+        if t_rec is None:  # a checkpoint teacher: evaluate it once here, for the table's teacher row
             loader = task.loader(data.val, int(spec.recipe.get("eval_batch_size", 256)))
-            tm = task.evaluate(teacher, loader, device)
-            record["teacher_metrics"] = _metric_rows(tm, "final", task)
+            record["teacher_metrics"] = _metric_rows(task.evaluate(teacher, loader, device), "final", task)
 
     ctx = build_context(task, data, spec.recipe, student, teacher, device, spec.student["model"],
                         (spec.teacher or {}).get("model", ""))
@@ -242,10 +221,18 @@ def _run(spec: RunSpec, results: Path, run_dir: Path, record: dict, dist) -> Non
     student.check_taps(taps.student)
     if teacher is not None:
         teacher.check_taps(taps.teacher)
-    stage = _prepare_stage(method, spec, results, teacher, teacher_id, task, data, device) if teacher is not None else None
+    if spec.stage_run:
+        s_dir, s_rec = _needed_record(results, spec, spec.stage_run, f"the {spec.method} stage")
+        s_sha = (s_rec.get("teacher") or {}).get("sha256")
+        if s_sha != record["teacher"]["sha256"]:
+            raise RuntimeError(f"the stage run {spec.stage_run} was computed with teacher weights of sha256 "
+                               f"{s_sha}, this run loads {record['teacher']['sha256']} "
+                               f"({record['teacher']['weights']}): the file changed; delete {s_dir} to redo the stage")
+        method.load_stage(torch.load(s_dir / STAGE_FILE, map_location="cpu", weights_only=True))
+        record["stage"] = {"run": spec.stage_run, "dir": str(s_dir)}
 
     res = fit(student=student, teacher=teacher, method=method, task=task, data=data, recipe=spec.recipe,
-              run_dir=run_dir, seed=spec.seed, device=device, desc=f"{spec.label} {spec.pair} s{spec.seed}",
+              run_dir=rdir, seed=spec.seed, device=device, desc=f"{spec.label} {spec.pair} s{spec.seed}",
               primary=task.primary_metric, higher_is_better=task.metrics.get(task.primary_metric, True),
               dist=dist)
     record["metrics"] = _metric_rows(res.final, "final", task) + _metric_rows(res.best, "best", task)
@@ -254,16 +241,57 @@ def _run(spec: RunSpec, results: Path, run_dir: Path, record: dict, dist) -> Non
                       "peak_mem_mb": res.peak_mem_mb, "extra_params": method.extra_parameters(),
                       "epochs": len(res.history)}
     record["scheduler"]["resumes"] = res.resumes
-    if stage is not None:
-        record["stage"] = stage
     if dist.enabled:
         record["scheduler"]["world_size"] = dist.world
-    if not dist.is_main:
-        return
-    # keep the trained network: a suite-trained teacher is loaded from it; students are kept for later evals
-    tmp = run_dir / f"model.pt.tmp{os.getpid()}"
-    torch.save(student.net.state_dict(), tmp)
-    os.replace(tmp, run_dir / "model.pt")
+    if dist.is_main:  # a suite-trained teacher is loaded from it; every model is kept for its eval runs
+        _save_atomic(student.net.state_dict(), rdir / MODEL_FILE)
+
+
+def _stage(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None:
+    """A stage run: the method built with its stage params on the pair, ``run_stage`` on the frozen teacher
+    over the training data (batches of the recipe's size, order seeded by the spec's seed), tensors saved."""
+    import torch
+
+    from kdbench.registry import METHODS
+
+    device, task, data = _setup(spec, record, dist)
+    teacher, _ = _load_teacher(spec, results, record, task, data, device)
+    torch.manual_seed(0)
+    student = task.build_model(spec.student, data)
+    ctx = build_context(task, data, spec.recipe, student, teacher, device, spec.student["model"],
+                        spec.teacher["model"])
+    torch.manual_seed(spec.seed)
+    method = METHODS.get(spec.method)(ctx, **spec.params)
+    bs = int(spec.recipe["batch_size"])
+    g = torch.Generator().manual_seed(spec.seed)
+    loader = task.loader(data.train, bs, shuffle=True, drop_last=len(data.train) >= bs, generator=g)
+    t0 = time.perf_counter()
+    state = {k: v.detach().cpu() for k, v in method.run_stage(teacher, loader, device).items()}
+    record["cost"] = {"wall_time_s": round(time.perf_counter() - t0, 3), "extra_params": 0}
+    record["stage"] = {"tensors": {k: list(v.shape) for k, v in state.items()}}
+    if dist.is_main:
+        _save_atomic(state, rdir / STAGE_FILE)
+
+
+def _eval(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None:
+    """An eval run: the finished model (its run's model.pt, or a checkpoint teacher's weights) on one chunk."""
+    from kdbench.evals import run_eval
+    from kdbench.models.sources import load_weights
+
+    device, task, data = _setup(spec, record, dist)
+    net = task.build_model(spec.student, data)
+    if spec.needs:
+        t_dir, _ = _needed_record(results, spec, spec.target, "the evaluated model's")
+        weights = t_dir / MODEL_FILE
+    else:
+        weights = Path(spec.student["weights"])
+    sha = load_weights(net, weights)
+    record["student"] = {"model": spec.student["model"], "params": sum(p.numel() for p in net.parameters()),
+                         "weights": str(weights), "sha256": sha}
+    net.to(device).eval().requires_grad_(False)
+    t0 = time.perf_counter()
+    record["metrics"] = run_eval(spec, net, task, data, device, run_dir(results, spec.suite, spec.target) / "evals")
+    record["cost"] = {"wall_time_s": round(time.perf_counter() - t0, 3)}
 
 
 def build_context(task, data, recipe: dict, student, teacher, device, student_model: str = "", teacher_model: str = ""):

@@ -62,24 +62,32 @@ METHOD_KEYS = {"name", "label", "params"}
 RESOURCE_KEYS = {"gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes", "tasks_per_node",
                  "slurm_partition", "slurm_account", "slurm_qos", "slurm_constraint", "slurm_array_parallelism"}
 REFERENCE_KEYS = {"method", "pair", "metric", "value", "source"}
-TASK_NAMES = ("classification", "detection", "segmentation")
 
 
 # ---------------------------------------------------------------------------------------------------
+KINDS = ("teacher", "stage", "distill", "eval")
+
+
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything one run needs, as plain data. ``run_id`` hashes what determines its numbers."""
+    """One node of a suite's run graph, as plain data. ``run_id`` hashes what determines its numbers,
+    including the run_ids it ``needs`` (so a changed teacher changes every run built on it).
+
+    Kinds: ``teacher`` (train a suite-trained teacher), ``stage`` (a method's pre-distillation artifact,
+    ``stage.pt``, e.g. FreeKD's prompts: ``params`` holds only the method's ``stage_params``), ``distill``
+    (train a student, the baseline included) and ``eval`` (evaluate a finished model on one chunk of an extra
+    evaluation: ``eval`` is the chunk, ``target`` the evaluated model's run_id, ``student`` its model spec).
+    """
 
     suite: str
     suite_version: int
-    kind: str  # "teacher" | "distill"
+    kind: str
     task: str
     data: dict
     recipe: dict
-    evals: tuple
-    student: dict  # {"model", "kwargs", ("weights")}
-    teacher: dict | None  # {"model", "kwargs", "weights"} or None
-    teacher_run: str | None  # run_id of the suite-trained teacher this run loads, if any
+    student: dict  # {"model", "kwargs", ("weights")}: the trained network (eval: the evaluated one)
+    teacher: dict | None  # {"model", "kwargs", ("weights")} or None
+    teacher_run: str | None  # run_id of the suite-trained teacher this run loads, if any (also in needs)
     method: str
     method_version: int
     params: dict
@@ -90,21 +98,44 @@ class RunSpec:
     method_index: int = 0
     resources: dict = field(default_factory=dict)
     reference: tuple = ()
+    needs: tuple = ()  # run_ids this run depends on (teacher, stage, evaluated model)
+    stage_run: str | None = None  # distill: run_id of the stage run whose stage.pt it loads (also in needs)
+    target: str | None = None  # eval: run_id of the evaluated model (a checkpoint teacher: see model_id)
+    eval: dict | None = None  # eval: the chunk, e.g. {"name": "corruptions", "corruption": ..., "severities": [...]}
 
     @property
     def run_id(self) -> str:
-        key = {k: getattr(self, k) for k in ("suite", "suite_version", "kind", "task", "data", "recipe", "evals",
-                                             "student", "teacher", "teacher_run", "method", "method_version",
-                                             "params", "seed")}
-        if self.kind != "teacher":  # a teacher is shared by every pair that trains the same one; a run is not
+        key = {k: getattr(self, k) for k in ("suite", "suite_version", "kind", "task", "data", "student", "teacher",
+                                             "method", "method_version", "params", "seed")}
+        key["needs"] = sorted(self.needs)
+        if self.kind in ("teacher", "distill"):
+            key["recipe"] = self.recipe
+        if self.kind == "distill":  # a teacher is shared by every pair that trains the same one; a run is not
             key["pair"] = self.pair
-        blob = json.dumps(key, sort_keys=True, default=str, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        if self.kind == "stage":  # the stage reads the training data in batches of the recipe's size
+            key["recipe"] = {"batch_size": self.recipe["batch_size"]}
+        if self.kind == "eval":
+            key = {k: key[k] for k in ("suite", "suite_version", "kind", "task", "data", "student", "needs")}
+            key.update(eval=self.eval, target=self.target)
+        return _digest(key)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["run_id"] = self.run_id
         return d
+
+
+def _digest(key: Any) -> str:
+    blob = json.dumps(key, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def model_id(model: dict) -> str:
+    """The id a checkpoint teacher (``weights:``) goes by where a run_id is expected (an eval's ``target``, the
+    folder of its corruption cells): a hash of its model spec (model, kwargs, weights path). The file's sha256
+    is recorded by the runs that load it and checked against what the stage runs recorded."""
+    return "w" + _digest({"model": model["model"], "kwargs": model.get("kwargs") or {},
+                          "weights": model.get("weights")})[:15]
 
 
 @dataclass
@@ -124,12 +155,6 @@ class Suite:
     @property
     def resources(self) -> dict:
         return dict(self.raw.get("resources") or {})
-
-    def stages(self) -> list[list[RunSpec]]:
-        """Waves of runs: teachers first, then the runs that depend on them."""
-        teachers = [s for s in self.specs if s.kind == "teacher"]
-        others = [s for s in self.specs if s.kind != "teacher"]
-        return [w for w in (teachers, others) if w]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,7 +312,7 @@ def _check_data(path: Path, where: str, data: dict, task: str, partial: bool = F
     _check_keys(path, where, data, valid)
 
 
-def _model_spec(path: Path, where: str, spec: Any, teacher: bool) -> dict:
+def _model_spec(path: Path, where: str, spec: Any, teacher: bool, task: str) -> dict:
     if isinstance(spec, str):
         spec = {"model": spec}
     valid = MODEL_KEYS if teacher else MODEL_KEYS - {"train"}
@@ -297,6 +322,12 @@ def _model_spec(path: Path, where: str, spec: Any, teacher: bool) -> dict:
     try:
         check_model(spec["model"])
     except (ValueError, KeyError) as e:
+        raise _err(path, f"{where}.model", str(e)) from None
+    from kdbench.tasks import check_model_for_task
+
+    try:
+        check_model_for_task(task, spec["model"])
+    except ValueError as e:
         raise _err(path, f"{where}.model", str(e)) from None
     if teacher and ("weights" in spec) == ("train" in spec):
         raise _err(path, where, "a teacher needs exactly one of 'weights: PATH' (a checkpoint) or "
@@ -350,19 +381,22 @@ def validate_and_expand(path: Path, raw: dict) -> list[RunSpec]:
     if not isinstance(raw["version"], int) or isinstance(raw["version"], bool):
         raise _err(path, "version", f"must be an integer, got {raw['version']!r}")
     task = raw["task"]
+    from kdbench.evals import EvalEntryError, check_eval, chunks
+    from kdbench.tasks import TASK_FACTS, TASK_NAMES
+
     if task not in TASK_NAMES:
         raise _err(path, "task", f"unknown task {task!r}; valid: {', '.join(TASK_NAMES)}")
-    from kdbench.registry import TASKS
-
-    task_obj = TASKS.get(task)()
     _check_data(path, "data", raw["data"], task)
     evals = raw.get("evals") or [{"name": "val"}]
     if not isinstance(evals, list):
-        raise _err(path, "evals", "expected a list of {name: ...}")
+        raise _err(path, "evals", "expected a list of names or {name: ...}")
+    checked_evals = []
     for i, ev in enumerate(evals):
-        _check_keys(path, f"evals[{i}]", ev, set(ev), ("name",))
-        if ev["name"] not in task_obj.evals:
-            raise _err(path, f"evals[{i}].name", f"unknown eval {ev['name']!r} for {task}; valid: {', '.join(task_obj.evals)}")
+        try:
+            checked_evals.append(check_eval(ev, TASK_FACTS[task]["evals"], task))
+        except EvalEntryError as e:
+            raise _err(path, f"evals[{i}]" + (f".{e.key}" if e.key else ""), str(e)) from None
+    eval_chunks = [c for ev in checked_evals for c in chunks(ev)]
     recipe = _check_recipe(path, "recipe", raw["recipe"])
     recipe = {**RECIPE_DEFAULTS, **recipe}
     seeds = raw["seeds"]
@@ -389,14 +423,31 @@ def validate_and_expand(path: Path, raw: dict) -> list[RunSpec]:
 
     data = _jsonable(raw["data"])
     specs: list[RunSpec] = []
-    common = dict(suite=raw["suite"], suite_version=raw["version"], task=task, evals=tuple(_jsonable(evals)),
-                  resources=_jsonable(resources))
+    seen: set[str] = set()
+
+    def add(spec: RunSpec) -> str:
+        if spec.run_id not in seen:  # the same teacher / stage / eval for several pairs or methods: once
+            seen.add(spec.run_id)
+            specs.append(spec)
+        return spec.run_id
+
+    common = dict(suite=raw["suite"], suite_version=raw["version"], task=task, resources=_jsonable(resources))
+
+    def add_evals(model: dict, target: str, needs: tuple, of: dict) -> None:
+        """One eval run per chunk of the suite's evals for the finished model ``model``."""
+        for chunk in eval_chunks:
+            add(RunSpec(kind="eval", data=data, recipe=_jsonable(recipe), student=_jsonable(model), teacher=None,
+                        teacher_run=None, target=target, eval=_jsonable(chunk), needs=needs,
+                        method=of["method"], method_version=of["method_version"], params=of["params"],
+                        seed=of["seed"], label=of["label"], pair=of["pair"], pair_index=of["pair_index"],
+                        method_index=of["method_index"], **common, reference=()))
+
     pair_names: list[str] = []
     for p_i, pair in enumerate(raw["pairs"]):
         where = f"pairs[{p_i}]"
         _check_keys(path, where, pair, PAIR_KEYS, ("teacher", "student"))
-        teacher = _model_spec(path, f"{where}.teacher", pair["teacher"], teacher=True)
-        student = _model_spec(path, f"{where}.student", pair["student"], teacher=False)
+        teacher = _model_spec(path, f"{where}.teacher", pair["teacher"], teacher=True, task=task)
+        student = _model_spec(path, f"{where}.student", pair["student"], teacher=False, task=task)
         pname = pair.get("name") or f"{short_model(teacher['model'])}→{short_model(student['model'])}"
         if pname in pair_names:
             raise _err(path, f"{where}.name", f"duplicate pair name {pname!r}")
@@ -404,27 +455,29 @@ def validate_and_expand(path: Path, raw: dict) -> list[RunSpec]:
         pair_params = pair.get("params") or {}
         _check_keys(path, f"{where}.params", pair_params, set(labels) | {m[1] for m in methods})
 
+        from kdbench.registry import METHODS
+
         teacher_run = None
         t_for_runs = {k: v for k, v in teacher.items() if k != "train"}
+        base = METHODS.get("baseline")
+        t_facts = dict(method="baseline", method_version=base.version, params={}, label="teacher", pair=pname,
+                       pair_index=p_i, method_index=-1)
         if "train" in teacher:
             tr = teacher["train"]
             t_recipe = _check_recipe(path, f"{where}.teacher.train.recipe", tr.get("recipe") or {}, partial=True)
             t_data = tr.get("data") or {}
             _check_data(path, f"{where}.teacher.train.data", t_data, task, partial=True)
-            from kdbench.registry import METHODS
-
             t_ref = tuple(_jsonable({k: v for k, v in r.items() if k not in ("method", "pair")})
                           for r in refs if r["method"] == "teacher" and r["pair"] == pname)
             tspec = RunSpec(kind="teacher", reference=t_ref, data=deep_merge(data, _jsonable(t_data)),
                             recipe=deep_merge(recipe, _jsonable(t_recipe)), student=_jsonable(t_for_runs),
-                            teacher=None, teacher_run=None, method="baseline",
-                            method_version=METHODS.get("baseline").version,
-                            params={}, seed=int(tr.get("seed", 0)), label="teacher", pair=pname, pair_index=p_i,
-                            method_index=-1, **{**common, "resources": {**common["resources"],
-                                                                         **_jsonable(tr.get("resources") or {})}})
-            if tspec.run_id not in {x.run_id for x in specs}:  # the same teacher for several pairs: trained once
-                specs.append(tspec)
-            teacher_run = tspec.run_id
+                            teacher=None, teacher_run=None, seed=int(tr.get("seed", 0)), **t_facts,
+                            **{**common, "resources": {**common["resources"],
+                                                       **_jsonable(tr.get("resources") or {})}})
+            teacher_run = add(tspec)
+            add_evals(t_for_runs, teacher_run, (teacher_run,), {**t_facts, "seed": tspec.seed})
+        else:
+            add_evals(t_for_runs, model_id(t_for_runs), (), {**t_facts, "seed": 0})
         for m_i, (cls, mname, label, params) in enumerate(methods):
             over = {**(pair_params.get(mname) or {}), **(pair_params.get(label) or {})} if mname != label else (pair_params.get(mname) or {})
             merged = {**params, **over}
@@ -432,15 +485,41 @@ def validate_and_expand(path: Path, raw: dict) -> list[RunSpec]:
                 resolved = cls.check_params(merged)
             except ValueError as e:
                 raise _err(path, f"{where}.params.{label}", str(e)) from None
+            check_pair = getattr(cls, "check_pair", None)
+            if check_pair is not None and cls.needs_teacher:
+                try:
+                    check_pair(resolved, teacher["model"], student["model"])
+                except ValueError as e:
+                    raise _err(path, f"methods[{m_i}] ({label}) on {where} ({pname})", str(e)) from None
             ref = tuple(_jsonable({k: v for k, v in r.items() if k not in ("method", "pair")})
                         for r in refs if r["method"] == label and r["pair"] == pname)
+            t_needs = (teacher_run,) if (cls.needs_teacher and teacher_run) else ()
+            stage_run = None
+            stage_params = tuple(getattr(cls, "stage_params", ()) or ())
+            unknown_stage = [k for k in stage_params if k not in resolved]
+            if unknown_stage:  # a method's own mistake, said before anything runs
+                raise _err(path, f"methods[{m_i}].name", f"method {mname!r} declares stage_params "
+                                                         f"{unknown_stage} that are not among its parameters")
+            if stage_params and cls.needs_teacher:
+                sspec = RunSpec(kind="stage", data=data, recipe=_jsonable(recipe), student=_jsonable(student),
+                                teacher=_jsonable(t_for_runs), teacher_run=teacher_run, needs=t_needs,
+                                method=mname, method_version=cls.version,
+                                params=_jsonable({k: resolved[k] for k in stage_params}),
+                                seed=int(resolved.get("stage_seed") or 0),  # seeds the stage's data order
+                                label=label, pair=pname, pair_index=p_i, method_index=m_i, **common)
+                stage_run = add(sspec)
             for seed in seeds:
-                specs.append(RunSpec(
+                dspec = RunSpec(
                     kind="distill", data=data, recipe=_jsonable(recipe), student=_jsonable(student),
                     teacher=_jsonable(t_for_runs) if cls.needs_teacher else None,
-                    teacher_run=teacher_run if cls.needs_teacher else None,
+                    teacher_run=teacher_run if cls.needs_teacher else None, stage_run=stage_run,
+                    needs=t_needs + ((stage_run,) if stage_run else ()),
                     method=mname, method_version=cls.version, params=_jsonable(resolved), seed=seed, label=label,
-                    pair=pname, pair_index=p_i, method_index=m_i, reference=ref, **common))
+                    pair=pname, pair_index=p_i, method_index=m_i, reference=ref, **common)
+                rid = add(dspec)
+                add_evals(student, rid, (rid,), dict(method=mname, method_version=cls.version,
+                                                      params=dspec.params, seed=seed, label=label, pair=pname,
+                                                      pair_index=p_i, method_index=m_i))
     for i, r in enumerate(refs):
         if r["pair"] not in pair_names:
             raise _err(path, f"reference[{i}].pair", f"unknown pair {r['pair']!r}; pairs: {', '.join(pair_names)}")
@@ -472,5 +551,7 @@ def check_data_available(suite: Suite) -> None:
             task.check_data(spec.data)
         except (OSError, ValueError) as e:
             raise SuiteError(f"{suite.path}: data: {e}") from None
-        if spec.teacher and spec.teacher.get("weights") and not Path(spec.teacher["weights"]).is_file():
-            raise SuiteError(f"{suite.path}: pairs ({spec.pair}): teacher weights not found: {spec.teacher['weights']}")
+    for spec in suite.specs:
+        for model in (spec.teacher, spec.student):  # an eval of a checkpoint teacher has it as its "student"
+            if model and model.get("weights") and not Path(model["weights"]).is_file():
+                raise SuiteError(f"{suite.path}: pairs ({spec.pair}): teacher weights not found: {model['weights']}")

@@ -80,6 +80,9 @@ class AFP(PromptDistiller):
     """
 
     tasks = frozenset({"classification", "detection"})
+    #: the constructor params that determine the stage-1 prompts (the harness runs the stage once per value)
+    stage_params = ("num_tokens", "levels", "tap", "stage_iters", "stage_lr", "stage_optimizer", "stage_seed",
+                    "dissimilarity", "dis_weight")
     heterogeneous = True
     citation = ("Zhang et al., Knowledge distillation with adaptive frequency prompting, Computer Journal 2025 "
                 "(docs/methods.md §9)")

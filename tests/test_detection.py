@@ -351,7 +351,7 @@ def _shrink(suite: Path, tmp: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("suite", ["quickstart_detection.yaml", "coco_detection.yaml", "coco_spatial_vs_dwt.yaml"])
 def test_detection_suites_run_end_to_end_shrunk(suite, tmp_path):
-    from kdbench.launch import launch
+    from kdbench.scheduler import launch
     from kdbench.suite import load_suite
     from kdbench.tables import make_table
 
@@ -361,7 +361,7 @@ def test_detection_suites_run_end_to_end_shrunk(suite, tmp_path):
     bad = [(r["label"], r["pair"], (r["error"] or "").strip().splitlines()[-1:]) for r in recs if r["status"] != "ok"]
     assert not bad, bad
     assert len(recs) == len(s.specs)
-    for r in recs:
+    for r in (r for r in recs if r["kind"] != "stage"):  # a stage run has no metrics
         metrics = {m["metric"] for m in r["metrics"]}
         assert metrics == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     layout = "method_x_domain" if suite == "coco_spatial_vs_dwt.yaml" else "auto"

@@ -379,3 +379,39 @@ def test_tables_module_is_torch_free():
     code = ("import sys, kdbench.tables, kdbench.results; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_fast_renderers_match_tabulate_and_pandas():
+    """status and csv tables are written without tabulate's / pandas' per-cell machinery (10,000-run suites);
+    the text must be exactly theirs, tricky cells included (wide characters, quotes, missing values, bool cells
+    and line breaks, which go back to tabulate)."""
+    from tabulate import tabulate
+
+    from kdbench.tables import _csv_text, _simple_table
+
+    headers = ["run", "v", "label", "pair", "seed", "status", "error"]
+    cases = [[["abcdefgh", 1, "kd", P0, 0, "ok", ""], ["zz", None, " lead", "漢字→ｶﾅ", 12, "failed", "E: x,y"]],
+             [["a", "", "True", "p", 1, "ok", ""]], [["a", "", "x\ny", "p", 1, "ok", ""]], []]
+    for rows in cases:
+        assert _simple_table(rows, headers) == tabulate(rows, headers=headers, tablefmt="simple",
+                                                        disable_numparse=True)
+    rows = [{"a": 1, "b": 72.31, "c": None, "d": True, "e": 'q"x,y', "f": 3, "g": math.nan},
+            {"a": 2, "b": None, "c": None, "d": False, "e": "line\nbreak", "f": 4.5, "g": "s"},
+            {"a": 3, "b": 1e16, "c": None, "d": None, "e": "→", "f": None, "g": 10**20}]
+    for cols in (list("abcdefg"), list("ab"), ["a", "zz"]):
+        for sub in (rows, rows[:1], []):
+            assert _csv_text(sub, cols) == pd.DataFrame(sub, columns=cols).to_csv(
+                index=False, lineterminator="\n").rstrip("\n")
+
+
+def test_table_and_status_commands_import_neither_torch_nor_pandas(tmp_path):
+    """`kdbench table/status` on 10,000 records must start fast: pandas (~0.3-0.6 s to import) and torch stay out."""
+    import subprocess
+
+    basic_suite(tmp_path / "s")
+    code = ("import sys; from kdbench.cli import main; main(sys.argv[1:]); "
+            "bad = [m for m in ('torch', 'pandas') if m in sys.modules]; sys.exit(f'imported {bad}' if bad else 0)")
+    for args in (["table", str(tmp_path / "s")], ["table", str(tmp_path / "s"), "--format", "csv"],
+                 ["table", str(tmp_path / "s"), "--layout", "cost"], ["status", str(tmp_path / "s")]):
+        p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        assert p.returncode == 0, (args, p.stderr[-500:])

@@ -258,7 +258,7 @@ def test_segmentation_suites_expand_without_data(tmp_path, monkeypatch):
 def test_segmentation_suites_run_end_to_end_shrunk(suite, tmp_path, monkeypatch):
     import yaml
 
-    from kdbench.launch import launch
+    from kdbench.scheduler import launch
     from kdbench.suite import load_suite
     from kdbench.tables import make_table
 
@@ -289,7 +289,7 @@ def test_segmentation_suites_run_end_to_end_shrunk(suite, tmp_path, monkeypatch)
     bad = [(r["label"], r["pair"], (r["error"] or "").strip().splitlines()[-1:]) for r in recs if r["status"] != "ok"]
     assert not bad, bad
     assert len(recs) == len(s.specs)
-    for r in recs:
+    for r in (r for r in recs if r["kind"] != "stage"):  # a stage run has no metrics
         names = {m["metric"] for m in r["metrics"]}
         assert {"mIoU", "aAcc", "mAcc", "loss"} <= names and any(n.startswith("IoU/") for n in names)
     table = make_table(tmp_path / "res" / s.name)

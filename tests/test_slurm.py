@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdbench.launch import job_states, launch, read_jobs, slurm_parameters
+from kdbench.scheduler import launch, topological
+from kdbench.slurm import job_states, read_jobs, slurm_parameters
 from kdbench.suite import SuiteError, load_suite
 from kdb_util import tiny_suite
 
@@ -184,7 +185,7 @@ def test_ddp_two_local_processes_match_one_process(write_suite, tmp_path):
     """The DDP path without a cluster: submitit's LocalExecutor starts 2 tasks, gloo on CPU."""
     import submitit
 
-    from kdbench.launch import RunJob
+    from kdbench.slurm import RunJob
 
     d = tiny_suite(methods=["kd"])  # one run: a loaded teacher, KD, 2 epochs
     d["pairs"][0]["teacher"] = {"model": "kdbench:resnet8", "weights": str(_weights(tmp_path / "t.pt"))}
@@ -192,12 +193,11 @@ def test_ddp_two_local_processes_match_one_process(write_suite, tmp_path):
     ref = {r["label"]: r for r in launch(suite, tmp_path / "one", executor="debug", log=lambda s: None)}
     ex = submitit.LocalExecutor(folder=tmp_path / "jobs")
     ex.update_parameters(tasks_per_node=2, timeout_min=10)
-    for wave in suite.stages():
-        for spec in wave:
-            rank0, rank1 = ex.submit(RunJob(), spec, str(tmp_path / "two")).results()
-            assert rank0["status"] == "ok", rank0["error"]
-            assert rank0["scheduler"]["world_size"] == 2 and rank1["scheduler"]["global_rank"] == 1
-            _assert_close(rank0, ref[spec.label])
+    for spec in topological(suite.specs):
+        rank0, rank1 = ex.submit(RunJob(), spec, str(tmp_path / "two")).results()
+        assert rank0["status"] == "ok", rank0["error"]
+        assert rank0["scheduler"]["world_size"] == 2 and rank1["scheduler"]["global_rank"] == 1
+        _assert_close(rank0, ref[spec.label])
     assert not list((tmp_path / "two").glob("**/*.tmp*"))
 
 
@@ -275,7 +275,7 @@ def test_no_wait_submits_arrays_after_the_teacher_stage_and_status_follows(slurm
     r = _cli("run", str(path), "--executor", "slurm", "--results", str(results), "--no-wait")
     assert r.returncode == 0, r.stderr
     assert time.time() - t0 < 30, "--no-wait must return once submitted"
-    assert "submitted 1 run(s) of stage 0" in r.stdout and "kdbench status" in r.stdout
+    assert "submitted 1 teacher run(s) as job" in r.stdout and "kdbench status" in r.stdout
     jobs = read_jobs(results / "tiny")
     by_label = {}
     for e in jobs.values():
@@ -301,6 +301,32 @@ def test_no_wait_submits_arrays_after_the_teacher_stage_and_status_follows(slurm
     for e in by_label["kd"]:  # SLURM held them until the teacher had finished (afterok)
         assert times[e["job_id"]]["Start"] >= t_end, (times[e["job_id"]], t_end)
         assert recs[("kd", e["pair"], e["seed"])]["teacher"]["run"] == teacher["run_id"]
+
+
+@pytest.mark.slurm
+def test_freekd_stage_is_its_own_job_that_the_distill_jobs_depend_on(slurm, write_suite, tmp_path):
+    d = tiny_suite(methods=[{"name": "freekd", "params": {"stage_iters": 3}}], seeds=[0, 1],
+                   resources={"cpus_per_task": 1, "timeout_min": 10})
+    d["data"]["image_size"] = 16
+    d["pairs"][0]["teacher"] = {"model": "kdbench:resnet8", "weights": str(_weights(tmp_path / "t.pt"))}
+    suite = load_suite(write_suite(d))
+    (stage,) = [s for s in suite.specs if s.kind == "stage"]
+    lines = []
+    recs = launch(suite, tmp_path / "res", executor="slurm", log=lines.append)
+    assert sorted(r["kind"] for r in recs) == ["distill", "distill", "stage"]
+    assert all(r["status"] == "ok" for r in recs), [r.get("error") for r in recs]
+    jobs = read_jobs(tmp_path / "res" / "tiny")
+    stage_job = jobs[stage.run_id]["job_id"]
+    distill = [e for e in jobs.values() if e["kind"] == "distill"]
+    assert len(distill) == 2 and all(e["depends"] == [stage_job] for e in distill)
+    assert any(f"after {stage_job} (afterok)" in ln for ln in lines)
+    times = _sacct([e["job_id"] for e in jobs.values()])
+    for e in distill:  # SLURM held them until the stage job had finished
+        assert times[e["job_id"]]["Start"] >= times[stage_job]["End"]
+    by = {r["kind"]: r for r in recs}
+    assert by["distill"]["stage"]["run"] == stage.run_id
+    assert (tmp_path / "res" / "tiny" / "runs" / stage.run_id / "stage.pt").is_file()
+    assert launch(load_suite(write_suite(d)), tmp_path / "res", executor="slurm", log=lambda s: None) == []
 
 
 @pytest.mark.slurm

@@ -27,7 +27,7 @@ def test_tiny_suite_expands_to_teacher_plus_runs(write_suite):
     assert all(r.teacher_run is None and r.teacher is None for r in base_runs)
     assert teacher.data["train_fraction"] == 1.0 and kd_runs[0].data["train_fraction"] == 0.2
     assert kd_runs[0].params == {"temperature": 4.0, "weight": 0.9, "ce_weight": 0.1}
-    assert [w[0].kind for w in s.stages()] == ["teacher", "distill"]
+    assert all(r.needs == (teacher.run_id,) for r in kd_runs) and all(r.needs == () for r in base_runs)
 
 
 def test_run_id_is_stable_and_sensitive(write_suite, tmp_path):

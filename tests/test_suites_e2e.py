@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdbench.data.cifar import write_cifar100
-from kdbench.launch import launch
+from kdbench.scheduler import launch
 from kdbench.models.sources import build_model
 from kdbench.suite import load_suite
 

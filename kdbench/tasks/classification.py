@@ -11,14 +11,15 @@ from torch import Tensor
 
 from kdbench.method import Outputs
 from kdbench.registry import TASKS
+from kdbench.tasks import TASK_FACTS
 from kdbench.tasks.base import Task
 
 
 @TASKS.register("classification")
 class ClassificationTask(Task):
     name = "classification"
-    evals = ("val",)
-    primary_metric = "top1"
+    evals = TASK_FACTS["classification"]["evals"]
+    primary_metric = TASK_FACTS["classification"]["primary_metric"]
 
     # -- models ----------------------------------------------------------------------------------
     def build_model(self, spec: dict[str, Any], data):
@@ -54,4 +55,4 @@ class ClassificationTask(Task):
         return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total}
 
     # metric name -> higher is better
-    metrics = {"top1": True, "top5": True, "loss": False}
+    metrics = TASK_FACTS["classification"]["metrics"]

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from kdbench.method import Outputs
 from kdbench.registry import TASKS
+from kdbench.tasks import TASK_FACTS
 from kdbench.tasks.base import Task
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -84,9 +85,9 @@ def coco_eval(coco_gt, results: list[dict], img_ids: list[int]) -> dict[str, flo
 @TASKS.register("detection")
 class DetectionTask(Task):
     name = "detection"
-    evals = ("val",)
-    primary_metric = "AP"
-    metrics = {m: True for m in METRIC_NAMES}
+    evals = TASK_FACTS["detection"]["evals"]
+    primary_metric = TASK_FACTS["detection"]["primary_metric"]
+    metrics = TASK_FACTS["detection"]["metrics"]
     collate = staticmethod(_collate)
 
     # -- models ----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from kdbench.method import Outputs
 from kdbench.registry import TASKS
+from kdbench.tasks import TASK_FACTS
 from kdbench.tasks.base import Task
 
 IGNORE_INDEX = 255
@@ -92,9 +93,9 @@ def segmentation_metrics(conf: Tensor, class_names: list[str] | None = None) -> 
 @TASKS.register("segmentation")
 class SegmentationTask(Task):
     name = "segmentation"
-    evals = ("val",)
-    primary_metric = "mIoU"
-    metrics = {"mIoU": True, "aAcc": True, "mAcc": True, "loss": False}  # plus "IoU/<class>" (higher is better)
+    evals = TASK_FACTS["segmentation"]["evals"]
+    primary_metric = TASK_FACTS["segmentation"]["primary_metric"]
+    metrics = TASK_FACTS["segmentation"]["metrics"]  # plus "IoU/<class>" (higher is better)
     collate = staticmethod(pad_collate)
 
     # -- models ----------------------------------------------------------------------------------

@@ -1,20 +1,15 @@
-"""Executors: ``debug`` (in process, pdb works), ``local`` (submitit LocalExecutor subprocesses, at most
-``parallel`` at a time: submitit itself would start every job at once; each runs up to ``LOCAL_RUNS_PER_JOB`` runs
-in turn), ``slurm`` (submitit job arrays).
-
-Runs are launched in waves (suite-trained teachers first, then the runs that load them). A run whose record
-says ``ok`` is skipped; any other run (failed, diverged, interrupted) is launched again and resumes from its
-last checkpoint. A job that dies without writing a record (killed, out of memory) gets a ``failed`` record
-with the job's log tail, and the other runs go on.
+"""The SLURM client of the scheduler (``kdbench.scheduler``): submits a run graph as submitit job arrays with
+``afterok`` dependencies, follows the jobs, and tells ``kdbench status`` what the scheduler knows.
 
 SLURM (``executor="slurm"``), decisions beyond DESIGN.md §6:
 
-* The whole suite is submitted at once: one ``map_array`` per stage and dependency set. Runs that load a
-  suite-trained teacher depend on that teacher's array task (``--dependency=afterok:<array>_<task>``;
-  runs of different teachers go to different arrays, runs that need no suite-trained teacher, like the
-  baseline, start at once). ``--kill-on-invalid-dep=yes``: when a teacher fails, its dependents are
-  cancelled instead of pending forever. A teacher that is still pending/running from an earlier
-  submission is depended on, not resubmitted; nothing pending or running is submitted twice.
+* The whole graph is submitted at once, level by level (a run's level is one more than the deepest run it
+  needs): one ``map_array`` per (level, kind, resources, dependency set). A run depends on the array tasks of
+  the runs it ``needs`` (``--dependency=afterok:<array>_<task>:...``): a distill run on its suite-trained
+  teacher and on its method's stage run, an eval run on the model it evaluates; runs that need nothing (the
+  baseline, checkpoint-teacher stages) start at once. ``--kill-on-invalid-dep=yes``: when a needed run
+  fails, its dependents are cancelled instead of pending forever. A run that is still pending/running from
+  an earlier submission is depended on, not resubmitted; nothing pending or running is submitted twice.
 * Resources: the suite's ``resources:`` (submitit's generic names plus ``slurm_*`` passed through), updated
   for a suite-trained teacher by its ``train: {resources: ...}`` (one array per distinct set of resources);
   ``slurm_array_parallelism`` from ``--parallel`` or the suite. Defaults: ``timeout_min`` 24 h (submitit's
@@ -40,7 +35,6 @@ SLURM (``executor="slurm"``), decisions beyond DESIGN.md §6:
 from __future__ import annotations
 
 import datetime as _dt
-import fnmatch
 import json
 import os
 import time
@@ -50,208 +44,13 @@ from typing import Callable, Iterable
 import submitit
 import submitit.helpers
 
+from kdbench.results import run_dir_for, write_spec
+from kdbench.scheduler import crash_record, job_folder, levels, summary
 from kdbench.suite import RunSpec, Suite
 
-EXECUTORS = ("debug", "local", "slurm")
 GENERIC_RESOURCES = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes", "tasks_per_node")
 
 
-def select_specs(suite: Suite, pattern: str | None) -> list[list[RunSpec]]:
-    """Waves of specs whose label, method or pair matches ``pattern`` (plus the teachers they need)."""
-    waves = suite.stages()
-    if not pattern:
-        return waves
-    keep = [s for s in suite.specs if s.kind != "teacher" and any(
-        fnmatch.fnmatch(v, pattern) for v in (s.label, s.method, s.pair, f"{s.label}/{s.pair}"))]
-    needed = {s.teacher_run for s in keep if s.teacher_run}
-    out = [[s for s in w if (s.kind == "teacher" and s.run_id in needed) or s in keep] for w in waves]
-    return [w for w in out if w]
-
-
-def pending(specs: Iterable[RunSpec], results: Path) -> list[RunSpec]:
-    from kdbench.results import read_record
-    from kdbench.runner import run_dir_for
-
-    out = []
-    for s in specs:
-        try:
-            rec = read_record(run_dir_for(results, s))
-        except Exception:  # a corrupt record: rerun
-            rec = None
-        if rec is None or rec.get("status") != "ok":
-            out.append(s)
-    return out
-
-
-def _crash_record(spec: RunSpec, results: Path, error: str, status: str = "failed",
-                  scheduler: dict | None = None) -> dict:
-    """Record for a job that ended without writing one (killed, out of memory, lost). With ``scheduler``
-    (SLURM: the job id), a finished record is kept only when that job wrote it."""
-    from kdbench.results import read_record, write_record
-    from kdbench.runner import run_dir_for
-
-    run_dir = run_dir_for(results, spec)
-    rec = read_record(run_dir)
-    if rec is not None and rec.get("finished_at") and (
-            scheduler is None or str((rec.get("scheduler") or {}).get("job_id")) == str(scheduler.get("job_id"))):
-        return rec
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    rec = {"schema": 1, "run_id": spec.run_id, "kind": spec.kind, "suite": spec.suite,
-           "suite_version": spec.suite_version, "task": spec.task, "method": spec.method, "label": spec.label,
-           "method_index": spec.method_index, "method_version": spec.method_version, "params": spec.params,
-           "pair": spec.pair, "pair_index": spec.pair_index, "teacher": spec.teacher,
-           "student": {"model": spec.student["model"], "params": None}, "seed": spec.seed, "recipe": spec.recipe,
-           "data": spec.data, "status": status, "error": error[-4000:], "metrics": [], "teacher_metrics": [],
-           "reference": list(spec.reference), "cost": {}, "env": {}, "scheduler": dict(scheduler or {}),
-           "started_at": None,
-           "finished_at": now}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_record(run_dir, rec)
-    return rec
-
-
-def default_parallel(resources: dict) -> int:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return max(1, torch.cuda.device_count() // max(1, int(resources.get("gpus_per_node") or 1)))
-    except Exception:  # pragma: no cover
-        pass
-    cpus = int(resources.get("cpus_per_task") or 1)
-    return max(1, (os.cpu_count() or 1) // cpus)
-
-
-def _summary(rec: dict) -> str:
-    m = {(r["metric"], r["select"]): r["value"] for r in rec.get("metrics", [])}
-    main = next((f"{k[0]}={v:.2f}" for k, v in m.items() if k[1] == "final"), "")
-    t = rec.get("cost", {}).get("wall_time_s")
-    extra = f" {main}" if main else ""
-    extra += f" ({t:.0f}s)" if t else ""
-    err = ""
-    if rec["status"] != "ok" and rec.get("error"):
-        err = " :: " + rec["error"].strip().splitlines()[-1][:160]
-    return f"[{rec['status']:>8}] {rec['label']:<14} {rec['pair']:<28} seed {rec['seed']}{extra}{err}"
-
-
-def launch(suite: Suite, results: str | os.PathLike = "results", executor: str = "local", parallel: int | None = None,
-           pattern: str | None = None, log: Callable[[str], None] = print, wait: bool = True) -> list[dict]:
-    """Run every pending run of the suite; return the records of the runs launched now.
-
-    ``wait=False`` (slurm only): submit everything, with stage dependencies, and return ``[]`` at once.
-    """
-    if executor not in EXECUTORS:
-        raise ValueError(f"unknown executor {executor!r}; valid: {', '.join(EXECUTORS)}")
-    if not wait and executor != "slurm":
-        raise ValueError(f"--no-wait needs the slurm executor (got {executor!r}): local and debug runs live "
-                         "in this process")
-    results = Path(results)
-    waves = select_specs(suite, pattern)
-    total = sum(len(w) for w in waves)
-    todo_waves = [pending(w, results) for w in waves]
-    n_todo = sum(len(w) for w in todo_waves)
-    log(f"{suite.name} v{suite.version}: {total} runs, {total - n_todo} already ok, {n_todo} to run "
-        f"({executor} executor) -> {results / suite.name}")
-    records: list[dict] = []
-    if executor == "slurm":
-        submitted = submit_slurm(suite, todo_waves, results, parallel, log)
-        return wait_slurm(submitted, results, log) if wait else []
-    for wave in todo_waves:
-        if not wave:
-            continue
-        if executor == "debug":
-            records += _run_debug(wave, results, log)
-        else:
-            # the suite's resources, or a suite-trained teacher's own (teacher.train.resources)
-            records += _run_local(suite, wave, results, parallel or min(default_parallel(s.resources) for s in wave),
-                                  log)
-    return records
-
-
-def _run_debug(wave: list[RunSpec], results: Path, log) -> list[dict]:
-    from kdbench.runner import run_one
-
-    out = []
-    for spec in wave:
-        rec = run_one(spec, results)
-        log(_summary(rec))
-        out.append(rec)
-    return out
-
-
-def _job_folder(results: Path, suite: Suite) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    return results / suite.name / ".submitit" / stamp
-
-
-#: runs per local job: a new process pays ~5-10 s of imports (torch, its optimizer's dynamo hooks, the data
-#: libraries) before it trains, more than a small run's training; a few runs per process amortise it, while a
-#: process that dies (killed, out of memory) takes at most this many runs with it (recorded failed, rerun next time)
-LOCAL_RUNS_PER_JOB = 4
-
-
-def run_many(specs: list[RunSpec], results: str) -> list[dict]:
-    """Several runs one after another in one process (a local job)."""
-    from kdbench.runner import run_one
-
-    return [run_one(spec, results) for spec in specs]
-
-
-def _collect(job, specs: list[RunSpec], results: Path) -> list[dict]:
-    try:
-        return job.result()
-    except Exception as e:  # the job died without returning (killed, OOM, cancelled) or raised outside run_one
-        tail = ""
-        try:
-            tail = (job.stderr() or "")[-3000:]
-        except Exception:
-            pass
-        # runs the job finished keep their records; the others get one that says why
-        return [_crash_record(spec, results, f"job {job.job_id} ended without a result: {e}\n{tail}")
-                for spec in specs]
-
-
-def _run_local(suite: Suite, wave: list[RunSpec], results: Path, parallel: int, log) -> list[dict]:
-    import submitit
-
-    ex = submitit.LocalExecutor(folder=_job_folder(results, suite))
-    threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
-    per_job = max(1, min(LOCAL_RUNS_PER_JOB, -(-len(wave) // parallel)))
-    # each run's own resources (a suite-trained teacher may carry its own): the largest of the wave
-    timeout = max(int(s.resources.get("timeout_min") or 24 * 60) for s in wave)
-    ex.update_parameters(timeout_min=timeout * per_job,
-                         gpus_per_node=max(int(s.resources.get("gpus_per_node") or 0) for s in wave))
-    queue = [wave[i:i + per_job] for i in range(0, len(wave), per_job)]
-    running: list[tuple] = []
-    out: list[dict] = []
-    old_threads = os.environ.get("KDBENCH_THREADS")
-    os.environ.setdefault("KDBENCH_THREADS", str(threads))
-    try:
-        while queue or running:
-            while queue and len(running) < parallel:
-                specs = queue.pop(0)
-                running.append((ex.submit(run_many, specs, str(results)), specs))
-            time.sleep(0.5)
-            still = []
-            for job, specs in running:
-                if job.done():
-                    for rec in _collect(job, specs, results):
-                        log(_summary(rec))
-                        out.append(rec)
-                else:
-                    still.append((job, specs))
-            running = still
-    except KeyboardInterrupt:
-        for job, _ in running:
-            job.cancel(check=False)
-        raise
-    finally:
-        if old_threads is None:
-            os.environ.pop("KDBENCH_THREADS", None)
-    return out
-
-
-# ------------------------------------------------------------------------------------------- SLURM
 JOBS_FILE = "jobs.jsonl"
 MAX_TIMEOUT_REQUEUES = 10
 DEFAULT_TIMEOUT_MIN = 24 * 60
@@ -293,9 +92,9 @@ class RunJob(submitit.helpers.Checkpointable):
         from kdbench.results import error_line
         from kdbench.runner import run_one
 
-        rec = run_one(spec, results, requeues=self.requeues)
+        rec = run_one(spec, results, requeues=self.requeues, threads=spec.resources.get("cpus_per_task"))
         if rec["status"] != "ok":  # the record is written; end the job FAILED so `afterok` dependents never run
-            raise RunNotOk(f"run {spec.run_id} ({spec.label}, {spec.pair}, seed {spec.seed}) ended "
+            raise RunNotOk(f"{spec.kind} run {spec.run_id} ({spec.label}, {spec.pair}, seed {spec.seed}) ended "
                            f"{rec['status']}: {error_line(rec.get('error'))}")
         return rec
 
@@ -429,9 +228,9 @@ def job_states(suite_dir: str | os.PathLike) -> dict[str, dict]:
     return out
 
 
-def submit_slurm(suite: Suite, todo_waves: list[list[RunSpec]], results: Path, parallel: int | None,
+def submit_slurm(suite: Suite, todo: list[RunSpec], results: Path, parallel: int | None,
                  log: Callable[[str], None] = print) -> list[dict]:
-    """Submit every pending run of the suite at once (see the module docstring); return the new entries of
+    """Submit every pending run of the graph at once (see the module docstring); return the new entries of
     ``jobs.jsonl`` (with ``spec``)."""
     import shutil
 
@@ -442,45 +241,43 @@ def submit_slurm(suite: Suite, todo_waves: list[list[RunSpec]], results: Path, p
     known = job_states(suite_dir)
     active = {rid: e for rid, e in known.items() if e["status"] in ACTIVE}
     job_of = {rid: e["job_id"] for rid, e in active.items()}
-    folder = _job_folder(results, suite).resolve()  # absolute: `kdbench status` may run from elsewhere
+    folder = job_folder(results, suite.name).resolve()  # absolute: `kdbench status` may run from elsewhere
+    depth = levels(todo)
     submitted: list[dict] = []
-    for stage, wave in enumerate(todo_waves):
+    for level in sorted(set(depth.values())):
         groups: dict[tuple, list[RunSpec]] = {}
-        for spec in wave:
+        for spec in (s for s in todo if depth[s.run_id] == level):
             if spec.run_id in active:
                 e = active[spec.run_id]
-                log(f"[{e['status']:>8}] {spec.label:<14} {spec.pair:<28} seed {spec.seed} (job {e['job_id']}, "
-                    "submitted earlier)")
+                log(f"[{e['status']:>8}] {spec.label:<14} {spec.pair:<28} seed {spec.seed} {spec.kind} "
+                    f"(job {e['job_id']}, submitted earlier)")
                 continue
-            deps = (job_of[spec.teacher_run],) if spec.teacher_run in job_of else ()
-            groups.setdefault((deps, json.dumps(spec.resources, sort_keys=True)), []).append(spec)
-        for (deps, _), specs in groups.items():
+            deps = tuple(job_of[n] for n in spec.needs if n in job_of)
+            groups.setdefault((spec.kind, json.dumps(spec.resources, sort_keys=True), deps), []).append(spec)
+        for (kind, _, deps), specs in groups.items():
             params = slurm_parameters(specs[0].resources, parallel)
             ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES)
             extra = {"slurm_dependency": "afterok:" + ":".join(deps)} if deps else {}
-            ex.update_parameters(name=f"kdbench-{suite.name}", **params, **extra,
+            ex.update_parameters(name=f"kdbench-{suite.name}-{kind}", **params, **extra,
                                  slurm_additional_parameters={"kill-on-invalid-dep": "yes"})
             when = _now()
             try:
                 jobs = ex.map_array(RunJob(), specs, [str(results)] * len(specs))
             except Exception as e:  # sbatch's message says what is wrong (partition, account, limits...)
-                raise SlurmError(f"SLURM refused the {len(specs)} run(s) of stage {stage} of {suite.name} "
+                raise SlurmError(f"SLURM refused the {len(specs)} {kind} run(s) of {suite.name} "
                                  f"(resources {specs[0].resources}): {e}") from None
             entries = []
             for job, spec in zip(jobs, specs):
                 job_of[spec.run_id] = str(job.job_id)
-                run_dir = suite_dir / "runs" / spec.run_id
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True,
-                                                              default=str))
+                write_spec(run_dir_for(results, spec), spec)
                 entries.append({"run_id": spec.run_id, "job_id": str(job.job_id), "submitted_at": when,
-                                "folder": str(folder), "stage": stage, "depends": list(deps), "kind": spec.kind,
-                                "label": spec.label, "pair": spec.pair, "seed": spec.seed,
-                                "suite_version": spec.suite_version, "pair_index": spec.pair_index,
-                                "method_index": spec.method_index})
+                                "folder": str(folder), "stage": level, "depends": list(deps), "kind": spec.kind,
+                                "needs": list(spec.needs), "label": spec.label, "pair": spec.pair,
+                                "seed": spec.seed, "suite_version": spec.suite_version,
+                                "pair_index": spec.pair_index, "method_index": spec.method_index})
             _append_jobs(suite_dir, entries)
             what = f"job array {str(jobs[0].job_id).split('_')[0]}" if len(jobs) > 1 else f"job {jobs[0].job_id}"
-            log(f"submitted {len(jobs)} run(s) of stage {stage} as {what}"
+            log(f"submitted {len(jobs)} {kind} run(s) as {what}"
                 + (f", after {' '.join(deps)} (afterok)" if deps else ""))
             submitted += [{**e, "spec": s} for e, s in zip(entries, specs)]
     return submitted
@@ -509,8 +306,6 @@ def _cancelled(spec: RunSpec, error: str) -> dict:
 def wait_slurm(submitted: list[dict], results: Path, log: Callable[[str], None] = print,
                poll_s: float = 1.0) -> list[dict]:
     """Follow submitted jobs until each has ended; return their records (in submission order)."""
-    from kdbench.runner import run_dir_for
-
     left = {e["job_id"]: e for e in submitted}
     done: dict[str, dict] = {}
     interval, next_query = 5.0, time.time() + 5.0
@@ -520,7 +315,7 @@ def wait_slurm(submitted: list[dict], results: Path, log: Callable[[str], None] 
                 rec = _record_of_job(run_dir_for(results, e["spec"]), job_id)
                 if rec is not None:
                     done[job_id] = rec
-                    log(_summary(rec))
+                    log(summary(rec))
                     del left[job_id]
             if left and time.time() >= next_query:
                 states = slurm_states(left)
@@ -538,11 +333,11 @@ def wait_slurm(submitted: list[dict], results: Path, log: Callable[[str], None] 
                     if rec is None and status == "cancelled":
                         rec = _cancelled(spec, _job_error(e, state, reason))
                     elif rec is None:
-                        rec = _crash_record(spec, results, _job_error(e, state, reason),
+                        rec = crash_record(spec, results, _job_error(e, state, reason),
                                             status="timeout" if status == "timeout" else "failed",
                                             scheduler={"job_id": job_id, "state": state})
                     done[job_id] = rec
-                    log(_summary(rec))
+                    log(summary(rec))
                     del left[job_id]
             if left:
                 time.sleep(poll_s)

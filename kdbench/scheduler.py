@@ -1,0 +1,293 @@
+"""The scheduler: walks a suite's run graph (``kdbench.suite.RunSpec``: teacher, stage, distill, eval runs,
+each with the run_ids it ``needs``) with one of three executors:
+
+* ``debug``: in this process, in topological order (pdb works);
+* ``local``: submitit ``LocalExecutor`` subprocesses on this machine. A run starts once every run it needs has
+  finished ok; at most ``parallel`` jobs run at once (default: what the runs' resources allow on this machine,
+  GPUs or CPU cores), each running up to ``LOCAL_RUNS_PER_JOB`` ready runs in turn with its share of the CPU
+  threads (passed to the runs, not through the environment);
+* ``slurm``: the whole graph submitted at once as job arrays with ``afterok`` dependencies
+  (``kdbench.slurm``).
+
+A run whose record says ``ok`` is skipped; any other run (failed, diverged, interrupted) is launched again and
+resumes (training from its last epoch checkpoint, a corruption eval from its finished cells). A run whose need
+ends badly is not started: it gets a ``failed`` record naming that need, and the runs that do not depend on it
+go on. A job that dies without writing a record (killed, out of memory) gets a ``failed`` record with the
+job's log tail.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fnmatch
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from kdbench.results import finish_record, new_record, read_record, run_dir_for
+from kdbench.suite import RunSpec, Suite
+
+EXECUTORS = ("debug", "local", "slurm")
+#: runs per local job: a new process pays ~5-10 s of imports (torch, its optimizer's dynamo hooks, the data
+#: libraries) before it trains, more than a small run's training; a few runs per process amortise it, while a
+#: process that dies (killed, out of memory) takes at most this many runs with it (recorded failed, rerun next time)
+LOCAL_RUNS_PER_JOB = 4
+
+
+# ------------------------------------------------------------------------------------------- the graph
+def closure(specs: list[RunSpec], keep: Iterable[RunSpec]) -> list[RunSpec]:
+    """``keep`` plus everything it needs, transitively, in the order of ``specs``."""
+    by_id = {s.run_id: s for s in specs}
+    want: set[str] = set()
+    stack = [s.run_id for s in keep]
+    while stack:
+        rid = stack.pop()
+        if rid in want:
+            continue
+        want.add(rid)
+        stack += [n for n in by_id[rid].needs if n in by_id]
+    return [s for s in specs if s.run_id in want]
+
+
+def select_specs(suite: Suite, pattern: str | None) -> list[RunSpec]:
+    """The runs whose label, method or pair matches ``pattern`` (all runs without one), plus what they need."""
+    if not pattern:
+        return list(suite.specs)
+    def fields(s: RunSpec) -> tuple:  # a teacher (and its evals) goes by its label, not by "baseline"
+        own = (s.label,) if s.label == "teacher" else (s.label, s.method)
+        return own + (s.pair, f"{s.label}/{s.pair}")
+
+    keep = [s for s in suite.specs if any(fnmatch.fnmatch(v, pattern) for v in fields(s))]
+    return closure(suite.specs, keep)
+
+
+def levels(specs: list[RunSpec]) -> dict[str, int]:
+    """run_id -> depth in the graph (0: needs nothing among ``specs``); a cycle is an error."""
+    by_id = {s.run_id: s for s in specs}
+    depth: dict[str, int] = {}
+
+    def visit(rid: str, path: tuple) -> int:
+        if rid in depth:
+            return depth[rid]
+        if rid in path:
+            raise ValueError(f"the run graph has a cycle through {rid}")
+        needs = [n for n in by_id[rid].needs if n in by_id]
+        depth[rid] = 1 + max((visit(n, path + (rid,)) for n in needs), default=-1)
+        return depth[rid]
+
+    for s in specs:
+        visit(s.run_id, ())
+    return depth
+
+
+def topological(specs: list[RunSpec]) -> list[RunSpec]:
+    """``specs`` ordered so that every run comes after what it needs (stable within a level)."""
+    d = levels(specs)
+    return sorted(specs, key=lambda s: d[s.run_id])
+
+
+def _ok(spec: RunSpec, results: Path) -> bool:
+    try:
+        rec = read_record(run_dir_for(results, spec))
+    except Exception:  # a corrupt record: rerun
+        return False
+    return rec is not None and rec.get("status") == "ok"
+
+
+def pending(specs: Iterable[RunSpec], results: Path) -> list[RunSpec]:
+    """The runs without an ``ok`` record."""
+    return [s for s in specs if not _ok(s, results)]
+
+
+# ------------------------------------------------------------------------------------------- records
+def crash_record(spec: RunSpec, results: Path, error: str, status: str = "failed",
+                 scheduler: dict | None = None) -> dict:
+    """Record for a run that ended without writing one (its job was killed, or a run it needs failed). With
+    ``scheduler`` (SLURM: the job id), a finished record is kept only when that job wrote it."""
+    rdir = run_dir_for(results, spec)
+    try:
+        rec = read_record(rdir)
+    except Exception:
+        rec = None
+    if rec is not None and rec.get("finished_at") and (
+            scheduler is None or str((rec.get("scheduler") or {}).get("job_id")) == str(scheduler.get("job_id"))):
+        return rec
+    rec = new_record(spec, status=status, error=error, scheduler=scheduler, started=False)
+    return finish_record(rdir, rec)
+
+
+def _blocked(spec: RunSpec, need: RunSpec, status: str, results: Path) -> dict:
+    return crash_record(spec, results, f"not run: it needs the {need.kind} run {need.run_id} ({need.label}, "
+                                       f"{need.pair}, seed {need.seed}), which ended {status}")
+
+
+def summary(rec: dict) -> str:
+    m = {(r["metric"], r["select"]): r["value"] for r in rec.get("metrics", [])}
+    main = next((f"{k[0]}={v:.2f}" for k, v in m.items() if k[1] == "final"), "")
+    t = (rec.get("cost") or {}).get("wall_time_s")
+    extra = f" {main}" if main else ""
+    extra += f" ({t:.0f}s)" if t else ""
+    err = ""
+    if rec["status"] != "ok" and rec.get("error"):
+        err = " :: " + rec["error"].strip().splitlines()[-1][:160]
+    kind = rec.get("kind", "")
+    what = kind if kind in ("stage", "eval") else ""
+    if kind == "eval" and rec.get("eval"):
+        what = "eval " + (rec["eval"].get("corruption") or rec["eval"].get("name", ""))
+    return (f"[{rec['status']:>8}] {rec['label']:<14} {rec['pair']:<28} seed {rec['seed']}"
+            f"{' ' + what if what else ''}{extra}{err}")
+
+
+def default_parallel(resources: dict) -> int:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return max(1, torch.cuda.device_count() // max(1, int(resources.get("gpus_per_node") or 1)))
+    except Exception:  # pragma: no cover
+        pass
+    cpus = int(resources.get("cpus_per_task") or 1)
+    return max(1, (os.cpu_count() or 1) // cpus)
+
+
+def job_folder(results: Path, suite_name: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    return results / suite_name / ".submitit" / stamp
+
+
+# ------------------------------------------------------------------------------------------- launching
+def launch(suite: Suite, results: str | os.PathLike = "results", executor: str = "local", parallel: int | None = None,
+           pattern: str | None = None, log: Callable[[str], None] = print, wait: bool = True) -> list[dict]:
+    """Run every pending run of the suite (of ``pattern``'s runs and what they need); return the records of
+    the runs launched now. ``wait=False`` (slurm only): submit everything with its dependencies and return
+    ``[]`` at once."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; valid: {', '.join(EXECUTORS)}")
+    if not wait and executor != "slurm":
+        raise ValueError(f"--no-wait needs the slurm executor (got {executor!r}): local and debug runs live "
+                         "in this process")
+    results = Path(results)
+    specs = select_specs(suite, pattern)
+    todo = topological(pending(specs, results))
+    log(f"{suite.name} v{suite.version}: {len(specs)} runs, {len(specs) - len(todo)} already ok, {len(todo)} to run "
+        f"({executor} executor) -> {results / suite.name}")
+    if not todo:
+        return []
+    if executor == "slurm":
+        from kdbench.slurm import submit_slurm, wait_slurm
+
+        submitted = submit_slurm(suite, todo, results, parallel, log)
+        return wait_slurm(submitted, results, log) if wait else []
+    if executor == "debug":
+        return _walk_debug(todo, results, log)
+    return _walk_local(suite, todo, results, parallel, log)
+
+
+def _walk_debug(todo: list[RunSpec], results: Path, log) -> list[dict]:
+    from kdbench.runner import run_one
+
+    by_id = {s.run_id: s for s in todo}
+    status: dict[str, str] = {}
+    out = []
+    for spec in todo:
+        bad = next((n for n in spec.needs if n in by_id and status.get(n) != "ok"), None)
+        rec = _blocked(spec, by_id[bad], status.get(bad, "unknown"), results) if bad else run_one(spec, results)
+        status[spec.run_id] = rec["status"]
+        log(summary(rec))
+        out.append(rec)
+    return out
+
+
+def run_many(specs: list[RunSpec], results: str, threads: int | None = None) -> list[dict]:
+    """Several runs one after another in one process (a local job)."""
+    from kdbench.runner import run_one
+
+    return [run_one(spec, results, threads=threads) for spec in specs]
+
+
+def _collect(job, specs: list[RunSpec], results: Path) -> list[dict]:
+    try:
+        return job.result()
+    except Exception as e:  # the job died without returning (killed, OOM, cancelled) or raised outside run_one
+        tail = ""
+        try:
+            tail = (job.stderr() or "")[-3000:]
+        except Exception:
+            pass
+        # runs the job finished keep their records; the others get one that says why
+        return [crash_record(spec, results, f"job {job.job_id} ended without a result: {e}\n{tail}")
+                for spec in specs]
+
+
+def _res_key(spec: RunSpec) -> str:
+    return json.dumps(spec.resources, sort_keys=True)
+
+
+def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int | None, log) -> list[dict]:
+    """Start each run once what it needs is ok, as many jobs at a time as the resources allow."""
+    import submitit
+
+    by_id = {s.run_id: s for s in todo}
+    status: dict[str, str] = {}  # run_id -> final status of the runs of this walk
+    waiting = list(todo)
+    running: list[tuple] = []  # (job, specs, limit)
+    out: list[dict] = []
+    folder = job_folder(results, suite.name)
+
+    def limit_of(spec: RunSpec) -> int:
+        return parallel or default_parallel(spec.resources)
+
+    def finish(rec: dict) -> None:
+        status[rec["run_id"]] = rec["status"]
+        log(summary(rec))
+        out.append(rec)
+
+    try:
+        while waiting or running:
+            # runs whose need ended badly: recorded failed with the reason, never started
+            changed = True
+            while changed:
+                changed = False
+                for spec in list(waiting):
+                    bad = next((n for n in spec.needs if n in by_id and status.get(n, "ok") != "ok"), None)
+                    if bad is not None:
+                        waiting.remove(spec)
+                        finish(_blocked(spec, by_id[bad], status[bad], results))
+                        changed = True
+            ready = [s for s in waiting if all(n not in by_id or status.get(n) == "ok" for n in s.needs)]
+            while ready:
+                first = ready[0]
+                cap = min([limit_of(first)] + [lim for _, _, lim in running])
+                if len(running) >= cap:
+                    break
+                group = [s for s in ready if _res_key(s) == _res_key(first)]
+                per_job = max(1, min(LOCAL_RUNS_PER_JOB, -(-len(group) // cap)))
+                batch = group[:per_job]
+                ex = submitit.LocalExecutor(folder=folder)
+                timeout = int(first.resources.get("timeout_min") or 24 * 60)
+                ex.update_parameters(timeout_min=timeout * len(batch),
+                                     gpus_per_node=int(first.resources.get("gpus_per_node") or 0))
+                threads = max(1, (os.cpu_count() or 1) // cap)
+                running.append((ex.submit(run_many, batch, str(results), threads), batch, cap))
+                for s in batch:
+                    waiting.remove(s)
+                    ready.remove(s)
+            time.sleep(0.5)
+            still = []
+            for job, batch, cap in running:
+                if job.done():
+                    for rec in _collect(job, batch, results):
+                        finish(rec)
+                else:
+                    still.append((job, batch, cap))
+            running = still
+            if waiting and not running and not any(
+                    all(n not in by_id or n in status for n in s.needs) for s in waiting):
+                raise RuntimeError("scheduler stalled: runs wait on needs that never run")  # pragma: no cover
+    except KeyboardInterrupt:
+        for job, _, _ in running:
+            job.cancel(check=False)
+        raise
+    return out
