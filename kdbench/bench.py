@@ -355,8 +355,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: KDBENCH_THREADS or torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a suite key (as kdbench run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a suite value, e.g. --set recipe.batch_size=128 (repeatable)")
 
 
 def run_cli(a: argparse.Namespace) -> int:
@@ -366,7 +366,7 @@ def run_cli(a: argparse.Namespace) -> int:
     if threads:
         torch.set_num_threads(threads)
     try:
-        rows, facts = run_bench(a.suite, a.filter, a.steps, a.device, a.override, memory=not a.no_memory,
+        rows, facts = run_bench(a.suite, a.filter, a.steps, a.device, a.overrides, memory=not a.no_memory,
                                 log=lambda m: print(m, file=sys.stderr))
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"kdbench bench: {e}", file=sys.stderr)
