@@ -115,3 +115,62 @@ def test_amp_modes_and_loader_options():
     assert loader_options({"num_workers": "auto"}, {"cpus_per_task": 8}, cuda) == {"num_workers": 7,
                                                                                  "pin_memory": True}
     assert loader_options({"num_workers": "auto"}, {"cpus_per_task": 8}, cpu)["num_workers"] == 0
+
+
+# -- recipe/resource keys, several runs per GPU ---------------------------------------------------------------
+def test_recipe_and_resource_keys_are_validated(tmp_path):
+    from kdbench.suite import SuiteError, load_suite
+
+    def load(**over):
+        d = tiny_suite(**over)
+        p = tmp_path / "tiny.yaml"
+        p.write_text(yaml.safe_dump(d, allow_unicode=True))
+        return load_suite(p)
+
+    base = tiny_suite()["recipe"]
+    for amp in (True, False, "bf16", "fp16"):
+        load(recipe={**base, "amp": amp, "compile": True, "teacher_bf16": False, "num_workers": "auto"})
+    with pytest.raises(SuiteError, match=r"recipe\.amp.*unknown value 'fp8'; valid: bool, bf16, fp16"):
+        load(recipe={**base, "amp": "fp8"})
+    with pytest.raises(SuiteError, match=r"recipe\.num_workers.*valid: int, auto"):
+        load(recipe={**base, "num_workers": "many"})
+    with pytest.raises(SuiteError, match=r"recipe\.compile"):
+        load(recipe={**base, "compile": "yes"})
+    load(resources={"gpus_per_node": 1, "runs_per_gpu": 4})
+    with pytest.raises(SuiteError, match=r"resources\.runs_per_gpu.*gpus_per_node: 1"):
+        load(resources={"gpus_per_node": 2, "runs_per_gpu": 4})
+    with pytest.raises(SuiteError, match=r"resources\.runs_per_gpu.*integer >= 1"):
+        load(resources={"gpus_per_node": 1, "runs_per_gpu": 0})
+
+
+def test_gpu_slots_pack_runs_per_gpu():
+    from kdbench.scheduler import GpuSlots, default_parallel
+
+    res = {"gpus_per_node": 1, "runs_per_gpu": 3, "cpus_per_task": 4}
+    assert default_parallel(res, n_gpus=2) == 6
+    assert default_parallel({"gpus_per_node": 1}, n_gpus=2) == 2
+    slots = GpuSlots(2)
+    got = [slots.take(res) for _ in range(6)]
+    assert sorted(got) == [(0,)] * 3 + [(1,)] * 3 and slots.take(res) is None
+    slots.give((1,))
+    assert slots.take(res) == (1,)
+    assert GpuSlots(0).take(res) == ()  # no GPU: the job gets none
+    two = GpuSlots(4)
+    assert [two.take({"gpus_per_node": 2}) for _ in range(3)] == [(0, 1), (2, 3), None]
+
+
+def test_run_pack_runs_its_runs_in_parallel_processes(tmp_path):
+    """The SLURM job of runs_per_gpu: N runs its runs as N processes; each writes its own record."""
+    from kdbench.results import read_record, run_dir_for
+    from kdbench.slurm import RunPack
+    from kdbench.suite import load_suite
+
+    d = tiny_suite(methods=["baseline"], seeds=[0, 1])
+    d["recipe"]["epochs"] = 1
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(d, allow_unicode=True))
+    specs = [s for s in load_suite(p).specs if s.kind == "distill"]
+    assert len(specs) == 2
+    recs = RunPack()(specs, str(tmp_path / "res"))
+    assert [r["status"] for r in recs] == ["ok", "ok"]
+    assert {read_record(run_dir_for(tmp_path / "res", s))["run_id"] for s in specs} == {s.run_id for s in specs}
