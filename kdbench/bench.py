@@ -204,7 +204,7 @@ def build_entries(suite, pattern: str | None = None, device=None, log=print) -> 
     from kdbench.models.sources import build_model
     from kdbench.registry import METHODS, TASKS
     from kdbench.runner import build_context
-    from kdbench.train import build_optimizer, prepare_models, train_step
+    from kdbench.train import amp_dtype, build_optimizer, prepare_models, teacher_dtype, train_step
 
     device = device or torch.device("cpu")
     runs = [s for s in suite.specs if s.kind == "distill" and _matches(s, pattern)]
@@ -253,10 +253,15 @@ def build_entries(suite, pattern: str | None = None, device=None, log=print) -> 
             batch = Batch(inputs=x, targets=y, epoch=max(1, int(recipe["epochs"]) // 2), step=0,
                           epochs=int(recipe["epochs"]), steps_per_epoch=1)
             taps = method.taps()
+            amp = amp_dtype(recipe.get("amp"), device)  # as fit: AMP, bf16 teacher, compile on GPU per recipe
+            scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+            t_amp = teacher_dtype(recipe, device) if t is not None else None
+            student_fwd = torch.compile(student) if recipe.get("compile") else None
 
             def step():
-                train_step(student, t, method, task, batch, optimizer=opt, params=params,
-                           grad_clip=recipe.get("grad_clip"), device=device, taps=taps)
+                train_step(student, t, method, task, batch, optimizer=opt, params=params, scaler=scaler,
+                           amp=amp or False, grad_clip=recipe.get("grad_clip"), device=device, taps=taps,
+                           teacher_amp=t_amp, student_forward=student_fwd)
 
             return Entry(pair, spec.label if kind == "method" else "(student step)", spec.method if kind == "method"
                          else "baseline", step, method.extra_parameters(), kind)
@@ -264,9 +269,10 @@ def build_entries(suite, pattern: str | None = None, device=None, log=print) -> 
         entries.append(make(first, "student"))
         if teacher is not None:
             x_t, _ = prepare_models(None, teacher, None, device, x_cpu, y_cpu)
+            t_amp = teacher_dtype(first.recipe, device)
 
-            def teacher_fwd(x_t=x_t, teacher=teacher):
-                with torch.no_grad():
+            def teacher_fwd(x_t=x_t, teacher=teacher, t_amp=t_amp):
+                with torch.no_grad(), torch.autocast(device.type, dtype=t_amp, enabled=t_amp is not None):
                     task.forward(teacher, x_t, None, ())
 
             entries.append(Entry(pair, "(teacher forward)", "", teacher_fwd, 0, "teacher"))
@@ -303,7 +309,8 @@ def run_bench(suite_path: str | os.PathLike, pattern: str | None = None, steps: 
                          "extra_params": e.extra_params, "batch_size": info["batch_size"], "input": info["input"],
                          "student": info["student"], "teacher": info["teacher"], "kind": e.kind})
     facts = {"suite": suite.name, "device": str(dev), "threads": torch.get_num_threads(), "rounds": steps,
-             "torch": torch.__version__, "filter": pattern}
+             "torch": torch.__version__, "filter": pattern, "cpus": os.cpu_count(),
+             "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")}
     return rows, facts
 
 
@@ -319,6 +326,10 @@ def format_md(rows: list[dict], facts: dict) -> str:
            f"weights, synthetic batches; min and median of {facts['rounds']} interleaved rounds. "
            "floor = student step + teacher forward (each timed alone); peak memory = one step's allocations.",
            ""]
+    if facts.get("load") == facts.get("load") and facts.get("load") is not None and facts.get("cpus"):
+        out[-1:] = [f"Machine load at the end: {facts['load']:.1f} on {facts['cpus']} CPUs"
+                    + (" (busy: absolute times are inflated, compare ratios within one table)"
+                       if facts["load"] > facts["cpus"] else "") + ".", ""]
     pairs: dict[str, list[dict]] = {}
     for r in rows:
         pairs.setdefault(r["pair"], []).append(r)
