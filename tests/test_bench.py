@@ -174,3 +174,36 @@ def test_run_pack_runs_its_runs_in_parallel_processes(tmp_path):
     recs = RunPack()(specs, str(tmp_path / "res"))
     assert [r["status"] for r in recs] == ["ok", "ok"]
     assert {read_record(run_dir_for(tmp_path / "res", s))["run_id"] for s in specs} == {s.run_id for s in specs}
+
+
+@pytest.mark.parametrize("h,hy", [(8, 1), (16, 8), (7, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_abf_fast_fusion_equals_the_definition(h, hy, channels_last):
+    """ABF's fusion without concat/materialised upsampling (docs/methods.md §4.2) gives the definition's numbers
+    (float64: to 1e-12) and gradients, block-repeat sizes and others."""
+    import torch.nn.functional as F
+
+    from kdbench.methods.reviewkd import ABF
+
+    torch.manual_seed(0)
+    abf = ABF(6, 8, 5, fuse=True).double()
+    x = torch.randn(3, 6, h, h, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 8, hy, hy, dtype=torch.float64, requires_grad=True)
+    xx = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    def definition(xx, y):
+        x1 = abf.conv1(xx)
+        n, _, hh, ww = x1.shape
+        yu = F.interpolate(y, size=(hh, ww), mode="nearest")
+        z = abf.att_conv(torch.cat([x1, yu], dim=1))
+        x1 = x1 * z[:, 0].view(n, 1, hh, ww) + yu * z[:, 1].view(n, 1, hh, ww)
+        return abf.conv2(x1), x1
+
+    wanted = [x, y, abf.conv1[0].weight, abf.att_conv[0].weight, abf.att_conv[0].bias, abf.conv2[0].weight]
+    got, ref = abf(xx, y), definition(xx, y)
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    g1 = torch.autograd.grad((got[0] ** 2).sum() + got[1].sum(), wanted)
+    g2 = torch.autograd.grad((ref[0] ** 2).sum() + ref[1].sum(), wanted)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
