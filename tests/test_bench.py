@@ -55,6 +55,14 @@ def test_bench_filter_and_cli(tmp_path, capsys):
     assert out.read_text().startswith("# Step cost: tiny") and out.with_suffix(".csv").is_file()
     assert bench.main([str(p), "--filter", "nothing*", "--steps", "1"]) == 2
     assert "matches --filter" in capsys.readouterr().err
+    from kdbench.cli import main as cli_main
+
+    assert cli_main(["bench", str(p), "--filter", "cwd", "--steps", "1", "--no-memory", "--format", "csv",
+                     "--set", "recipe.batch_size=8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("pair,label,method") and [ln.split(",")[1] for ln in lines[1:]] == [
+        "(student step)", "(teacher forward)", "cwd"]
+    assert all(ln.split(",")[-5] == "8" for ln in lines[1:])  # batch_size column follows --set
 
 
 def test_interleaved_times_order_and_summary():
