@@ -24,9 +24,7 @@ not part of a step).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script from anywhere: make the repository importable
@@ -50,15 +48,9 @@ def _images(batch: int, size: int, num_classes: int, seed: int = 0):
     return x, targets
 
 
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def run(teacher_name: str = "retinanet_resnet101_fpn", student_name: str = "retinanet_resnet50_fpn",
         size: int = 512, batch: int = 2, repeats: int = 3, methods: list[str] | None = None, fpn_channels: int = 256,
-        num_classes: int = 81, log=print) -> dict:
+        num_classes: int = 81, log=print, device: str = "cpu", amp: str | bool = False) -> dict:
     from types import SimpleNamespace
 
     from kdbench.method import Batch
@@ -66,13 +58,18 @@ def run(teacher_name: str = "retinanet_resnet101_fpn", student_name: str = "reti
     from kdbench.registry import METHODS
     from kdbench.runner import build_context
     from kdbench.tasks.detection import DetectionTask
-    from kdbench.train import train_step
+    from kdbench.bench import interleaved_times, summarize
+    from kdbench.train import amp_dtype, prepare_models, teacher_dtype, train_step
 
+    dev = torch.device(device)
+    amp_dt = amp_dtype(amp, dev)  # None on CPU
+    t_amp = teacher_dtype({}, dev)
     task = DetectionTask()
     torch.manual_seed(0)
     teacher = build_detector(teacher_name, num_classes, fpn_channels=fpn_channels, frozen_bn=True)
-    teacher.eval().requires_grad_(False)
+    prepare_models(None, teacher, None, dev)
     x, y = _images(batch, size, num_classes)
+    x, y = task.to_device(x, y, dev)
     data = SimpleNamespace(num_classes=num_classes - 1, train=[None] * batch, val=None)
     task_probe = SimpleNamespace(name="detection", example_input=lambda d: x, loss=task.loss)
     names = methods or [n for n, c in METHODS.items() if "detection" in c.tasks]
@@ -86,20 +83,20 @@ def run(teacher_name: str = "retinanet_resnet101_fpn", student_name: str = "reti
         torch.manual_seed(0)
         student = build_detector(student_name, num_classes, fpn_channels=fpn_channels).train()
         cls = METHODS.get(name)
-        ctx = build_context(task_probe, data, {"epochs": 1, "batch_size": batch}, student,
-                            teacher if cls.needs_teacher else None, torch.device("cpu"))
+        t = teacher if cls.needs_teacher else None
+        ctx = build_context(task_probe, data, {"epochs": 1, "batch_size": batch}, student, t, dev)
         method = cls(ctx, **cls.check_params(params))
         if cls.stage_params:  # seeded prompts: stage 1 is a one-off cost, not part of a step
             method.load_stage({k: v.clone() for k, v in method.prompts.state_dict().items()})
-        student.train()
-        method.train()
+        prepare_models(student, t, method, dev)
         opt = torch.optim.SGD([p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad],
                               lr=1e-4, momentum=0.9)
         b = Batch(inputs=x, targets=y, epoch=1, step=0, epochs=1, steps_per_epoch=1)
-        t = teacher if cls.needs_teacher else None
+        scaler = torch.amp.GradScaler("cuda") if amp_dt == torch.float16 else None
 
         def step():
-            train_step(student, t, method, task, b, optimizer=opt)
+            train_step(student, t, method, task, b, optimizer=opt, scaler=scaler, amp=amp_dt or False,
+                       teacher_amp=t_amp if t is not None else None, device=dev)
 
         return step
 
@@ -113,14 +110,9 @@ def run(teacher_name: str = "retinanet_resnet101_fpn", student_name: str = "reti
 
     fns = {"teacher_full": full, "teacher_fpn": fpn}
     fns.update({label: make_step(name, params) for label, name, params in variants})
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():  # warm-up
-        fn()
-    for _ in range(repeats):  # round robin: a slow spell of the machine hits every entry alike
-        for k, fn in fns.items():
-            times[k].append(_time(fn))
-    best = {k: min(v) for k, v in times.items()}
-    med = {k: statistics.median(v) for k, v in times.items()}
+    # round robin after one warm-up (kdbench.bench's timing): a slow spell of the machine hits every entry alike
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
+    best, med = summarize(interleaved_times(fns, repeats, warmup=1, sync=sync))
     res: dict = {"teacher": teacher_name, "student": student_name, "size": size, "batch": batch,
                  "threads": torch.get_num_threads(), "repeats": repeats, "min_s": best, "median_s": med}
     res["fpn_saving"] = 1.0 - best["teacher_fpn"] / best["teacher_full"]

@@ -261,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tail", type=int, default=5, metavar="N",
                    help="last N lines of the error of every run that did not finish ok (default 5; 0: none)")
     s.set_defaults(fn=cmd_status)
+
+    from kdbench import bench  # torch-free at import
+
+    b = sub.add_parser("bench", help="step cost of every (pair, method) of a suite on synthetic batches (no data)")
+    bench.add_arguments(b)
+    b.set_defaults(fn=bench.run_cli)
     return p
 
 

@@ -107,7 +107,9 @@ def run_eval(spec, net, task, data, device, cell_dir, log=None) -> list[dict]:
     chunk = spec.eval or {}
     name = chunk.get("name")
     bs = int(chunk.get("batch_size") or spec.recipe.get("eval_batch_size", 256))
-    workers = int(spec.recipe.get("num_workers", 0))
+    from kdbench.train import loader_options
+
+    workers = loader_options(spec.recipe, spec.resources, device)["num_workers"]  # resolves num_workers: auto
     if name == "val":  # a re-evaluation of the clean validation set (a check that a saved model loads back)
         metrics = task.evaluate(net, task.loader(data.val, bs, num_workers=workers), device)
         return [{"eval": "val", "metric": k, "select": "final", "value": float(v),

@@ -337,7 +337,7 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
     res = fit(student=student, teacher=teacher, method=method, task=task, data=data, recipe=spec.recipe,
               run_dir=rdir, seed=spec.seed, device=device, desc=f"{spec.label} {spec.pair} s{spec.seed}",
               primary=task.primary_metric, higher_is_better=task.metrics.get(task.primary_metric, True),
-              dist=dist, run_id=spec.run_id)
+              dist=dist, run_id=spec.run_id, resources=spec.resources)
     record["metrics"] = _metric_rows(res.final, "final", task) + _metric_rows(res.best, "best", task)
     record["best_epoch"] = res.best_epoch
     record["cost"] = {"wall_time_s": round(res.wall_time_s, 3), "step_time_s": res.step_time_s,

@@ -179,16 +179,57 @@ def progress_name(spec: RunSpec) -> str:
     return f"{what}{spec.label} {spec.pair} s{spec.seed}"
 
 
-def default_parallel(resources: dict) -> int:
+def _gpu_count() -> int:
     try:
         import torch
 
-        if torch.cuda.is_available():
-            return max(1, torch.cuda.device_count() // max(1, int(resources.get("gpus_per_node") or 1)))
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception:  # pragma: no cover
-        pass
+        return 0
+
+
+def runs_per_gpu(resources: dict) -> int:
+    """How many runs share one GPU (``resources.runs_per_gpu``, only with ``gpus_per_node: 1``; default 1)."""
+    return max(1, int(resources.get("runs_per_gpu") or 1)) if int(resources.get("gpus_per_node") or 0) == 1 else 1
+
+
+def default_parallel(resources: dict, n_gpus: int | None = None) -> int:
+    """Runs at a time on this machine: GPU groups of ``gpus_per_node`` times ``runs_per_gpu`` on a GPU
+    machine, else the cores divided by ``cpus_per_task``."""
+    n_gpus = _gpu_count() if n_gpus is None else n_gpus
+    if n_gpus:
+        return max(1, n_gpus // max(1, int(resources.get("gpus_per_node") or 1))) * runs_per_gpu(resources)
     cpus = int(resources.get("cpus_per_task") or 1)
     return max(1, (os.cpu_count() or 1) // cpus)
+
+
+class GpuSlots:
+    """Which GPUs a local job gets: the machine's GPUs in groups of ``gpus_per_node``, each group shared by up to
+    ``runs_per_gpu`` jobs at a time (several small runs packed on one GPU). ``take`` returns the least loaded
+    group with room (None when every group is full); ``give`` returns it."""
+
+    def __init__(self, n_gpus: int):
+        self.n_gpus = n_gpus
+        self.load: dict[tuple[int, ...], int] = {}
+
+    def take(self, resources: dict) -> tuple[int, ...] | None:
+        g = int(resources.get("gpus_per_node") or 0)
+        if g <= 0 or not self.n_gpus:
+            return ()
+        groups = [tuple(range(k * g, (k + 1) * g)) for k in range(max(1, self.n_gpus // g))]
+        room = [grp for grp in groups if self.load.get(grp, 0) < runs_per_gpu(resources)
+                and not any(self.load.get(o, 0) for o in self.load if o != grp and set(o) & set(grp))]
+        if not room:
+            return None
+        grp = min(room, key=lambda grp: self.load.get(grp, 0))
+        self.load[grp] = self.load.get(grp, 0) + 1
+        return grp
+
+    def give(self, grp: tuple[int, ...]) -> None:
+        if grp:
+            self.load[grp] -= 1
+            if not self.load[grp]:
+                del self.load[grp]
 
 
 def job_folder(results: Path, suite_name: str) -> Path:
@@ -319,7 +360,8 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
     by_id = {s.run_id: s for s in todo}
     status: dict[str, str] = {}  # run_id -> final status of the runs of this walk
     waiting = list(todo)
-    running: list[tuple] = []  # (job, specs, limit)
+    running: list[tuple] = []  # (job, specs, limit, gpus)
+    slots = GpuSlots(_gpu_count())
     out: list[dict] = []
     folder = job_folder(results, suite.name)
 
@@ -358,36 +400,40 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
             ready = [s for s in waiting if all(n not in by_id or status.get(n) == "ok" for n in s.needs)]
             while ready:
                 first = ready[0]
-                cap = min([limit_of(first)] + [lim for _, _, lim in running])
+                cap = min([limit_of(first)] + [lim for _, _, lim, _ in running])
                 if len(running) >= cap:
+                    break
+                gpus = slots.take(first.resources)
+                if gpus is None:  # every GPU holds runs_per_gpu runs already
                     break
                 group = [s for s in ready if _res_key(s) == _res_key(first)]
                 per_job = max(1, min(LOCAL_RUNS_PER_JOB, -(-len(group) // cap)))
                 batch = group[:per_job]
                 ex = submitit.LocalExecutor(folder=folder)
                 timeout = int(first.resources.get("timeout_min") or 24 * 60)
-                ex.update_parameters(timeout_min=timeout * len(batch),
-                                     gpus_per_node=int(first.resources.get("gpus_per_node") or 0))
+                ex.update_parameters(timeout_min=timeout * len(batch), gpus_per_node=len(gpus),
+                                     **({"visible_gpus": list(gpus)} if gpus else {}))
                 threads = max(1, (os.cpu_count() or 1) // cap)
-                running.append((ex.submit(run_many, batch, str(results), threads), batch, cap))
+                running.append((ex.submit(run_many, batch, str(results), threads), batch, cap, gpus))
                 for s in batch:
                     waiting.remove(s)
                     ready.remove(s)
             time.sleep(0.5)
             still = []
-            for job, batch, cap in running:
+            for job, batch, cap, gpus in running:
                 if job.done():
+                    slots.give(gpus)
                     for rec in _collect(job, batch, results):
                         finish(rec)
                 else:
-                    still.append((job, batch, cap))
+                    still.append((job, batch, cap, gpus))
             running = still
             live.poll(now_running())
             if waiting and not running and not any(
                     all(n not in by_id or n in status for n in s.needs) for s in waiting):
                 raise RuntimeError("scheduler stalled: runs wait on needs that never run")  # pragma: no cover
     except BaseException:  # Ctrl-C, SIGTERM/SIGHUP, or an error of the scheduler itself (a corrupt record,
-        stop_jobs([job for job, _, _ in running])  # a full disk): no worker may outlive it
+        stop_jobs([job for job, _, _, _ in running])  # a full disk): no worker may outlive it
         raise
     finally:
         live.close()

@@ -45,7 +45,7 @@ import submitit
 import submitit.helpers
 
 from kdbench.results import run_dir_for, write_spec
-from kdbench.scheduler import crash_record, job_folder, levels, summary
+from kdbench.scheduler import crash_record, job_folder, levels, runs_per_gpu, summary
 from kdbench.suite import RunSpec, Suite
 
 GENERIC_RESOURCES = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes", "tasks_per_node")
@@ -101,6 +101,39 @@ class RunJob(submitit.helpers.Checkpointable):
     def checkpoint(self, spec: RunSpec, results: str) -> submitit.helpers.DelayedSubmission:
         self.requeues += 1
         return submitit.helpers.DelayedSubmission(self, spec, results)
+
+
+def _run_in_process(spec: RunSpec, results: str, requeues: int, threads: int | None) -> dict:
+    from kdbench.runner import run_one
+
+    return run_one(spec, results, requeues=requeues, threads=threads)
+
+
+class RunPack(RunJob):
+    """What a SLURM job runs when ``resources.runs_per_gpu: N`` packs several small runs on one GPU: the job
+    holds one GPU and ``cpus_per_task`` cores and runs its (up to N) runs at once, each in its own process
+    (``spawn``) with ``cpus_per_task // N`` threads; all of them see the job's GPU. Requeued like
+    :class:`RunJob` (every run resumes from its own last epoch checkpoint); the job fails when any of its runs
+    did not end ok, after all of them have ended and written their records (so the dependents of every run
+    in the pack wait for the whole pack: ``afterok`` on its array task)."""
+
+    def __call__(self, specs: list[RunSpec], results: str) -> list[dict]:  # type: ignore[override]
+        import multiprocessing as mp
+
+        from kdbench.results import error_line
+
+        threads = max(1, int(specs[0].resources.get("cpus_per_task") or len(specs)) // len(specs))
+        with mp.get_context("spawn").Pool(len(specs)) as pool:
+            recs = pool.starmap(_run_in_process, [(s, results, self.requeues, threads) for s in specs])
+        bad = [(s, r) for s, r in zip(specs, recs) if r["status"] != "ok"]
+        if bad:
+            raise RunNotOk("; ".join(f"{s.kind} run {s.run_id} ({s.label}, {s.pair}, seed {s.seed}) ended "
+                                     f"{r['status']}: {error_line(r.get('error'))}" for s, r in bad))
+        return recs
+
+    def checkpoint(self, specs: list[RunSpec], results: str) -> submitit.helpers.DelayedSubmission:  # type: ignore[override]
+        self.requeues += 1
+        return submitit.helpers.DelayedSubmission(self, specs, results)
 
 
 def slurm_parameters(resources: dict, parallel: int | None) -> dict:
@@ -261,8 +294,14 @@ def submit_slurm(suite: Suite, todo: list[RunSpec], results: Path, parallel: int
             ex.update_parameters(name=f"kdbench-{suite.name}-{kind}", **params, **extra,
                                  slurm_additional_parameters={"kill-on-invalid-dep": "yes"})
             when = _now()
+            pack = runs_per_gpu(specs[0].resources)
             try:
-                jobs = ex.map_array(RunJob(), specs, [str(results)] * len(specs))
+                if pack > 1:  # one array task per pack of `pack` runs sharing the task's GPU
+                    packs = [specs[i:i + pack] for i in range(0, len(specs), pack)]
+                    pack_jobs = ex.map_array(RunPack(), packs, [str(results)] * len(packs))
+                    jobs = [job for job, p in zip(pack_jobs, packs) for _ in p]
+                else:
+                    jobs = ex.map_array(RunJob(), specs, [str(results)] * len(specs))
             except Exception as e:  # sbatch's message says what is wrong (partition, account, limits...)
                 raise SlurmError(f"SLURM refused the {len(specs)} {kind} run(s) of {suite.name} "
                                  f"(resources {specs[0].resources}): {e}") from None
@@ -276,7 +315,10 @@ def submit_slurm(suite: Suite, todo: list[RunSpec], results: Path, parallel: int
                                 "seed": spec.seed, "suite_version": spec.suite_version,
                                 "pair_index": spec.pair_index, "method_index": spec.method_index})
             _append_jobs(suite_dir, entries)
-            what = f"job array {str(jobs[0].job_id).split('_')[0]}" if len(jobs) > 1 else f"job {jobs[0].job_id}"
+            n_jobs = len({str(j.job_id) for j in jobs})
+            what = f"job array {str(jobs[0].job_id).split('_')[0]}" if n_jobs > 1 else f"job {jobs[0].job_id}"
+            if pack > 1:
+                what += f" ({n_jobs} task(s), up to {pack} runs per GPU)"
             log(f"submitted {len(jobs)} {kind} run(s) as {what}"
                 + (f", after {' '.join(deps)} (afterok)" if deps else ""))
             submitted += [{**e, "spec": s} for e, s in zip(entries, specs)]
@@ -306,22 +348,23 @@ def _cancelled(spec: RunSpec, error: str) -> dict:
 def wait_slurm(submitted: list[dict], results: Path, log: Callable[[str], None] = print,
                poll_s: float = 1.0) -> list[dict]:
     """Follow submitted jobs until each has ended; return their records (in submission order)."""
-    left = {e["job_id"]: e for e in submitted}
-    done: dict[str, dict] = {}
+    left = {(e["job_id"], e["run_id"]): e for e in submitted}  # a packed job (runs_per_gpu) holds several runs
+    done: dict[tuple, dict] = {}
     interval, next_query = 5.0, time.time() + 5.0
     try:
         while left:
-            for job_id, e in list(left.items()):
-                rec = _record_of_job(run_dir_for(results, e["spec"]), job_id)
+            for key, e in list(left.items()):
+                rec = _record_of_job(run_dir_for(results, e["spec"]), key[0])
                 if rec is not None:
-                    done[job_id] = rec
+                    done[key] = rec
                     log(summary(rec))
-                    del left[job_id]
+                    del left[key]
             if left and time.time() >= next_query:
-                states = slurm_states(left)
+                states = slurm_states({job_id for job_id, _ in left})
                 interval = min(30.0, interval * 1.25)
                 next_query = time.time() + interval
-                for job_id, e in list(left.items()):
+                for key, e in list(left.items()):
+                    job_id = key[0]
                     state, reason = states.get(job_id, ("UNKNOWN", ""))
                     status = SLURM_STATUS.get(state, "unknown")
                     if status in ACTIVE + ("unknown",):
@@ -336,13 +379,13 @@ def wait_slurm(submitted: list[dict], results: Path, log: Callable[[str], None] 
                         rec = crash_record(spec, results, _job_error(e, state, reason),
                                             status="timeout" if status == "timeout" else "failed",
                                             scheduler={"job_id": job_id, "state": state})
-                    done[job_id] = rec
+                    done[key] = rec
                     log(summary(rec))
-                    del left[job_id]
+                    del left[key]
             if left:
                 time.sleep(poll_s)
     except KeyboardInterrupt:
         log(f"stopped following {len(left)} job(s); they keep running. "
             f"`kdbench status {results / submitted[0]['spec'].suite}` shows their state.")
         raise
-    return [done[e["job_id"]] for e in submitted]
+    return [done[(e["job_id"], e["run_id"])] for e in submitted]

@@ -49,8 +49,11 @@ TOP_KEYS = {
 REQUIRED_TOP = ("suite", "version", "task", "data", "recipe", "pairs", "methods", "seeds")
 RECIPE_KEYS = {
     "epochs": int, "batch_size": int, "optimizer": dict, "schedule": dict, "grad_clip": (int, float, type(None)),
-    "amp": bool, "eval_every": int, "eval_batch_size": int, "num_workers": int, "max_steps_per_epoch": (int, type(None)),
+    "amp": (bool, str), "eval_every": int, "eval_batch_size": int, "num_workers": (int, str),
+    "max_steps_per_epoch": (int, type(None)), "compile": bool, "teacher_bf16": bool,
 }
+#: string values a recipe key takes besides its typed ones (kdbench/train.py: amp_dtype, loader_options)
+RECIPE_CHOICES = {"amp": ("bf16", "fp16"), "num_workers": ("auto",)}
 RECIPE_DEFAULTS = {"grad_clip": None, "amp": True, "eval_every": 1, "eval_batch_size": 256, "num_workers": 0,
                    "max_steps_per_epoch": None}
 OPTIMIZERS = {"sgd": {"lr", "momentum", "weight_decay", "nesterov"}, "adamw": {"lr", "weight_decay", "betas"},
@@ -62,7 +65,8 @@ TEACHER_TRAIN_KEYS = {"recipe", "data", "seed", "resources"}
 PAIR_KEYS = {"name", "teacher", "student", "params"}
 METHOD_KEYS = {"name", "label", "params"}
 RESOURCE_KEYS = {"gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes", "tasks_per_node",
-                 "slurm_partition", "slurm_account", "slurm_qos", "slurm_constraint", "slurm_array_parallelism"}
+                 "slurm_partition", "slurm_account", "slurm_qos", "slurm_constraint", "slurm_array_parallelism",
+                 "runs_per_gpu"}
 REFERENCE_KEYS = {"method", "pair", "metric", "value", "source"}
 
 
@@ -274,9 +278,13 @@ def _check_recipe(path: Path, where: str, recipe: dict, partial: bool = False) -
     _check_keys(path, where, recipe, RECIPE_KEYS, () if partial else ("epochs", "batch_size", "optimizer", "schedule"))
     for k, typ in RECIPE_KEYS.items():
         v = recipe.get(k)
-        if k in recipe and (not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool)):
-            expected = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+        types_ = typ if isinstance(typ, tuple) else (typ,)
+        if k in recipe and (not isinstance(v, typ) or (isinstance(v, bool) and bool not in types_)):
+            expected = " or ".join(t.__name__ for t in types_)
             raise _err(path, f"{where}.{k}", f"expected {expected}, got {v!r}")
+        if k in recipe and isinstance(v, str) and v not in RECIPE_CHOICES.get(k, ()):
+            valid = ", ".join([*(t.__name__ for t in types_ if t is not str), *RECIPE_CHOICES.get(k, ())])
+            raise _err(path, f"{where}.{k}", f"unknown value {v!r}; valid: {valid}")
     for k in ("epochs", "batch_size"):
         if k in recipe and recipe[k] < 1:
             raise _err(path, f"{where}.{k}", f"must be >= 1, got {recipe[k]}")
@@ -297,6 +305,17 @@ def _check_recipe(path: Path, where: str, recipe: dict, partial: bool = False) -
             if sch["name"] == "multistep" and "milestones" not in sch:
                 raise _err(path, f"{where}.schedule.milestones", "required for the multistep schedule")
     return recipe
+
+
+def _check_resources(path: Path, where: str, resources: dict) -> None:
+    """Values of the resource keys kdbench itself reads (the others go to the scheduler as they are)."""
+    for k in ("gpus_per_node", "cpus_per_task", "runs_per_gpu"):
+        v = resources.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "gpus_per_node" else 1)):
+            raise _err(path, f"{where}.{k}", f"expected an integer >= {0 if k == 'gpus_per_node' else 1}, got {v!r}")
+    if int(resources.get("runs_per_gpu") or 1) > 1 and int(resources.get("gpus_per_node") or 0) != 1:
+        raise _err(path, f"{where}.runs_per_gpu", "packs several runs on one GPU: needs gpus_per_node: 1, got "
+                   f"{resources.get('gpus_per_node')!r}")
 
 
 def _check_data(path: Path, where: str, data: dict, task: str, partial: bool = False) -> None:
@@ -349,6 +368,7 @@ def _model_spec(path: Path, where: str, spec: Any, teacher: bool, task: str) -> 
         tr = spec["train"] or {}
         _check_keys(path, f"{where}.train", tr, TEACHER_TRAIN_KEYS)
         _check_keys(path, f"{where}.train.resources", tr.get("resources") or {}, RESOURCE_KEYS)
+        _check_resources(path, f"{where}.train.resources", tr.get("resources") or {})
         out["train"] = tr
     return out
 
@@ -445,6 +465,7 @@ def validate_and_expand(path: Path, raw: dict, notes: list[str] | None = None) -
         raise _err(path, "seeds", f"duplicate seeds in {seeds}")
     resources = raw.get("resources") or {}
     _check_keys(path, "resources", resources, RESOURCE_KEYS)
+    _check_resources(path, "resources", resources)
     if not isinstance(raw["pairs"], list) or not raw["pairs"]:
         raise _err(path, "pairs", "expected a non-empty list of {teacher, student}")
     if not isinstance(raw["methods"], list) or not raw["methods"]:

@@ -189,6 +189,95 @@ def _peak_mem_mb(device: torch.device) -> float:
         return float("nan")
 
 
+AMP_MODES = ("bf16", "fp16")
+
+
+def amp_dtype(amp: Any, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a recipe's ``amp`` on ``device``: None (off) on CPU (bf16 autocast on a CPU without
+    bf16 instructions is many times slower) and for ``false``; ``"bf16"`` -> bfloat16 (no loss scaling needed);
+    ``"fp16"`` and ``true`` (the old meaning) -> float16 with a GradScaler."""
+    if device.type != "cuda" or amp in (False, None, "false", "off"):
+        return None
+    if amp in (True, "fp16"):
+        return torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    raise ValueError(f"recipe.amp must be one of false, true, {', '.join(AMP_MODES)}; got {amp!r}")
+
+
+def teacher_dtype(recipe: dict, device: torch.device) -> torch.dtype | None:
+    """The teacher's forward runs under bf16 autocast on a GPU that supports it, unless the recipe sets
+    ``teacher_bf16: false``; never on CPU. Its outputs are handed to the method in fp32."""
+    if device.type != "cuda" or not recipe.get("teacher_bf16", True):
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+
+
+def _outputs_fp32(out: Outputs) -> Outputs:
+    def f(v):
+        return v.float() if isinstance(v, Tensor) and v.is_floating_point() and v.dtype != torch.float32 else v
+
+    return Outputs(logits=f(out.logits), feats={k: [f(t) for t in v] for k, v in out.feats.items()},
+                   extras=out.extras)
+
+
+def loader_options(recipe: dict, resources: dict | None, device: torch.device) -> dict:
+    """DataLoader options of a run: ``num_workers`` as the recipe says (it is part of the run's identity: worker
+    seeding changes the augmentation draws), where ``num_workers: "auto"`` means ``cpus_per_task - 1`` of the
+    suite's resources on a GPU (0 on CPU, where the workers would take the training threads' cores);
+    ``pin_memory`` on a GPU."""
+    nw = recipe.get("num_workers", 0)
+    if nw == "auto":
+        cpus = int((resources or {}).get("cpus_per_task") or 1)
+        nw = max(0, cpus - 1) if device.type == "cuda" else 0
+    return {"num_workers": int(nw or 0), "pin_memory": device.type == "cuda"}
+
+
+def _has_conv(module: nn.Module | None) -> bool:
+    return module is not None and any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def channels_last_enabled(*modules: nn.Module | None) -> bool:
+    """Whether :func:`prepare_models` puts these networks in ``channels_last``: when any has a 2-D convolution
+    (conv nets: same numbers up to float rounding, a faster forward), unless ``KDBENCH_CHANNELS_LAST=0``."""
+    if os.environ.get("KDBENCH_CHANNELS_LAST", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return any(_has_conv(m) for m in modules)
+
+
+def to_channels_last(x: Any) -> Any:
+    """A 4-D tensor in ``channels_last`` memory format (same values); anything else as it is."""
+    if isinstance(x, Tensor) and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def prepare_models(student: nn.Module | None, teacher: nn.Module | None, method: nn.Module | None,
+                   device: torch.device, x: Any = None, y: Any = None) -> tuple[Any, Any]:
+    """Put the networks on ``device`` in the layout a training step runs them in (the one setup :func:`fit` and
+    ``kdbench bench`` share): student and method in train mode, the teacher in eval mode and frozen, and
+    conv nets in ``channels_last`` (:func:`channels_last_enabled`; a method's adapters follow the student).
+    Returns the batch ``(x, y)`` on the device, in that layout."""
+    cl = channels_last_enabled(student, teacher)
+    for m in (student, method):
+        if m is not None:
+            m.to(device).train()
+            if cl:
+                m.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.to(device).eval()
+        teacher.requires_grad_(False)
+        if cl:
+            teacher.to(memory_format=torch.channels_last)
+    if x is not None:
+        x = x.to(device)
+        if cl:
+            x = to_channels_last(x)
+    if y is not None and isinstance(y, Tensor):
+        y = y.to(device)
+    return x, y
+
+
 @dataclass
 class StepOutput:
     """What one :func:`train_step` computed: the total objective, the task loss, the method's terms (fp32) and
@@ -203,9 +292,10 @@ class StepOutput:
 
 def train_step(student: nn.Module, teacher: nn.Module | None, method: nn.Module, task, batch: Batch, *,
                optimizer: torch.optim.Optimizer | None = None, params: list | None = None,
-               scaler: torch.amp.GradScaler | None = None, amp: bool = False, grad_clip: float | None = None,
-               dist: ddp.Dist = ddp.SINGLE, loss_scale: float = 1.0, device: torch.device | None = None,
-               taps: Taps | None = None) -> StepOutput:
+               scaler: torch.amp.GradScaler | None = None, amp: bool | torch.dtype = False,
+               grad_clip: float | None = None, dist: ddp.Dist = ddp.SINGLE, loss_scale: float = 1.0,
+               device: torch.device | None = None, taps: Taps | None = None,
+               teacher_amp: torch.dtype | None = None, student_forward: nn.Module | None = None) -> StepOutput:
     """One training step of distillation, the one that :func:`fit`, stage 1 of the prompt methods, the cost
     benchmark and the tests all run.
 
@@ -217,17 +307,26 @@ def train_step(student: nn.Module, teacher: nn.Module | None, method: nn.Module,
     ranks, clip their norm to ``grad_clip``, step. Without one, only the backward (for checks that inspect the
     gradients). ``task`` needs ``forward(model, x, y, taps)`` and ``loss(outputs, y)``; ``batch`` carries the
     inputs and targets, already on the device. ``params`` default to the optimizer's.
+
+    ``amp``: False, True (autocast's default dtype) or the autocast dtype. ``teacher_amp``: a dtype the teacher's
+    forward runs under autocast in (bf16 on GPU, see :func:`teacher_dtype`); its outputs are cast back to fp32.
+    ``student_forward``: what runs the student's forward (a ``torch.compile`` of ``student``; same parameters).
     """
     x, y = batch.inputs, batch.targets
     taps = method.taps() if taps is None else taps
     if device is None:
         device = next(student.parameters()).device
-    with torch.autocast(device_type=device.type, enabled=amp):
-        s_out = task.forward(student, x, y, taps.student)
+    dtype = amp if isinstance(amp, torch.dtype) else None
+    with torch.autocast(device_type=device.type, dtype=dtype, enabled=bool(amp)):
+        s_out = task.forward(student if student_forward is None else student_forward, x, y, taps.student)
         t_out = None
         if teacher is not None:
             with torch.no_grad():
-                t_out = task.forward(teacher, x, None, taps.teacher)
+                if teacher_amp is None:
+                    t_out = task.forward(teacher, x, None, taps.teacher)
+                else:
+                    with torch.autocast(device_type=device.type, dtype=teacher_amp):
+                        t_out = _outputs_fp32(task.forward(teacher, x, None, taps.teacher))
         task_loss = task.loss(s_out, y)
         terms = method(s_out, t_out, batch)
     loss = method.task_loss_weight * task_loss.float() + sum((v.float() for v in terms.values()),
@@ -259,7 +358,8 @@ def train_step(student: nn.Module, teacher: nn.Module | None, method: nn.Module,
 
 def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, task, data, recipe: dict,
         run_dir: Path, seed: int, device: torch.device, desc: str = "", primary: str = "top1",
-        higher_is_better: bool = True, dist: ddp.Dist = ddp.SINGLE, run_id: str | None = None) -> FitResult:
+        higher_is_better: bool = True, dist: ddp.Dist = ddp.SINGLE, run_id: str | None = None,
+        resources: dict | None = None) -> FitResult:
     """Train ``student`` (with ``method`` and the frozen ``teacher``) as the recipe says, resuming from
     ``run_dir/checkpoint.pt``; ``run_id`` is written into every checkpoint and a checkpoint of another run is
     refused (see :func:`_read_checkpoint`)."""
@@ -272,11 +372,8 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
     if recipe.get("max_steps_per_epoch"):
         steps_per_epoch = min(steps_per_epoch, int(recipe["max_steps_per_epoch"]))
     taps = method.taps()
-    student.to(device).train()
-    method.to(device).train()
-    if teacher is not None:
-        teacher.to(device).eval()
-        teacher.requires_grad_(False)
+    prepare_models(student, teacher, method, device)
+    channels_last = channels_last_enabled(student, teacher)
     if dist.enabled:  # synchronised BN, identical starting weights on every rank
         ddp.sync_batchnorm(student, dist, device)
         ddp.sync_batchnorm(method, dist, device)
@@ -286,8 +383,10 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
     params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
     opt = build_optimizer(params, recipe["optimizer"])
     base_lrs = [g["lr"] for g in opt.param_groups]
-    use_amp = bool(recipe.get("amp")) and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    use_amp = amp_dtype(recipe.get("amp"), device)  # None: off (always on CPU)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp == torch.float16)  # bf16 needs no loss scaling
+    t_amp = teacher_dtype(recipe, device) if teacher is not None else None
+    student_fwd = torch.compile(student) if recipe.get("compile") else None  # opt-in; same parameters
     res = FitResult()
     start_epoch = 1
     ck = _read_checkpoint(ckpt_path, run_id, device, res, dist.is_main) if ckpt_path.is_file() else None
@@ -302,8 +401,9 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
         start_epoch = ck["epoch"] + 1
     else:
         step_times = [0.0, 0]
-    eval_loader = task.loader(data.val, int(recipe.get("eval_batch_size", 256)),
-                              num_workers=int(recipe.get("num_workers", 0)))
+    lopts = loader_options(recipe, resources, device)
+    # built once: its workers persist across the evaluations (no randomness in evaluation)
+    eval_loader = task.loader(data.val, int(recipe.get("eval_batch_size", 256)), persistent_workers=True, **lopts)
     t_start = time.perf_counter()
     wall_before = res.wall_time_s
 
@@ -323,11 +423,9 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
         if dist.enabled:  # this rank's slice of each global batch, in the order one process would draw
             idx, local_bs, global_bs = ddp.shard_indices(n_train, bs, steps_per_epoch, g, dist)
             scale = ddp.loss_scale(local_bs, global_bs, dist)
-            loader = task.loader(torch.utils.data.Subset(data.train, idx), local_bs,
-                                 num_workers=int(recipe.get("num_workers", 0)))
-        else:
-            loader = task.loader(data.train, bs, shuffle=True, drop_last=n_train >= bs, generator=g,
-                                 num_workers=int(recipe.get("num_workers", 0)))
+            loader = task.loader(torch.utils.data.Subset(data.train, idx), local_bs, **lopts)
+        else:  # one loader per epoch, seeded from (seed, epoch): exact resume (its workers do not persist)
+            loader = task.loader(data.train, bs, shuffle=True, drop_last=n_train >= bs, generator=g, **lopts)
         sums: dict[str, float] = {}
         n_steps = 0
         progress.update(epoch=epoch, step=0)
@@ -339,11 +437,14 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
                 grp["lr"] = lr0 * lr_factor(recipe["schedule"], step, steps_per_epoch, epochs)
             t0 = time.perf_counter()
             x, y = task.to_device(x, y, device)
+            if channels_last:
+                x = to_channels_last(x)
             out = train_step(student, teacher, method, task,
                              Batch(inputs=x, targets=y, epoch=epoch, step=step, epochs=epochs,
                                    steps_per_epoch=steps_per_epoch),
-                             optimizer=opt, params=params, scaler=scaler, amp=use_amp,
-                             grad_clip=recipe.get("grad_clip"), dist=dist, loss_scale=scale, device=device, taps=taps)
+                             optimizer=opt, params=params, scaler=scaler if scaler.is_enabled() else None,
+                             amp=use_amp or False, grad_clip=recipe.get("grad_clip"), dist=dist, loss_scale=scale,
+                             device=device, taps=taps, teacher_amp=t_amp, student_forward=student_fwd)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_times[0] += time.perf_counter() - t0

@@ -118,13 +118,33 @@ class ABF(nn.Module):
         if self.att_conv is not None:
             if y is None:
                 raise ValueError("ABF: a fusing block needs the residual y of the deeper block")
-            y = F.interpolate(y, size=(h, w), mode="nearest")
-            z = self.att_conv(torch.cat([x, y], dim=1))
-            x = x * z[:, 0].view(n, 1, h, w) + y * z[:, 1].view(n, 1, h, w)
+            x = self._fuse(x, y)
         out_hw = (h, w) if out_shape is None else _size2(out_shape)
         if tuple(x.shape[-2:]) != out_hw:
             x = F.interpolate(x, size=out_hw, mode="nearest")
         return self.conv2(x), x
+
+
+    def _fuse(self, x: Tensor, y: Tensor) -> Tensor:
+        """``z = σ(Conv1×1([x, up(y)]))``, ``z₁⊙x + z₂⊙up(y)`` with ``up`` the nearest resize of ``y`` to ``x``'s size.
+
+        The same numbers (up to float summation order) computed cheaper: the attention conv is split into its
+        ``x`` and ``y`` halves (no concatenation), and when ``x``'s size is an integer multiple of ``y``'s (nearest
+        resize = each ``y`` pixel repeated over a ``k_h×k_w`` block, the case of every stage pyramid) ``y`` and its
+        half of the conv stay at ``y``'s resolution and are broadcast over the blocks, never materialised."""
+        n, mid, h, w = x.shape
+        hy, wy = y.shape[-2:]
+        conv = self.att_conv[0]
+        zx = F.conv2d(x, conv.weight[:, :mid], conv.bias)
+        zy = F.conv2d(y, conv.weight[:, mid:])
+        if h % hy or w % wy:  # not a block repeat: resize as the definition says
+            y = F.interpolate(y, size=(h, w), mode="nearest")
+            z = torch.sigmoid(zx + F.interpolate(zy, size=(h, w), mode="nearest"))
+            return x * z[:, 0:1] + y * z[:, 1:2]
+        kh, kw = h // hy, w // wy
+        z = torch.sigmoid(zx.reshape(n, 2, hy, kh, wy, kw) + zy.reshape(n, 2, hy, 1, wy, 1))
+        out = x.reshape(n, mid, hy, kh, wy, kw) * z[:, 0:1] + y.reshape(n, mid, hy, 1, wy, 1) * z[:, 1:2]
+        return out.reshape(n, mid, h, w)
 
 
 class ReviewFusion(nn.Module):

@@ -132,6 +132,9 @@ class CIFAR100(DatasetPlugin):
         val = TensorImages(torch.from_numpy(x_te.copy()), torch.from_numpy(yte), CIFAR100_MEAN, CIFAR100_STD, resize)
         return ClassificationData(train, val, num_classes=100, in_chans=3, image_size=int(image_size), classes=classes)
 
+    def synthetic_shape(self, *, image_size: int = 32, **options) -> tuple[int, int, int]:
+        return 100, 3, int(image_size)
+
 
 def write_cifar100(root: str | os.PathLike, n_train_per_class: int = 5, n_test_per_class: int = 2,
                    num_classes: int = 100, seed: int = 0) -> Path:

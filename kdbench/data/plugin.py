@@ -40,6 +40,12 @@ class DatasetPlugin:
     def build(self, root: str | None, **options: Any) -> ClassificationData:
         raise NotImplementedError
 
+    def synthetic_shape(self, **options: Any) -> tuple[int, int, int] | None:
+        """``(num_classes, in_chans, image_size)`` of what ``build(root, **options)`` would give, known without
+        the data (``kdbench bench`` times steps on random batches of this shape); None when only the data
+        knows (the cost benchmark then builds the data)."""
+        return None
+
     @classmethod
     def option_names(cls) -> list[str]:
         sig = inspect.signature(cls.build)

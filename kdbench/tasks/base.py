@@ -17,9 +17,10 @@ class Task:
     collate = None  # a DataLoader collate_fn, for batches that are not stacked tensors (detection targets)
 
     def loader(self, dataset, batch_size: int, *, shuffle: bool = False, generator=None, drop_last: bool = False,
-               num_workers: int = 0) -> DataLoader:
+               num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
-                          num_workers=num_workers, collate_fn=self.collate)
+                          num_workers=num_workers, collate_fn=self.collate, pin_memory=pin_memory,
+                          persistent_workers=persistent_workers and num_workers > 0)
 
     def to_device(self, x: Any, y: Any, device) -> tuple[Any, Any]:
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -1,0 +1,217 @@
+"""kdbench bench (kdbench/bench.py) and the speed defaults of the training step (kdbench/train.py): channels_last
+conv nets give the same losses and gradients as the default memory format; AMP modes; loader options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+
+from kdb_util import tiny_suite
+from kdbench import bench
+from kdbench.method import Batch
+from kdbench.models.sources import build_model
+from kdbench.registry import METHODS
+from kdbench.runner import build_context
+from kdbench.tasks.classification import ClassificationTask
+from kdbench.train import amp_dtype, loader_options, prepare_models, teacher_dtype, train_step
+
+
+def _suite(tmp_path, methods):
+    d = tiny_suite(methods=methods)
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(d, allow_unicode=True))
+    return p
+
+
+def test_bench_tiny_suite_one_step(tmp_path):
+    p = _suite(tmp_path, ["baseline", "kd", "reviewkd"])
+    logs = []
+    rows, facts = bench.run_bench(p, steps=1, log=logs.append)
+    labels = [r["label"] for r in rows]
+    assert labels == ["(student step)", "(teacher forward)", "baseline", "kd", "reviewkd"]
+    by = {r["label"]: r for r in rows}
+    for r in rows:
+        assert r["min_ms"] > 0 and r["median_ms"] >= r["min_ms"]
+        assert r["samples_per_s"] == pytest.approx(32 / (r["min_ms"] / 1000))
+    floor = by["(student step)"]["min_ms"] + by["(teacher forward)"]["min_ms"]
+    assert by["kd"]["step_over_floor"] == pytest.approx(by["kd"]["min_ms"] / floor)
+    assert math.isnan(by["(student step)"]["step_over_floor"])
+    assert by["kd"]["extra_params"] == 0 and by["reviewkd"]["extra_params"] > 0
+    assert by["reviewkd"]["peak_mem_mb"] > 0
+    md, text = bench.format_md(rows, facts), bench.format_csv(rows)
+    assert "| reviewkd | reviewkd |" in md and "step / floor" in md
+    assert text.splitlines()[0].startswith("pair,label,method,min_ms") and len(text.splitlines()) == 6
+
+
+def test_bench_filter_and_cli(tmp_path, capsys):
+    p = _suite(tmp_path, ["baseline", "kd", "cwd"])
+    out = tmp_path / "b" / "bench.md"
+    assert bench.main([str(p), "--filter", "kd", "--steps", "1", "--no-memory", "--out", str(out)]) == 0
+    md = capsys.readouterr().out
+    assert "| kd | kd |" in md and "| cwd |" not in md
+    assert out.read_text().startswith("# Step cost: tiny") and out.with_suffix(".csv").is_file()
+    assert bench.main([str(p), "--filter", "nothing*", "--steps", "1"]) == 2
+    assert "matches --filter" in capsys.readouterr().err
+    from kdbench.cli import main as cli_main
+
+    assert cli_main(["bench", str(p), "--filter", "cwd", "--steps", "1", "--no-memory", "--format", "csv",
+                     "--set", "recipe.batch_size=8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("pair,label,method") and [ln.split(",")[1] for ln in lines[1:]] == [
+        "(student step)", "(teacher forward)", "cwd"]
+    assert all(ln.split(",")[-5] == "8" for ln in lines[1:])  # batch_size column follows --set
+
+
+def test_interleaved_times_order_and_summary():
+    calls = []
+    times = bench.interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2,
+                                    warmup=1)
+    assert calls == ["a", "b"] * 3 and all(len(v) == 2 for v in times.values())
+    best, med = bench.summarize({"x": [3.0, 1.0, 2.0]})
+    assert best == {"x": 1.0} and med == {"x": 2.0}
+
+
+def _one_step(name, channels_last, monkeypatch):
+    """Loss terms and student gradients of one step (no optimiser step) with and without channels_last."""
+    monkeypatch.setenv("KDBENCH_CHANNELS_LAST", "1" if channels_last else "0")
+    task = ClassificationTask()
+    torch.manual_seed(0)
+    teacher = build_model("kdbench:resnet20", 10, 3)
+    student = build_model("kdbench:resnet8", 10, 3)
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(8) % 10
+    data = type("D", (), {"num_classes": 10, "train": [(x[i], y[i]) for i in range(8)],
+                          "val": [(x[i], y[i]) for i in range(2)]})()
+    cls = METHODS.get(name)
+    t = teacher if cls.needs_teacher else None
+    ctx = build_context(task, data, {"epochs": 4, "batch_size": 8}, student, t, torch.device("cpu"))
+    torch.manual_seed(2)
+    method = cls(ctx, **cls.check_params({}))
+    if cls.stage_params:
+        method.load_stage({k: v.clone() for k, v in method.prompts.state_dict().items()})
+    xb, yb = prepare_models(student, t, method, torch.device("cpu"), x, y)
+    assert xb.is_contiguous(memory_format=torch.channels_last) == channels_last
+    out = train_step(student, t, method, task, Batch(xb, yb, epoch=3, step=10, epochs=4, steps_per_epoch=4))
+    grads = {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}
+    return {k: float(v.detach()) for k, v in {"loss": out.loss, **out.terms}.items()}, grads
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in METHODS.items() if "classification" in c.tasks))
+def test_channels_last_same_loss_and_grads(name, monkeypatch):
+    a, ga = _one_step(name, False, monkeypatch)
+    b, gb = _one_step(name, True, monkeypatch)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    for k in ga:
+        assert torch.allclose(ga[k], gb[k], rtol=1e-3, atol=1e-5), k
+
+
+def test_amp_modes_and_loader_options():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for v in (True, "bf16", "fp16", False):
+        assert amp_dtype(v, cpu) is None  # never on CPU
+    assert amp_dtype(True, cuda) is torch.float16 and amp_dtype("fp16", cuda) is torch.float16
+    assert amp_dtype("bf16", cuda) is torch.bfloat16 and amp_dtype(False, cuda) is None
+    with pytest.raises(ValueError, match="bf16, fp16"):
+        amp_dtype("fp8", cuda)
+    assert teacher_dtype({}, cpu) is None
+    assert loader_options({"num_workers": 2}, {"cpus_per_task": 8}, cpu) == {"num_workers": 2, "pin_memory": False}
+    assert loader_options({"num_workers": "auto"}, {"cpus_per_task": 8}, cuda) == {"num_workers": 7,
+                                                                                 "pin_memory": True}
+    assert loader_options({"num_workers": "auto"}, {"cpus_per_task": 8}, cpu)["num_workers"] == 0
+
+
+# -- recipe/resource keys, several runs per GPU ---------------------------------------------------------------
+def test_recipe_and_resource_keys_are_validated(tmp_path):
+    from kdbench.suite import SuiteError, load_suite
+
+    def load(**over):
+        d = tiny_suite(**over)
+        p = tmp_path / "tiny.yaml"
+        p.write_text(yaml.safe_dump(d, allow_unicode=True))
+        return load_suite(p)
+
+    base = tiny_suite()["recipe"]
+    for amp in (True, False, "bf16", "fp16"):
+        load(recipe={**base, "amp": amp, "compile": True, "teacher_bf16": False, "num_workers": "auto"})
+    with pytest.raises(SuiteError, match=r"recipe\.amp.*unknown value 'fp8'; valid: bool, bf16, fp16"):
+        load(recipe={**base, "amp": "fp8"})
+    with pytest.raises(SuiteError, match=r"recipe\.num_workers.*valid: int, auto"):
+        load(recipe={**base, "num_workers": "many"})
+    with pytest.raises(SuiteError, match=r"recipe\.compile"):
+        load(recipe={**base, "compile": "yes"})
+    load(resources={"gpus_per_node": 1, "runs_per_gpu": 4})
+    with pytest.raises(SuiteError, match=r"resources\.runs_per_gpu.*gpus_per_node: 1"):
+        load(resources={"gpus_per_node": 2, "runs_per_gpu": 4})
+    with pytest.raises(SuiteError, match=r"resources\.runs_per_gpu.*integer >= 1"):
+        load(resources={"gpus_per_node": 1, "runs_per_gpu": 0})
+
+
+def test_gpu_slots_pack_runs_per_gpu():
+    from kdbench.scheduler import GpuSlots, default_parallel
+
+    res = {"gpus_per_node": 1, "runs_per_gpu": 3, "cpus_per_task": 4}
+    assert default_parallel(res, n_gpus=2) == 6
+    assert default_parallel({"gpus_per_node": 1}, n_gpus=2) == 2
+    slots = GpuSlots(2)
+    got = [slots.take(res) for _ in range(6)]
+    assert sorted(got) == [(0,)] * 3 + [(1,)] * 3 and slots.take(res) is None
+    slots.give((1,))
+    assert slots.take(res) == (1,)
+    assert GpuSlots(0).take(res) == ()  # no GPU: the job gets none
+    two = GpuSlots(4)
+    assert [two.take({"gpus_per_node": 2}) for _ in range(3)] == [(0, 1), (2, 3), None]
+
+
+def test_run_pack_runs_its_runs_in_parallel_processes(tmp_path):
+    """The SLURM job of runs_per_gpu: N runs its runs as N processes; each writes its own record."""
+    from kdbench.results import read_record, run_dir_for
+    from kdbench.slurm import RunPack
+    from kdbench.suite import load_suite
+
+    d = tiny_suite(methods=["baseline"], seeds=[0, 1])
+    d["recipe"]["epochs"] = 1
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(d, allow_unicode=True))
+    specs = [s for s in load_suite(p).specs if s.kind == "distill"]
+    assert len(specs) == 2
+    recs = RunPack()(specs, str(tmp_path / "res"))
+    assert [r["status"] for r in recs] == ["ok", "ok"]
+    assert {read_record(run_dir_for(tmp_path / "res", s))["run_id"] for s in specs} == {s.run_id for s in specs}
+
+
+@pytest.mark.parametrize("h,hy", [(8, 1), (16, 8), (7, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_abf_fast_fusion_equals_the_definition(h, hy, channels_last):
+    """ABF's fusion without concat/materialised upsampling (docs/methods.md §4.2) gives the definition's numbers
+    (float64: to 1e-12) and gradients, block-repeat sizes and others."""
+    import torch.nn.functional as F
+
+    from kdbench.methods.reviewkd import ABF
+
+    torch.manual_seed(0)
+    abf = ABF(6, 8, 5, fuse=True).double()
+    x = torch.randn(3, 6, h, h, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 8, hy, hy, dtype=torch.float64, requires_grad=True)
+    xx = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    def definition(xx, y):
+        x1 = abf.conv1(xx)
+        n, _, hh, ww = x1.shape
+        yu = F.interpolate(y, size=(hh, ww), mode="nearest")
+        z = abf.att_conv(torch.cat([x1, yu], dim=1))
+        x1 = x1 * z[:, 0].view(n, 1, hh, ww) + yu * z[:, 1].view(n, 1, hh, ww)
+        return abf.conv2(x1), x1
+
+    wanted = [x, y, abf.conv1[0].weight, abf.att_conv[0].weight, abf.att_conv[0].bias, abf.conv2[0].weight]
+    got, ref = abf(xx, y), definition(xx, y)
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    g1 = torch.autograd.grad((got[0] ** 2).sum() + got[1].sum(), wanted)
+    g2 = torch.autograd.grad((ref[0] ** 2).sum() + ref[1].sum(), wanted)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
