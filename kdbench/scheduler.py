@@ -379,7 +379,7 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
         out.append(rec)
 
     def now_running():  # (name, run dir) of the run each job works on
-        for _, batch, _ in running:
+        for _, batch, _, _ in running:
             dirs = [run_dir_for(results, s) for s in batch]
             i = current_run(dirs, live.t0)
             if i is not None:
