@@ -13,32 +13,29 @@ from __future__ import annotations
 
 from typing import Any
 
-#: The 15 corruptions of the ImageNet-C / CIFAR-C benchmark (Hendrycks & Dietterich, ICLR 2019), in its order.
-BENCHMARK_CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
-)
-#: The 4 held-out corruptions of the same paper.
-EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
-CORRUPTION_SETS = {"benchmark": BENCHMARK_CORRUPTIONS, "extra": EXTRA_CORRUPTIONS,
-                   "all": BENCHMARK_CORRUPTIONS + EXTRA_CORRUPTIONS}
-SEVERITIES = (1, 2, 3, 4, 5)
-EVAL_KEYS = {"val": {"name"}, "corruptions": {"name", "set", "severities", "batch_size"}}
+# The corruption names, sets and severities live in kdbench.robustness (torch-free at import): one list.
+from kdbench.robustness import ALL as _ALL
+from kdbench.robustness import BENCHMARK as BENCHMARK_CORRUPTIONS
+from kdbench.robustness import EXTRA as EXTRA_CORRUPTIONS
+from kdbench.robustness import SETS as CORRUPTION_SETS
+from kdbench.robustness import SEVERITIES
+
+EVAL_KEYS = {"val": {"name"}, "corruptions": {"name", "set", "severities", "batch_size", "root"}}
 
 
 def corruption_names(which: str | list | tuple = "benchmark") -> tuple[str, ...]:
-    """The corruption names of a set (``benchmark``, ``extra``, ``all``) or of a list of names (checked)."""
+    """The corruption names of a set (``benchmark``, ``extra``, ``all``, a family: ``noise``, ``blur``,
+    ``weather``, ``digital``) or of a list of names (checked), in the order given (a set: its own order)."""
     if isinstance(which, str):
         if which not in CORRUPTION_SETS:
             raise ValueError(f"unknown corruption set {which!r}; valid: {', '.join(CORRUPTION_SETS)} "
-                             "or a list of corruption names")
+                             f"or a list of corruption names ({', '.join(_ALL)})")
         return CORRUPTION_SETS[which]
     if not isinstance(which, (list, tuple)) or not which:
         raise ValueError(f"expected a set name or a non-empty list of corruption names, got {which!r}")
-    valid = CORRUPTION_SETS["all"]
     for name in which:
-        if name not in valid:
-            raise ValueError(f"unknown corruption {name!r}; valid: {', '.join(valid)}")
+        if name not in _ALL:
+            raise ValueError(f"unknown corruption {name!r}; valid: {', '.join(_ALL)}")
     if len(set(which)) != len(which):
         raise ValueError(f"duplicate corruption names in {list(which)}")
     return tuple(which)
@@ -84,6 +81,13 @@ def check_eval(entry: Any, valid_names: tuple[str, ...], task: str = "") -> dict
         if not isinstance(entry["batch_size"], int) or entry["batch_size"] < 1:
             raise EvalEntryError("batch_size", f"expected a positive integer, got {entry['batch_size']!r}")
         out["batch_size"] = entry["batch_size"]
+    if "root" in entry:  # released pre-corrupted files (CIFAR-100-C: <corruption>.npy + labels.npy)
+        if task and task != "classification":
+            raise EvalEntryError("root", f"released corruption files are read for classification only (CIFAR-100-C "
+                                         f"layout), not for {task}; leave root: out to corrupt the val images")
+        if not isinstance(entry["root"], str) or not entry["root"]:
+            raise EvalEntryError("root", f"expected the folder of the released .npy files, got {entry['root']!r}")
+        out["root"] = entry["root"]
     return out
 
 
@@ -117,6 +121,6 @@ def run_eval(spec, net, task, data, device, cell_dir, log=None) -> list[dict]:
 
         rows = evaluate_corruptions(net, task, data.val, device, corruptions=[chunk["corruption"]],
                                     severities=list(chunk["severities"]), cell_dir=cell_dir, batch_size=bs,
-                                    num_workers=workers, log=log)
+                                    num_workers=workers, log=log, released=chunk.get("root"))
         return [{"eval": "corruptions", "select": "final", **r} for r in rows]
     raise ValueError(f"unknown eval {name!r}")
