@@ -541,6 +541,9 @@ def eval_specs(model: dict, target: str, needs: tuple, of: dict, chunks: list[di
     run (:data:`EVAL_FACTS`); ``data``, ``recipe``, ``resources`` the suite's own. The one constructor of eval
     runs: the suite's expansion and ``kdbench robustness`` (:func:`run_eval_specs`) both use it."""
     model = {k: v for k, v in model.items() if k != "train"}
+    # an eval runs in one process on at most one GPU (evaluation is not distributed); its CPUs corrupt images
+    resources = {**resources, **({"gpus_per_node": 1} if int(resources.get("gpus_per_node") or 0) > 1 else {})}
+    resources = {k: v for k, v in resources.items() if k not in ("nodes", "tasks_per_node")}
     return [RunSpec(kind="eval", suite=suite, suite_version=suite_version, task=task, data=_jsonable(data),
                     recipe=_jsonable(recipe), student=_jsonable(model), teacher=None, teacher_run=None,
                     target=target, eval=_jsonable(chunk), needs=tuple(needs), resources=_jsonable(resources),
@@ -595,6 +598,9 @@ def check_data_available(suite: Suite) -> None:
         except (OSError, ValueError) as e:
             raise SuiteError(f"{suite.path}: data: {e}") from None
     for spec in suite.specs:
+        root = (spec.eval or {}).get("root")  # released corruption files (CIFAR-100-C layout)
+        if root and not Path(root).is_dir():
+            raise SuiteError(f"{suite.path}: evals: root: no folder {root} (the released <corruption>.npy files)")
         for model in (spec.teacher, spec.student):  # an eval of a checkpoint teacher has it as its "student"
             if model and model.get("weights") and not Path(model["weights"]).is_file():
                 raise SuiteError(f"{suite.path}: pairs ({spec.pair}): teacher weights not found: {model['weights']}")
