@@ -189,3 +189,21 @@ def test_one_list_of_corruption_names():
         E.check_eval({"name": "corruptions", "root": "x"}, ("val", "corruptions"), "detection")
     assert E.check_eval({"name": "corruptions", "root": "c100c"}, ("val", "corruptions"),
                         "classification")["root"] == "c100c"
+
+
+def test_released_root_is_checked_before_anything_runs(write_suite, tmp_path):
+    from kdbench.suite import SuiteError, check_data_available
+
+    ev = {"name": "corruptions", "set": ["fog"], "severities": [1], "root": str(tmp_path / "CIFAR-100-C")}
+    suite = load_suite(write_suite(tiny_suite(evals=["val", ev])))
+    assert all(s.eval["root"] == ev["root"] for s in suite.specs if s.kind == "eval")
+    with pytest.raises(SuiteError, match=r"evals: root: no folder .*CIFAR-100-C"):
+        check_data_available(suite)
+    (tmp_path / "CIFAR-100-C").mkdir()
+    check_data_available(suite)
+    # the released files are another source: the same cell file name never mixes them with generated ones
+    from kdbench.robustness import read_cell
+
+    cell = tmp_path / "fog_s1.json"
+    cell.write_text(json.dumps({"corruption": "fog", "severity": 1, "n_images": 3, "metrics": {"top1": 50.0}}))
+    assert read_cell(cell, "fog", 1, 3, "generated") is not None and read_cell(cell, "fog", 1, 3, "released") is None
