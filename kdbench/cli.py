@@ -1,4 +1,4 @@
-"""kdbench command line: run | validate | ls | table | status.
+"""kdbench command line: run | validate | ls | table | robustness | plot | status.
 
 Only argparse and the torch-free modules are imported at start-up; each command imports what it needs.
 """
@@ -190,14 +190,76 @@ def cmd_ls(a) -> int:
 def cmd_table(a) -> int:
     from kdbench.tables import make_table
 
+    extra = {"reference": a.reference} if a.reference else {}
+    if a.reference and a.layout != "robustness":
+        raise ValueError(f"--reference names the row that normalises mCE: it goes with --layout robustness, "
+                         f"not --layout {a.layout}")
     out = make_table(Path(a.results_dir), metric=a.metric, select=a.select, eval=a.eval, fmt=a.format,
-                     suite_version=a.suite_version, layout=a.layout)
+                     suite_version=a.suite_version, layout=a.layout, **extra)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(out + ("" if out.endswith("\n") else "\n"))
         print(f"wrote {a.out}")
     else:
         print(out)
+    return 0
+
+
+def _list_arg(values: list[str] | None) -> list[str] | None:
+    """``--x a b`` and ``--x a,b`` alike."""
+    if values is None:
+        return None
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def _severities_arg(values: list[str] | None) -> list[int] | None:
+    items = _list_arg(values)
+    if items is None:
+        return None
+    out = []
+    for v in items:
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise ValueError(f"--severities: {v!r} is not an integer; severities are 1-5") from None
+    return out
+
+
+def cmd_robustness(a) -> int:
+    """The corruption sweep over a suite's finished models (no training), then the robustness table."""
+    from kdbench.evals import plan_sweep
+    from kdbench.scheduler import launch
+
+    sweep = plan_sweep(Path(a.results_dir), _list_arg(a.corruptions), _severities_arg(a.severities),
+                       suite_version=a.suite_version, root=a.root, batch_size=a.batch_size)
+    if a.dry_run:
+        print(f"{a.results_dir}: {len(sweep.specs)} eval runs over the finished models of "
+              f"{sweep.name} v{sweep.version}")
+        print(_matrix(sweep.specs))
+        return 0
+    results = Path(a.results_dir).parent
+    records = launch(sweep, results, executor=a.executor, parallel=a.parallel, wait=not a.no_wait)
+    if a.no_wait:
+        print(f"submitted; `kdbench status {a.results_dir}` shows the state of every run, "
+              f"`kdbench table {a.results_dir} --layout robustness` the table once they are done.")
+        return 0
+    bad = [r for r in records if r["status"] != "ok"]
+    from kdbench.tables import make_table
+
+    print()
+    print(make_table(Path(a.results_dir), layout="robustness", suite_version=sweep.version,
+                     **({"reference": a.reference} if a.reference else {})))
+    if bad:
+        print(f"{len(bad)} eval run(s) did not finish ok; `kdbench status {a.results_dir}` lists them, "
+              f"`kdbench robustness {a.results_dir}` again resumes (finished cells are kept).", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_plot(a) -> int:
+    from kdbench.plots import save_figures
+
+    for path in save_figures(Path(a.results_dir), suite_version=a.suite_version, metric=a.metric):
+        print(f"wrote {path}")
     return 0
 
 
@@ -252,9 +314,42 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--select", choices=("final", "best"), default="final")
     t.add_argument("--eval", default="val")
     t.add_argument("--suite-version", type=int, help="use records of this suite version only")
-    t.add_argument("--layout", default="auto", help="auto | method_x_domain")
+    t.add_argument("--layout", default="auto", choices=("auto", "method_x_domain", "robustness", "cost"),
+                   help="auto: methods x pairs; method_x_domain: methods x (spatial, dwt); robustness: clean, "
+                        "mPC, rPC (classification: mCE, relative mCE) and the corruption families; cost: "
+                        "time, memory and extra parameters of each method")
+    t.add_argument("--reference", metavar="LABEL",
+                   help="robustness layout, classification: the row whose errors normalise CE (default: baseline)")
     t.add_argument("--out", help="write to this file")
     t.set_defaults(fn=cmd_table)
+
+    rb = sub.add_parser("robustness", help="corruption sweep over a suite's finished teachers and students "
+                                           "(no training; resumes), then the robustness table")
+    rb.add_argument("results_dir", help="RESULTS/SUITE folder")
+    rb.add_argument("--corruptions", nargs="+", metavar="NAME",
+                    help="corruption names or sets (benchmark, extra, all, noise, blur, weather, digital); "
+                         "space- or comma-separated (default: benchmark)")
+    rb.add_argument("--severities", nargs="+", metavar="S", help="severities 1-5 (default: 1 2 3 4 5)")
+    rb.add_argument("--executor", choices=("debug", "local", "slurm"), default="local",
+                    help="debug: in process; local: subprocesses (default); slurm: job arrays, one task per "
+                         "model x corruption")
+    rb.add_argument("--parallel", type=_positive_int, metavar="N",
+                    help="runs at a time (local) / array parallelism (slurm); N >= 1")
+    rb.add_argument("--suite-version", type=int, help="sweep the models of this suite version")
+    rb.add_argument("--root", metavar="FOLDER",
+                    help="classification: released CIFAR-100-C files (<corruption>.npy, labels.npy) instead of "
+                         "corrupting the val images")
+    rb.add_argument("--batch-size", type=_positive_int, help="evaluation batch size (default: the recipe's)")
+    rb.add_argument("--reference", metavar="LABEL", help="the row whose errors normalise CE (default: baseline)")
+    rb.add_argument("--dry-run", action="store_true", help="check everything and print the eval runs; run nothing")
+    rb.add_argument("--no-wait", action="store_true", help="slurm: submit and return at once")
+    rb.set_defaults(fn=cmd_robustness)
+
+    pl = sub.add_parser("plot", help="robustness figures (PNG and PDF) under RESULTS/SUITE/figures/")
+    pl.add_argument("results_dir", help="RESULTS/SUITE folder")
+    pl.add_argument("--metric", help="metric (default: the task's main metric)")
+    pl.add_argument("--suite-version", type=int, help="use records of this suite version only")
+    pl.set_defaults(fn=cmd_plot)
 
     s = sub.add_parser("status", help="state of every run of a suite")
     s.add_argument("results_dir", help="RESULTS/SUITE folder")

@@ -194,8 +194,11 @@ def cell_path(cell_dir: str | Path, corruption: str, severity: int) -> Path:
     return Path(cell_dir) / f"{corruption}_s{int(severity)}.json"
 
 
-def read_cell(path: Path, corruption: str, severity: int, n_images: int | None = None) -> dict | None:
-    """A finished cell, or None when absent or not valid (partial, another dataset size, wrong content)."""
+def read_cell(path: Path, corruption: str, severity: int, n_images: int | None = None,
+              source: str | None = None) -> dict | None:
+    """A finished cell, or None when absent or not valid (partial, another dataset size, wrong content, or
+    another ``source``: ``"generated"`` by the engine or ``"released"`` pre-corrupted files; a cell without one
+    was generated)."""
     try:
         cell = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -205,6 +208,8 @@ def read_cell(path: Path, corruption: str, severity: int, n_images: int | None =
     if not isinstance(cell.get("metrics"), dict) or not cell["metrics"]:
         return None
     if n_images is not None and cell.get("n_images") != n_images:
+        return None
+    if source is not None and cell.get("source", "generated") != source:
         return None
     return cell
 
@@ -249,12 +254,13 @@ def evaluate_corruptions(net, task, val_dataset, device, *, corruptions, severit
 
         n = len(cifar100c_slice(released, names[0], sevs[0])[1])
     metrics = dict(task.metrics)
+    source = "generated" if released is None else "released"
     rows: list[dict] = []
     todo = [(c, s) for c in names for s in sevs]
     done, checked = 0, False
     for i, (c, s) in enumerate(todo, 1):
         path = cell_path(cell_dir, c, s)
-        cell = read_cell(path, c, s, n)
+        cell = read_cell(path, c, s, n, source)
         if cell is not None:
             done += 1
             rows += cell_rows(cell, metrics)
@@ -271,6 +277,7 @@ def evaluate_corruptions(net, task, val_dataset, device, *, corruptions, severit
         values = task.evaluate(net, loader, device)
         dt = time.perf_counter() - t0
         cell = {"version": CELL_VERSION, "corruption": c, "severity": s, "family": family_of(c), "n_images": n,
+                "source": source,
                 "seconds": round(dt, 3), "images_per_s": round(n / max(dt, 1e-9), 2),
                 "metrics": {k: float(v) for k, v in values.items()
                             if isinstance(v, (int, float)) and math.isfinite(float(v))}}

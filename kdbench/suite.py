@@ -495,12 +495,8 @@ def validate_and_expand(path: Path, raw: dict, notes: list[str] | None = None) -
 
     def add_evals(model: dict, target: str, needs: tuple, of: dict) -> None:
         """One eval run per chunk of the suite's evals for the finished model ``model``."""
-        for chunk in eval_chunks:
-            add(RunSpec(kind="eval", data=data, recipe=_jsonable(recipe), student=_jsonable(model), teacher=None,
-                        teacher_run=None, target=target, eval=_jsonable(chunk), needs=needs,
-                        method=of["method"], method_version=of["method_version"], params=of["params"],
-                        seed=of["seed"], label=of["label"], pair=of["pair"], pair_index=of["pair_index"],
-                        method_index=of["method_index"], **common, reference=()))
+        for e in eval_specs(model, target, needs, of, eval_chunks, data=data, recipe=recipe, **common):
+            add(e)
 
     pair_names: list[str] = []
     for p_i, pair in enumerate(raw["pairs"]):
@@ -519,9 +515,7 @@ def validate_and_expand(path: Path, raw: dict, notes: list[str] | None = None) -
 
         teacher_run = None
         t_for_runs = {k: v for k, v in teacher.items() if k != "train"}
-        base = method_info("baseline")
-        t_facts = dict(method="baseline", method_version=base.version, params={}, label="teacher", pair=pname,
-                       pair_index=p_i, method_index=-1)
+        t_facts = teacher_facts(pname, p_i)
         if "train" in teacher:
             tr = teacher["train"]
             t_recipe = _check_recipe(path, f"{where}.teacher.train.recipe", tr.get("recipe") or {}, partial=True)
@@ -586,6 +580,58 @@ def validate_and_expand(path: Path, raw: dict, notes: list[str] | None = None) -
             raise _err(path, f"reference[{i}].method",
                        f"unknown method label {r['method']!r}; valid: {', '.join(labels + ['teacher'])}")
     return specs
+
+
+def teacher_facts(pair: str, pair_index: int) -> dict:
+    """The facts a teacher's runs (its training as a baseline student, its evals) carry: label "teacher"."""
+    from kdbench.methodinfo import method_info  # torch-free: the metadata, not the class
+
+    return dict(method="baseline", method_version=method_info("baseline").version, params={}, label="teacher",
+                pair=pair, pair_index=pair_index, method_index=-1)
+
+
+EVAL_FACTS = ("method", "method_version", "params", "seed", "label", "pair", "pair_index", "method_index")
+
+
+def eval_specs(model: dict, target: str, needs: tuple, of: dict, chunks: list[dict], *, suite: str,
+               suite_version: int, task: str, data: dict, recipe: dict, resources: dict) -> list[RunSpec]:
+    """The eval runs of one finished model (one per eval chunk): ``model`` its spec (model, kwargs, weights),
+    ``target`` its run_id (a checkpoint teacher: :func:`model_id`), ``of`` the facts it shares with the model's
+    run (:data:`EVAL_FACTS`); ``data``, ``recipe``, ``resources`` the suite's own. The one constructor of eval
+    runs: the suite's expansion and ``kdbench robustness`` (:func:`run_eval_specs`) both use it."""
+    model = {k: v for k, v in model.items() if k != "train"}
+    # an eval runs in one process on at most one GPU (evaluation is not distributed); its CPUs corrupt images
+    resources = {**resources, **({"gpus_per_node": 1} if int(resources.get("gpus_per_node") or 0) > 1 else {})}
+    resources = {k: v for k, v in resources.items() if k not in ("nodes", "tasks_per_node")}
+    return [RunSpec(kind="eval", suite=suite, suite_version=suite_version, task=task, data=_jsonable(data),
+                    recipe=_jsonable(recipe), student=_jsonable(model), teacher=None, teacher_run=None,
+                    target=target, eval=_jsonable(chunk), needs=tuple(needs), resources=_jsonable(resources),
+                    reference=(), **{k: of[k] for k in EVAL_FACTS}) for chunk in chunks]
+
+
+def run_eval_specs(spec: RunSpec, chunks: list[dict], *, data: dict, recipe: dict, resources: dict) -> list[RunSpec]:
+    """The eval runs of a finished teacher or distill run ``spec`` (e.g. read back from its ``spec.json``), the
+    same RunSpecs (same run_ids) as the suite's expansion makes for it."""
+    if spec.kind not in ("teacher", "distill"):
+        raise ValueError(f"run {spec.run_id} is a {spec.kind} run; only teacher and distill runs leave a model")
+    return eval_specs(spec.student, spec.run_id, (spec.run_id,), {k: getattr(spec, k) for k in EVAL_FACTS},
+                      chunks, suite=spec.suite, suite_version=spec.suite_version, task=spec.task, data=data,
+                      recipe=recipe, resources=resources)
+
+
+def spec_from_dict(d: dict) -> RunSpec:
+    """A RunSpec from its ``to_dict()`` (a run's ``spec.json``); the stored run_id must match the recomputed one."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(RunSpec)}
+    kw = {k: v for k, v in d.items() if k in names}
+    for k in ("needs", "reference"):
+        if k in kw:
+            kw[k] = tuple(kw[k])
+    spec = RunSpec(**kw)
+    if d.get("run_id") and spec.run_id != d["run_id"]:
+        raise ValueError(f"spec of run {d['run_id']} hashes to {spec.run_id}: written by another kdbench version")
+    return spec
 
 
 def load_suite(path: str | os.PathLike, overrides: list[str] = ()) -> Suite:
@@ -699,6 +745,10 @@ def check_data_available(suite: Suite) -> None:
     data_bad = bool(problems)
     missing: dict[tuple, str] = {}  # (pair, side, what, path) -> line, in the order of the pairs
     for spec in suite.specs:
+        root = (spec.eval or {}).get("root")  # released corruption files (CIFAR-100-C layout)
+        if root and not Path(root).is_dir() and f"evals: root: {root}" not in " ".join(problems):
+            problems.append(f"{suite.path}: evals: root: no folder {root} (the released <corruption>.npy files)")
+            data_bad = True
         sides = [("teacher", spec.teacher), ("student", spec.student)]
         for side, model in sides:
             if not model:
