@@ -33,13 +33,13 @@ import copy
 import hashlib
 import json
 import math
+import numbers
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 
 NOISE = ("gaussian_noise", "shot_noise", "impulse_noise")
 BLUR = ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur")
@@ -84,7 +84,7 @@ def resolve_corruptions(spec: str | Sequence[str]) -> list[str]:
 def check_severities(severities: int | Iterable[int]) -> list[int]:
     """Sorted distinct severities, each an integer in 1–5 (ValueError otherwise)."""
     sev = list(severities) if isinstance(severities, (list, tuple, set, range)) else [severities]
-    bad = [s for s in sev if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 1 <= int(s) <= 5]
+    bad = [s for s in sev if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 1 <= int(s) <= 5]
     if not sev or bad:
         raise ValueError(f"severities must be integers in 1-5, got {list(sev) if sev else severities!r}")
     return sorted({int(s) for s in sev})
@@ -107,6 +107,8 @@ def seed_for(key: Any, corruption: str, severity: int) -> int:
 def corrupt(image: np.ndarray, name: str, severity: int, key: Any) -> np.ndarray:
     """``image`` (uint8, ``H×W×3``, ``H×W×1`` or ``H×W``, sides >= 32) corrupted by ``name`` at ``severity``,
     seeded by ``(key, name, severity)``; same shape and dtype as the input. numpy's global RNG state is restored."""
+    import numpy as np  # here, not at import: suite validation reads the names above without numpy
+
     from imagecorruptions import corrupt as _lib_corrupt
 
     if name not in ALL:
@@ -187,6 +189,8 @@ def throughput(images: Sequence[np.ndarray], corruptions: Sequence[str], severit
 # ------------------------------------------------------------------------------------------- sweep
 def warm_up(corruption: str, severity: int) -> None:
     """Run ``corruption`` once on a blank 32×32 image (JIT compilation, file loading) in this process."""
+    import numpy as np  # here, not at import: suite validation reads the names above without numpy
+
     corrupt(np.zeros((MIN_SIDE, MIN_SIDE, 3), dtype=np.uint8), corruption, severity, "warm-up")
 
 
