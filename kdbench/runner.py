@@ -405,21 +405,12 @@ def _eval(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None:
 
 def _load_stage(path: Path, s_rec: dict) -> dict:
     """A stage run's tensors: the file its run recorded (sha256), read with ``weights_only=True``."""
-    import torch
+    from kdbench.models.sources import load_tensor_file
 
-    from kdbench.models.sources import _load_error
-    from kdbench.results import file_sha256
-
-    want = (s_rec.get("artifact") or {}).get("sha256")
     if not path.is_file():
         raise FileNotFoundError(f"stage file not found: {path}; run again to rebuild it")
-    if want is not None and file_sha256(path) != want:
-        raise ValueError(f"{path}: the file changed after its stage run recorded it: put the original back, or "
-                         f"delete {path.parent} to redo the stage")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read stage file {path}: {_load_error(e)}") from None
+    state, _ = load_tensor_file(path, (s_rec.get("artifact") or {}).get("sha256"), "stage file",
+                                f"put the original back, or delete {path.parent} to redo the stage")
     if not isinstance(state, dict):
         raise ValueError(f"{path}: a stage file holds a dict of tensors, not a {type(state).__name__}")
     return state

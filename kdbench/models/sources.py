@@ -9,7 +9,6 @@ torchvision are imported when a model is built, or to check a name only their li
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -151,12 +150,23 @@ def build_model(spec: str, num_classes: int, in_chans: int, **kwargs: Any) -> Ta
     return MODELS.get(source)().build(name, num_classes, in_chans, **kwargs)
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def load_tensor_file(path: Path, sha256: str | None, what: str, remedy: str) -> tuple[object, str]:
+    """``(content, sha256)`` of a torch file a user could have placed on disk: read with ``weights_only=True``
+    (tensors and plain containers only: a pickled object, which could run code, is refused naming the file);
+    with ``sha256`` (the hash a finished run recorded for it) a file whose hash differs is refused before it is
+    read at all (``remedy`` says what to do then)."""
+    from kdbench.results import file_sha256
+
+    got = file_sha256(path)
+    if sha256 is not None and got != sha256:
+        raise ValueError(f"{path}: the file changed after its run recorded it (sha256 {sha256[:12]}... recorded, "
+                         f"{got[:12]}... now): {remedy}")
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), got
+    except Exception as e:
+        raise ValueError(f"cannot read {what} {path}: {_load_error(e)}") from None
 
 
 def load_weights(model: "TapModel", path: str | Path, sha256: str | None = None) -> str:
@@ -172,16 +182,8 @@ def load_weights(model: "TapModel", path: str | Path, sha256: str | None = None)
         raise FileNotFoundError(f"teacher weights not found: {path}; the suites in suites/ read checkpoints under "
                                 "${KDBENCH_CKPT:-download_ckpts}: point KDBENCH_CKPT at the folder that holds them "
                                 "(export KDBENCH_CKPT=/path/to/checkpoints)")
-    got = sha256_file(path)
-    if sha256 is not None and got != sha256:
-        raise ValueError(f"{path}: the file changed after its run recorded it (sha256 {sha256[:12]}... recorded, "
-                         f"{got[:12]}... now): put the original back, or delete {path.parent} to retrain it")
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {_load_error(e)}") from None
+    state, got = load_tensor_file(path, sha256, "checkpoint",
+                                  f"put the original back, or delete {path.parent} to retrain it")
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
