@@ -139,8 +139,8 @@ def load_weights(model: TapModel, path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher weights not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # a model may read its own checkpoint layout (mmdet: kdbench.models.mmdet)
+        state = getattr(model, "read_checkpoint", lambda p: torch.load(p, map_location="cpu", weights_only=True))(path)
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     for key in ("model", "state_dict"):
