@@ -67,9 +67,15 @@ _RESERVED = {"min_size": "data.min_size", "max_size": "data.max_size", "num_clas
 VALID_KWARGS = ("cfg_options", "backbone_weights")
 # the dense regression conv of each head family (first attribute found on the head is the "reg" tap)
 REG_MODULES = ("retina_reg", "gfl_reg", "atss_reg", "reppoints_pts_refine_out", "conv_reg", "rpn_reg")
-# what an mmengine runner checkpoint may hold besides tensors (its message_hub keeps numpy-backed HistoryBuffers)
-SAFE_CHECKPOINT_GLOBALS = ("numpy.", "mmengine.logging.history_buffer.HistoryBuffer", "collections.OrderedDict",
-                           "builtins.set", "builtins.frozenset", "builtins.slice")
+# what an mmengine runner checkpoint may hold besides tensors: its message_hub keeps HistoryBuffers (numpy arrays,
+# numpy scalars, and the buffer's statistics methods pickled as getattr(HistoryBuffer, name)). Names or name
+# prefixes; under weights_only unpickling only allowlisted callables can be called, so getattr can only fetch
+# attributes of these objects.
+SAFE_CHECKPOINT_GLOBALS = ("numpy.dtype", "numpy.ndarray", "numpy.dtypes.", "numpy._core.multiarray._reconstruct",
+                           "numpy.core.multiarray._reconstruct", "numpy._core.multiarray.scalar",
+                           "numpy.core.multiarray.scalar", "mmengine.logging.history_buffer.HistoryBuffer",
+                           "builtins.getattr", "collections.OrderedDict", "builtins.set", "builtins.frozenset",
+                           "builtins.slice")
 # parts of the detector that are not heads
 _NOT_HEAD = ("backbone", "neck", "data_preprocessor")
 
@@ -182,7 +188,7 @@ def read_checkpoint(path: str | Path) -> dict:
     except pickle.UnpicklingError:
         pass
     names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    bad = [n for n in names if not n.startswith(SAFE_CHECKPOINT_GLOBALS)]
+    bad = [n for n in names if not any(n == g or (g.endswith(".") and n.startswith(g)) for g in SAFE_CHECKPOINT_GLOBALS)]
     if bad:
         raise ValueError(f"{path}: the checkpoint holds objects kdbench does not unpickle: {', '.join(bad[:5])}")
     allowed = []
@@ -192,6 +198,10 @@ def read_checkpoint(path: str | Path) -> dict:
             allowed.append(getattr(importlib.import_module(mod), attr))
         except (ImportError, AttributeError) as e:
             raise ValueError(f"{path}: cannot resolve {n} in the checkpoint: {e}") from None
+    if any(n.startswith("numpy.") for n in names):  # a pickled dtype is rebuilt as its numpy.dtypes class
+        import numpy.dtypes
+
+        allowed += [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
     with torch.serialization.safe_globals(allowed):
         return torch.load(path, map_location="cpu", weights_only=True)
 
