@@ -177,8 +177,8 @@ def main(argv=None) -> int:
             jobs = args.jobs or int(os.environ.get("MAX_JOBS") or len(os.sched_getaffinity(0)))
             wheel = build_wheel(entry, std, cuda, args.sdist, jobs)
             log(f"cached {wheel}")
-        pip("install", "--force-reinstall", "--no-deps", str(wheel))
-        pip("install", str(wheel))  # mmcv's own requirements (addict, mmengine, opencv, yapf, ...)
+        pip("install", str(wheel))  # with mmcv's own requirements (addict, mmengine, opencv, yapf, ...)
+        pip("install", "--force-reinstall", "--no-deps", str(wheel))  # this build, whatever mmcv 2.1.0 was there
     if args.with_mmdet:
         pip("install", *MMDET_SPEC)
     verify()
