@@ -352,7 +352,7 @@ class MmdetDetector(TapModel):
             was = self.training
             self.eval()
             with torch.no_grad():
-                self.net.extract_feat(torch.zeros(1, 3, 64, 64, device=dev))
+                self.net.extract_feat(torch.zeros(1, 3, 256, 256, device=dev))  # P7 2x2: GN needs >1 value
             self.train(was)
         return len(self.fpn_levels)
 
