@@ -349,7 +349,7 @@ def _shrink(suite: Path, tmp: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("suite", ["quickstart_detection.yaml", "coco_detection.yaml", "coco_spatial_vs_dwt.yaml"])
+@pytest.mark.parametrize("suite", ["quickstart_detection.yaml", "coco_detection.yaml"])  # mmdet suites: test_mmdet.py
 def test_detection_suites_run_end_to_end_shrunk(suite, tmp_path):
     from kdbench.scheduler import launch
     from kdbench.suite import load_suite

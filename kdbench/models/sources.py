@@ -150,11 +150,12 @@ def build_model(spec: str, num_classes: int, in_chans: int, **kwargs: Any) -> Ta
     return MODELS.get(source)().build(name, num_classes, in_chans, **kwargs)
 
 
-def load_tensor_file(path: Path, sha256: str | None, what: str, remedy: str) -> tuple[object, str]:
+def load_tensor_file(path: Path, sha256: str | None, what: str, remedy: str, reader=None) -> tuple[object, str]:
     """``(content, sha256)`` of a torch file a user could have placed on disk: read with ``weights_only=True``
     (tensors and plain containers only: a pickled object, which could run code, is refused naming the file);
     with ``sha256`` (the hash a finished run recorded for it) a file whose hash differs is refused before it is
-    read at all (``remedy`` says what to do then)."""
+    read at all (``remedy`` says what to do then). ``reader(path)`` replaces ``torch.load`` for a model that reads
+    its own checkpoint layout (it must load with ``weights_only=True`` too: mmdet's runner checkpoints)."""
     from kdbench.results import file_sha256
 
     got = file_sha256(path)
@@ -164,6 +165,8 @@ def load_tensor_file(path: Path, sha256: str | None, what: str, remedy: str) -> 
     import torch
 
     try:
+        if reader is not None:
+            return reader(path), got
         return torch.load(path, map_location="cpu", weights_only=True), got
     except Exception as e:
         raise ValueError(f"cannot read {what} {path}: {_load_error(e)}") from None
@@ -183,7 +186,8 @@ def load_weights(model: "TapModel", path: str | Path, sha256: str | None = None)
                                 "${KDBENCH_CKPT:-download_ckpts}: point KDBENCH_CKPT at the folder that holds them "
                                 "(export KDBENCH_CKPT=/path/to/checkpoints)")
     state, got = load_tensor_file(path, sha256, "checkpoint",
-                                  f"put the original back, or delete {path.parent} to retrain it")
+                                  f"put the original back, or delete {path.parent} to retrain it",
+                                  reader=getattr(model, "read_checkpoint", None))  # a model's own layout (mmdet:)
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

@@ -96,11 +96,11 @@ class DetectionTask(Task):
         from kdbench.models.sources import build_model
 
         model = build_model(spec["model"], data.model_num_classes, 3, **spec.get("kwargs", {}))
-        if not isinstance(model, DetectorModel):
+        if not isinstance(model, DetectorModel) and not getattr(model, "is_detector", False):
             from kdbench.models.detection import DETECTOR_NAMES
 
             raise ValueError(f"{spec['model']!r} is not a detector; detection models: "
-                             f"{', '.join('torchvision:' + n for n in DETECTOR_NAMES)}")
+                             f"{', '.join('torchvision:' + n for n in DETECTOR_NAMES)}, mmdet:<config>")
         return model
 
     def example_input(self, data, n: int = 2):
