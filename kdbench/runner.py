@@ -343,6 +343,9 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
     record["cost"] = {"wall_time_s": round(res.wall_time_s, 3), "step_time_s": res.step_time_s,
                       "peak_mem_mb": res.peak_mem_mb, "extra_params": method.extra_parameters(),
                       "epochs": len(res.history)}
+    if teacher is not None and dist.is_main:  # the floor's teacher part (kdbench table --layout cost)
+        record["cost"]["teacher_forward_s"] = teacher_forward_time(teacher, method.taps().teacher, task, data,
+                                                                   spec.recipe, device)
     record["scheduler"]["resumes"] = res.resumes
     if res.warnings:
         record["warnings"] = list(res.warnings)
@@ -351,6 +354,33 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
     if dist.is_main:  # a suite-trained teacher is loaded from it; every model is kept for its eval runs
         _save_atomic(student.net.state_dict(), rdir / MODEL_FILE)
         record["artifact"] = artifact_entry(rdir / MODEL_FILE)  # its sha256: dependents refuse another file
+
+
+def teacher_forward_time(teacher, taps, task, data, recipe: dict, device, repeats: int = 3) -> float:
+    """Seconds of one teacher forward as the training step runs it (the method's taps, no_grad, channels_last
+    when the loop uses it) on a training batch: the minimum over ``repeats`` after one warm-up. With the
+    baseline's step it is the floor a distillation step is compared with."""
+    import time
+
+    import torch
+
+    from kdbench.train import channels_last_enabled, to_channels_last
+
+    loader = task.loader(data.train, int(recipe["batch_size"]))
+    x, y = next(iter(loader))
+    x, _ = task.to_device(x, y, device)
+    if channels_last_enabled(teacher):
+        x = to_channels_last(x)
+    best = float("inf")
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            task.forward(teacher, x, None, taps)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _stage(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None:
