@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from kdbench.freq import autocast_disabled
+from kdbench.fusion import ReviewFusion
 from kdbench.method import Batch, Outputs, register_method
-from kdbench.methods.reviewkd import ReviewFusion
 from kdbench.prompts import PromptDistiller, PromptSet, next_level_context
 
 __all__ = ["AdaptivePromptSet", "AFP"]

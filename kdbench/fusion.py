@@ -1,0 +1,158 @@
+"""Attention-based feature fusion (ABF) and its review cascade: the fusion ReviewKD distils through
+(docs/methods.md §4.2) and AFP reuses as its hierarchical feature-fusion aligner (§9). Library code shared by
+method files, so that no method file imports another.
+
+* :class:`ABF`: one attention-based fusion block.
+* :class:`ReviewFusion`: the ABF cascade built from per-tap channels and resolutions; it takes student
+  features shallow→deep and returns the fused outputs shallow→deep, processing deep→shallow.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Size2 = tuple[int, int]
+
+
+def _size2(v: int | Sequence[int]) -> Size2:
+    """``8 -> (8, 8)``; ``(8, 6) -> (8, 6)``."""
+    if isinstance(v, int):
+        return (v, v)
+    h, w = v
+    return (int(h), int(w))
+
+
+def spatial_size(shape: Sequence[int]) -> Size2:
+    """Spatial size of a per-sample tap shape: ``(C, H, W) -> (H, W)``; ``(C,) -> (1, 1)`` (pooled feature)."""
+    if len(shape) == 1:
+        return (1, 1)
+    if len(shape) != 3:
+        raise ValueError(f"expected a per-sample shape (C,) or (C, H, W), got {tuple(shape)}")
+    return (int(shape[1]), int(shape[2]))
+
+
+class ABF(nn.Module):
+    """Attention-based fusion block (docs/methods.md §4.2).
+
+    ``x' = BN(Conv1×1_{in→mid, no bias}(x))``; when ``fuse`` (every tap but the deepest), the residual ``y``
+    of the deeper ABF is nearest-resized to ``x'``'s resolution and the two are mixed by two sigmoid spatial
+    maps ``z = σ(Conv1×1_{2·mid→2, bias}([x', y']))``: ``x'' = z₁⊙x' + z₂⊙y'``. ``x''`` is nearest-resized
+    to ``out_shape`` if needed, and ``out = BN(Conv3×3_{mid→out, pad 1, no bias}(x''))``. Returns
+    ``(out, x'')``; ``x''`` is the residual handed to the next (shallower) ABF. Both conv weights are
+    initialised with ``kaiming_uniform_(a=1)``.
+    """
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool):
+        super().__init__()
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(in_channels, mid_channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(mid_channels),
+        )
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(mid_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.fuse = bool(fuse)
+        self.att_conv = (
+            nn.Sequential(nn.Conv2d(mid_channels * 2, 2, kernel_size=1), nn.Sigmoid()) if self.fuse else None
+        )
+        nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
+        nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor | None = None,
+        shape: int | Sequence[int] | None = None,
+        out_shape: int | Sequence[int] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``x``: this tap's student feature ``N×C_in×h×w``; ``y``: the deeper ABF's residual (needed iff
+        ``fuse``); ``shape``: the fusion resolution (must be ``x``'s, defaults to it); ``out_shape``: the
+        output resolution (defaults to ``x``'s). Returns ``(out N×C_out×out_shape, residual N×mid×out_shape)``."""
+        n, _, h, w = x.shape
+        if shape is not None and _size2(shape) != (h, w):
+            raise ValueError(f"ABF: fusion shape {_size2(shape)} does not match the input's spatial size {(h, w)}")
+        x = self.conv1(x)
+        if self.att_conv is not None:
+            if y is None:
+                raise ValueError("ABF: a fusing block needs the residual y of the deeper block")
+            x = self._fuse(x, y)
+        out_hw = (h, w) if out_shape is None else _size2(out_shape)
+        if tuple(x.shape[-2:]) != out_hw:
+            x = F.interpolate(x, size=out_hw, mode="nearest")
+        return self.conv2(x), x
+
+
+    def _fuse(self, x: Tensor, y: Tensor) -> Tensor:
+        """``z = σ(Conv1×1([x, up(y)]))``, ``z₁⊙x + z₂⊙up(y)`` with ``up`` the nearest resize of ``y`` to ``x``'s size.
+
+        The same numbers (up to float summation order) computed cheaper: the attention conv is split into its
+        ``x`` and ``y`` halves (no concatenation), and when ``x``'s size is an integer multiple of ``y``'s (nearest
+        resize = each ``y`` pixel repeated over a ``k_h×k_w`` block, the case of every stage pyramid) ``y`` and its
+        half of the conv stay at ``y``'s resolution and are broadcast over the blocks, never materialised."""
+        n, mid, h, w = x.shape
+        hy, wy = y.shape[-2:]
+        conv = self.att_conv[0]
+        zx = F.conv2d(x, conv.weight[:, :mid], conv.bias)
+        zy = F.conv2d(y, conv.weight[:, mid:])
+        if h % hy or w % wy:  # not a block repeat: resize as the definition says
+            y = F.interpolate(y, size=(h, w), mode="nearest")
+            z = torch.sigmoid(zx + F.interpolate(zy, size=(h, w), mode="nearest"))
+            return x * z[:, 0:1] + y * z[:, 1:2]
+        kh, kw = h // hy, w // wy
+        z = torch.sigmoid(zx.reshape(n, 2, hy, kh, wy, kw) + zy.reshape(n, 2, hy, 1, wy, 1))
+        out = x.reshape(n, mid, hy, kh, wy, kw) * z[:, 0:1] + y.reshape(n, mid, hy, 1, wy, 1) * z[:, 1:2]
+        return out.reshape(n, mid, h, w)
+
+
+class ReviewFusion(nn.Module):
+    """The ABF cascade of docs/methods.md §4.2, one ABF per tap.
+
+    Args (all lists shallow→deep, one entry per tap):
+      in_channels: student channels ``C_i``.
+      out_channels: target (teacher) channels ``C^t_i``.
+      shapes: fusion resolutions (the student's spatial sizes), ``int`` or ``(h, w)``.
+      out_shapes: output resolutions (the teacher's spatial sizes), ``int`` or ``(h, w)``.
+      mid: the shared mid width; ``None`` -> ``min(512, in_channels[-1])`` (as the reference code, which
+        ignores ``MAX_MID_CHANNEL``).
+
+    ``forward(feats)`` takes the student features shallow→deep, runs the deepest ABF first (no fusion), then
+    each shallower one with the residual of the previous, and returns the outputs shallow→deep.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        out_channels: Sequence[int],
+        shapes: Sequence[int | Sequence[int]],
+        out_shapes: Sequence[int | Sequence[int]],
+        mid: int | None = None,
+    ):
+        super().__init__()
+        n = len(in_channels)
+        if n == 0 or not (len(out_channels) == len(shapes) == len(out_shapes) == n):
+            raise ValueError(
+                f"ReviewFusion: need equal non-empty lists, got in_channels={len(in_channels)}, "
+                f"out_channels={len(out_channels)}, shapes={len(shapes)}, out_shapes={len(out_shapes)}"
+            )
+        self.mid = int(mid) if mid is not None else min(512, int(in_channels[-1]))
+        self.shapes = [_size2(s) for s in shapes]
+        self.out_shapes = [_size2(s) for s in out_shapes]
+        # stored shallow→deep; the deepest (last) one does not fuse
+        self.abfs = nn.ModuleList(
+            ABF(int(c_in), self.mid, int(c_out), fuse=i < n - 1)
+            for i, (c_in, c_out) in enumerate(zip(in_channels, out_channels))
+        )
+
+    def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
+        if len(feats) != len(self.abfs):
+            raise ValueError(f"ReviewFusion: expected {len(self.abfs)} features, got {len(feats)}")
+        outs: list[Tensor] = [None] * len(feats)  # type: ignore[list-item]
+        residual = None
+        for i in reversed(range(len(feats))):
+            outs[i], residual = self.abfs[i](feats[i], residual, self.shapes[i], self.out_shapes[i])
+        return outs
