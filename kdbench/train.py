@@ -242,6 +242,8 @@ def channels_last_enabled(*modules: nn.Module | None) -> bool:
     (conv nets: same numbers up to float rounding, a faster forward), unless ``KDBENCH_CHANNELS_LAST=0``."""
     if os.environ.get("KDBENCH_CHANNELS_LAST", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
+    if any(not getattr(m, "supports_channels_last", True) for m in modules if m is not None):
+        return False  # a model whose compiled ops need contiguous NCHW inputs (mmcv's deformable convs: mmdet:)
     return any(_has_conv(m) for m in modules)
 
 

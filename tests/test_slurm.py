@@ -387,8 +387,13 @@ def test_failed_teacher_cancels_the_runs_that_depend_on_it(slurm, write_suite, t
     assert "a job it depends on" in out and "did not succeed" in out, out
     assert "[      ok] baseline" in out  # it depends on nothing
     jobs = read_jobs(results / "tiny")
-    states = _sacct(e["job_id"] for e in jobs.values())
-    assert sorted(v["State"].split()[0] for v in states.values()) == ["CANCELLED", "COMPLETED", "FAILED"]
+
+    def ended():  # the CLI returns once every run has its record; the job that wrote one may still be ending
+        st = sorted(v["State"].split()[0] for v in _sacct(e["job_id"] for e in jobs.values()).values())
+        return st if not {"RUNNING", "PENDING", "COMPLETING"} & set(st) else None
+
+    states = _wait_for(ended, 60, "the jobs to end in SLURM's accounting")
+    assert states == ["CANCELLED", "COMPLETED", "FAILED"]
     st = _cli("status", str(results / "tiny")).stdout
     assert st.rstrip().endswith("1 ok, 1 failed, 1 cancelled"), st
 

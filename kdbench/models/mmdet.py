@@ -317,6 +317,7 @@ class MmdetDetector(TapModel):
 
     supported = ("fpn", "stages", "reg")
     is_detector = True
+    supports_channels_last = False  # mmcv's compiled ops (RepPoints' deformable convs) need contiguous NCHW
 
     def __init__(self, net: nn.Module, name: str, preprocessor: dict | None = None):
         super().__init__(net, name)

@@ -31,8 +31,10 @@ _TV_SEGMENTER = re.compile(r"^(deeplabv3|fcn|lraspp)_\w+$")
 def model_kind(model: str) -> str:
     """``"classifier"``, ``"detector"`` or ``"segmenter"`` for a model name ``source:name`` (torch-free, from
     the name: ``smp:`` models and torchvision's DeepLabV3/FCN/LR-ASPP segment, torchvision's Faster R-CNN /
-    RetinaNet / FCOS detect, everything else classifies)."""
+    RetinaNet / FCOS and every ``mmdet:`` model (an OpenMMLab detector config) detect, everything else classifies)."""
     source, _, name = model.partition(":")
+    if source == "mmdet":
+        return "detector"
     if source == "smp":
         return "segmenter"
     if source == "torchvision" and _DETECTOR.match(name):
