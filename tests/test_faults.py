@@ -390,9 +390,10 @@ def test_an_abort_of_the_scheduler_stops_the_running_workers(write_suite, tmp_pa
     env_before = os.environ.get("KDBENCH_STEP_SLEEP_S")
     os.environ["KDBENCH_STEP_SLEEP_S"] = "0.2"
     seen: set[int] = set()
+    before = _descendants(os.getpid())  # earlier tests' long-lived helpers (e.g. multiprocessing's resource tracker)
 
     def log(line: str) -> None:
-        seen.update(_descendants(os.getpid()))
+        seen.update(_descendants(os.getpid()) - before)
         if line.startswith("["):  # the first run finished while the other still trains
             raise RuntimeError("boom")
 
