@@ -7,7 +7,7 @@ compiled ops, which the script builds once for the installed torch and caches; R
 Without it, building an ``mmdet:`` model fails with one line saying so; validating a suite (``--dry-run``) does
 not need it (the name is checked against the shipped configs only when mmdet is there).
 
-Decisions (not settled by DESIGN.md/METHODS.md):
+Decisions (not settled by docs/architecture.md or docs/methods.md):
 
 * **The config's model, kdbench's data.** The config's ``model`` is built by mmdet's registry with every
   ``num_classes`` set to the dataset's classes (``data.model_num_classes - 1``: mmdet has no background class;
