@@ -233,8 +233,19 @@ def job_log_tail(folder: str | os.PathLike, job_id: str, chars: int = 3000) -> s
     return best[-chars:]
 
 
+def _dependency_failed(entry: dict) -> bool:
+    """Whether a job that SLURM cancelled without saying why (accounting can lag behind the reason) depends on a
+    job that ended other than COMPLETED: ``--kill-on-invalid-dep`` cancelled it."""
+    deps = entry.get("depends") or []
+    if not deps:
+        return False
+    states = slurm_states(deps)
+    return any(states.get(d, ("UNKNOWN", ""))[0] not in ("COMPLETED", "UNKNOWN") for d in deps)
+
+
 def _job_error(entry: dict, state: str, reason: str) -> str:
-    if state == "CANCELLED" and reason.startswith("Dependency"):
+    if state == "CANCELLED" and (reason.startswith("Dependency")
+                                 or (reason in ("", "None") and _dependency_failed(entry))):
         deps = " ".join(entry.get("depends") or []) or "?"
         return f"job {entry['job_id']} CANCELLED: a job it depends on ({deps}, afterok) did not succeed"
     msg = f"job {entry['job_id']} {state}" + (f" ({reason})" if reason and reason != "None" else "")
