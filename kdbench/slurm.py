@@ -15,9 +15,11 @@ SLURM (``executor="slurm"``), decisions beyond DESIGN.md §6:
   ``slurm_array_parallelism`` from ``--parallel`` or the suite. Defaults: ``timeout_min`` 24 h (submitit's
   own default, 5 min, kills real runs); ``tasks_per_node = gpus_per_node`` when it is above 1 (DDP, one
   task per GPU) and then ``srun --kill-on-bad-exit=1`` so a crashed rank ends the job instead of leaving
-  the others blocked in a collective. Warning signal (``--signal=USR2@delay``): delay 90 s, 15 s when
-  ``timeout_min < 5``. SLURM sends it at its first periodic check (every ~30 s) after ``limit - delay - 30 s``,
-  so a 1-minute job would otherwise be signalled before Python has even installed submitit's handler.
+  the others blocked in a collective. Warning signal (``--signal=USR2@delay``): delay 90 s; 40 s when
+  ``timeout_min`` is 2-4; 15 s for 1 minute. SLURM sends it at its first periodic check (every ~30 s) after
+  ``limit - delay - 30 s``, so a 1-minute job would otherwise be signalled before Python has even installed
+  submitit's handler; with 15 s on a 2-minute job the signal could come so late that SLURM's kill at the
+  limit raced submitit's ``scontrol requeue``.
 * Preemption and time limits: the job runs :class:`RunJob`, a ``submitit.helpers.Checkpointable``. On the
   signal submitit calls its ``checkpoint`` (which counts the requeue; the training loop's per-epoch
   checkpoint is the state, so at most the current epoch is redone) and requeues the job under the same
@@ -148,7 +150,7 @@ def slurm_parameters(resources: dict, parallel: int | None) -> dict:
         params.setdefault("tasks_per_node", gpus)
     if int(params.get("nodes") or 1) * int(params.get("tasks_per_node") or 1) > 1:
         params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
-    params["slurm_signal_delay_s"] = 90 if params["timeout_min"] >= 5 else 15
+    params["slurm_signal_delay_s"] = 90 if params["timeout_min"] >= 5 else 40 if params["timeout_min"] >= 2 else 15
     return params
 
 

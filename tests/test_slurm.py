@@ -111,7 +111,8 @@ def test_slurm_parameters_map_suite_resources_to_sbatch(tmp_path, monkeypatch):
     assert "--kill-on-bad-exit=1" in script
     d = slurm_parameters({}, None)  # submitit's 5-minute default would kill real runs
     assert d == {"timeout_min": 24 * 60, "slurm_signal_delay_s": 90}
-    assert slurm_parameters({"timeout_min": 2, "tasks_per_node": 2}, None)["slurm_signal_delay_s"] == 15
+    assert slurm_parameters({"timeout_min": 2, "tasks_per_node": 2}, None)["slurm_signal_delay_s"] == 40
+    assert slurm_parameters({"timeout_min": 1}, None)["slurm_signal_delay_s"] == 15
 
 
 def test_unknown_resource_key_is_rejected_with_the_valid_list(write_suite):
