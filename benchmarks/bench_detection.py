@@ -88,7 +88,7 @@ def run(teacher_name: str = "retinanet_resnet101_fpn", student_name: str = "reti
         method = cls(ctx, **cls.check_params(params))
         if cls.stage_params:  # seeded prompts: stage 1 is a one-off cost, not part of a step
             method.load_stage({k: v.clone() for k, v in method.prompts.state_dict().items()})
-        prepare_models(student, t, method, dev)
+        prepare_models(student, t, method, dev, task=task, example=x)  # as fit: the teacher's BN folded
         opt = torch.optim.SGD([p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad],
                               lr=1e-4, momentum=0.9)
         b = Batch(inputs=x, targets=y, epoch=1, step=0, epochs=1, steps_per_epoch=1)

@@ -149,7 +149,7 @@ def run(teacher_name="kdbench:resnet32x4", student_name="kdbench:resnet8x4", bat
 
     # -- kdbench: train_step on prepared models -------------------------------------------------------------
     teacher = build_model(teacher_name, num_classes, 3)
-    xt, _ = prepare_models(None, teacher, None, cpu, x, None)
+    xt, _ = prepare_models(None, teacher, None, cpu, x, None, task=task)
 
     def teacher_fwd():
         with torch.no_grad():
@@ -165,7 +165,7 @@ def run(teacher_name="kdbench:resnet32x4", student_name="kdbench:resnet8x4", bat
         method = cls(ctx, **cls.check_params(PARAMS.get(name, {})))
         if cls.stage_params:
             method.load_stage({k: v.clone() for k, v in method.prompts.state_dict().items()})
-        xb, yb = prepare_models(student, t, method, cpu, x, y)
+        xb, yb = prepare_models(student, t, method, cpu, x, y, task=task)
         params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
         o = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
         b = Batch(xb, yb, epoch=100, step=0, epochs=240, steps_per_epoch=1)

@@ -247,7 +247,7 @@ def build_entries(suite, pattern: str | None = None, device=None, log=print) -> 
             method = cls(ctx, **cls.check_params(spec.params if kind == "method" else {}))
             if cls.stage_params:
                 _load_stage_seeded(method)
-            x, y = prepare_models(student, t, method, device, x_cpu, y_cpu)
+            x, y = prepare_models(student, t, method, device, x_cpu, y_cpu, task=task)
             params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
             opt = build_optimizer(params, recipe["optimizer"])
             batch = Batch(inputs=x, targets=y, epoch=max(1, int(recipe["epochs"]) // 2), step=0,
@@ -268,7 +268,7 @@ def build_entries(suite, pattern: str | None = None, device=None, log=print) -> 
 
         entries.append(make(first, "student"))
         if teacher is not None:
-            x_t, _ = prepare_models(None, teacher, None, device, x_cpu, y_cpu)
+            x_t, _ = prepare_models(None, teacher, None, device, x_cpu, y_cpu, task=task)
             t_amp = teacher_dtype(first.recipe, device)
 
             def teacher_fwd(x_t=x_t, teacher=teacher, t_amp=t_amp):

@@ -255,11 +255,14 @@ def to_channels_last(x: Any) -> Any:
 
 
 def prepare_models(student: nn.Module | None, teacher: nn.Module | None, method: nn.Module | None,
-                   device: torch.device, x: Any = None, y: Any = None) -> tuple[Any, Any]:
+                   device: torch.device, x: Any = None, y: Any = None, *, task=None,
+                   example: Any = None) -> tuple[Any, Any]:
     """Put the networks on ``device`` in the layout a training step runs them in (the one setup :func:`fit` and
     ``kdbench bench`` share): student and method in train mode, the teacher in eval mode and frozen, and
     conv nets in ``channels_last`` (:func:`channels_last_enabled`; a method's adapters follow the student).
-    Returns the batch ``(x, y)`` on the device, in that layout."""
+    With a ``task``, the frozen teacher's batch norms are folded into the convolutions that alone feed them
+    (:func:`kdbench.models.fold.fold_frozen_bn`, checked on one forward of ``example``, default ``x``, with the
+    method's teacher taps; float rounding only). Returns the batch ``(x, y)`` on the device, in that layout."""
     cl = channels_last_enabled(student, teacher)
     for m in (student, method):
         if m is not None:
@@ -275,6 +278,16 @@ def prepare_models(student: nn.Module | None, teacher: nn.Module | None, method:
         x = x.to(device)
         if cl:
             x = to_channels_last(x)
+    if teacher is not None and task is not None and (example is not None or x is not None):
+        from kdbench.models.fold import fold_frozen_bn
+
+        probe = x
+        if example is not None:
+            probe = example.to(device)
+            if cl:
+                probe = to_channels_last(probe)
+        taps = method.taps().teacher if method is not None else ()
+        fold_frozen_bn(teacher, lambda: task.forward(teacher, probe, None, taps))
     if y is not None and isinstance(y, Tensor):
         y = y.to(device)
     return x, y
@@ -374,7 +387,8 @@ def fit(*, student: nn.Module, teacher: nn.Module | None, method: Distiller, tas
     if recipe.get("max_steps_per_epoch"):
         steps_per_epoch = min(steps_per_epoch, int(recipe["max_steps_per_epoch"]))
     taps = method.taps()
-    prepare_models(student, teacher, method, device)
+    prepare_models(student, teacher, method, device, task=task,
+                   example=task.example_input(data) if teacher is not None else None)
     channels_last = channels_last_enabled(student, teacher)
     if dist.enabled:  # synchronised BN, identical starting weights on every rank
         ddp.sync_batchnorm(student, dist, device)

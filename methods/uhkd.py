@@ -24,6 +24,42 @@ from kdbench.methods.kd import kd_loss
 SPECTRA = ("amplitude", "complex")
 
 
+def _pool_matrix(length: int, grid: int) -> Tensor:
+    """``grid×length``: row ``i`` averages the cells of ``adaptive_avg_pool``'s bin ``i``,
+    ``[⌊i·L/g⌋, ⌈(i+1)·L/g⌉)`` (1-2 cells per bin when ``L < g``)."""
+    p = torch.zeros(grid, length, dtype=torch.float64)
+    for i in range(grid):
+        lo, hi = (i * length) // grid, -((-(i + 1) * length) // grid)
+        p[i, lo:hi] = 1.0 / (hi - lo)
+    return p
+
+
+_SPECTRAL_POOL: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
+
+
+def _spectral_pool(h: int, w: int, grid: int) -> tuple[Tensor, Tensor]:
+    """The fftshift + adaptive average pool of a full ``h×w`` spectrum, as two linear maps of the one-sided
+    spectrum of ``rfft2`` (``h×(w//2+1)``, columns ``k₂ = 0..w//2``), cached per size (float64, CPU).
+
+    Pooling the shifted spectrum is ``Pₕ·S·P_wᵀ`` with the pool matrices' columns rolled by the shift. A real
+    map's spectrum is conjugate-symmetric, ``X[k₁, k₂] = conj X[−k₁, −k₂]``, so the columns ``k₂ > w//2`` are the
+    one-sided columns ``w − k₂`` read at the negated row ``−k₁``. Returns ``(rows 2×g×h, cols (w//2+1)×2g)``:
+    the ``k₂ ≤ w//2`` part (``rows[0]``, ``cols[:, :g]``) and the mirrored part (``rows[1]``, ``cols[:, g:]``);
+    amplitude and real part add the two, the imaginary part (odd) subtracts the mirrored one."""
+    key = (h, w, grid)
+    if key not in _SPECTRAL_POOL:
+        ph = torch.roll(_pool_matrix(h, grid), -(h // 2), dims=1)  # column k: the shifted position of row k
+        pw = torch.roll(_pool_matrix(w, grid), -(w // 2), dims=1)
+        half = w // 2 + 1
+        cols = torch.zeros(half, 2 * grid, dtype=torch.float64)
+        cols[:, :grid] = pw[:, :half].T
+        for m in range(1, w - half + 1):  # one-sided column m stands for full column w − m
+            cols[m, grid:] = pw[:, w - m]
+        rows = torch.stack([ph, ph[:, (-torch.arange(h)) % h]])
+        _SPECTRAL_POOL[key] = (rows, cols)
+    return _SPECTRAL_POOL[key]
+
+
 def spectral_tokens(feat: Tensor, grid: int, spectrum: str = "amplitude") -> Tensor:
     """The shared spectral pipeline (SRR + flattening of docs/methods.md §10), in fp32: ``N×C×h×w -> N×grid²×C'``.
 
@@ -35,23 +71,31 @@ def spectral_tokens(feat: Tensor, grid: int, spectrum: str = "amplitude") -> Ten
     to ``grid×grid`` by the same operator (each output cell averages the 1–2 input cells its bin overlaps),
     so every level and both networks give the same token grid whatever their resolution.
     Tokens are ordered row-major over the grid.
+
+    Computed as that definition up to float rounding, cheaper: the one-sided ``rfft2`` of the real map (half the
+    spectrum, the other half being its mirror, see :func:`_spectral_pool`) and the shift and pool as two small
+    matrix products straight to the token layout.
     """
     if spectrum not in SPECTRA:
         raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
     if feat.dim() != 4:
         raise ValueError(f"spectral_tokens: expected N×C×h×w, got {tuple(feat.shape)}")
+    h, w = feat.shape[-2:]
     with no_autocast():
-        X = torch.fft.fft2(feat.float(), norm="ortho")
+        X = torch.fft.rfft2(feat.float(), norm="ortho")  # N×C×h×(w//2+1)
+        rows, cols = (m.to(device=feat.device, dtype=torch.float32) for m in _spectral_pool(h, w, grid))
         if spectrum == "amplitude":
-            spec = torch.log1p(X.abs())
+            parts, signs = [torch.log1p(X.abs())], (1.0,)
         else:
-            ri = torch.cat([X.real, X.imag], dim=1)
-            spec = torch.sign(ri) * torch.log1p(ri.abs())
-        # fftshift is a permutation of the positions, so it commutes with the elementwise maps above: shifting
-        # the real result moves half the bytes of shifting the complex spectrum, for the same numbers
-        spec = torch.fft.fftshift(spec, dim=(-2, -1))
-        spec = F.adaptive_avg_pool2d(spec, (grid, grid))
-        return spec.flatten(2).transpose(1, 2)  # N×grid²×C'
+            parts = [torch.sign(v) * torch.log1p(v.abs()) for v in (X.real, X.imag)]
+            signs = (1.0, -1.0)  # the imaginary part of the mirrored half changes sign
+        out = []
+        for spec, sign in zip(parts, signs):
+            b = (spec @ cols).unflatten(-1, (2, grid))  # N×C×h×2×g: both halves pooled over columns
+            r = rows if sign > 0 else torch.stack([rows[0], -rows[1]])
+            out.append(torch.einsum("zah,nchzb->nabc", r, b))  # N×g×g×C: pooled over rows, halves summed
+        tok = out[0] if len(out) == 1 else torch.cat(out, dim=-1)
+        return tok.flatten(1, 2)  # N×grid²×C'
 
 
 class FTM(nn.Module):

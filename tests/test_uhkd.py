@@ -56,6 +56,39 @@ def test_spectral_tokens_pool_and_upsample_to_grid():
         spectral_tokens(x, grid=7, spectrum="phase")
 
 
+def _tokens_by_definition(feat, grid, spectrum):
+    """The pipeline as §10 states it: full FFT2, spectrum, fftshift, adaptive average pool, tokens."""
+    X = torch.fft.fft2(feat.double(), norm="ortho")
+    if spectrum == "amplitude":
+        spec = torch.log1p(X.abs())
+    else:
+        ri = torch.cat([X.real, X.imag], dim=1)
+        spec = torch.sign(ri) * torch.log1p(ri.abs())
+    spec = F.adaptive_avg_pool2d(torch.fft.fftshift(spec, dim=(-2, -1)), (grid, grid))
+    return spec.flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("spectrum", ["amplitude", "complex"])
+@pytest.mark.parametrize("hw", [(8, 8), (14, 14), (7, 9), (5, 6), (3, 3), (32, 32), (1, 4)])
+def test_spectral_tokens_equal_the_definition_values_and_gradients(hw, spectrum):
+    # the one-sided FFT + pooling matrices give the full-spectrum, fftshift, adaptive-pool numbers (odd and even
+    # sizes, maps smaller than the grid) and the same gradients
+    g = torch.Generator().manual_seed(hash(hw) % 1000)
+    x = torch.randn(2, 3, *hw, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 49, 3 * (2 if spectrum == "complex" else 1), generator=g, dtype=torch.float64)
+    a = x.clone().float().requires_grad_(True)
+    got = spectral_tokens(a, 7, spectrum)
+    (got.double() * w).sum().backward()
+    b = x.clone().requires_grad_(True)
+    ref = _tokens_by_definition(b, 7, spectrum)
+    (ref * w).sum().backward()
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    assert torch.allclose(got.double(), ref, atol=2e-6, rtol=1e-5)
+    assert torch.allclose(a.grad.double(), b.grad, atol=1e-5, rtol=1e-4)
+    cl = spectral_tokens(x.float().contiguous(memory_format=torch.channels_last), 7, spectrum)
+    assert torch.allclose(cl, got, atol=1e-6)
+
+
 def test_ftm_translation_invariance_and_layernorm():
     torch.manual_seed(0)
     ftm = FTM(grid=7)

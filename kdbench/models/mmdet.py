@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from kdbench.method import Outputs
 from kdbench.models.detection import as_image_list
+from kdbench.models.fold import prefold_output
 from kdbench.models.sources import Source
 from kdbench.models.tap import TapModel, _get_module
 from kdbench.registry import MODELS
@@ -428,7 +429,7 @@ class MmdetDetector(TapModel):
         handles = []
         for tap in module_taps:
             def hook(_m, _i, out, _tap=tap):
-                captured[_tap] = out
+                captured[_tap] = prefold_output(_m, out)
 
             handles.append(_get_module(self.net, tap[len("module:"):]).register_forward_hook(hook))
         if "stages" in wanted:

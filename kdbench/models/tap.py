@@ -49,10 +49,14 @@ MODULE_PREFIX = "module:"
 
 
 @contextlib.contextmanager
-def record_outputs(module: nn.Module) -> Iterator[list]:
-    """Within the context, the output of every forward of ``module`` is appended to the yielded list."""
+def record_outputs(module: nn.Module, transform: Callable[[nn.Module, Any], Any] | None = None) -> Iterator[list]:
+    """Within the context, the output of every forward of ``module`` (``transform(module, output)`` when given,
+    applied at once, before later in-place ops can touch the output) is appended to the yielded list."""
     outs: list = []
-    handle = module.register_forward_hook(lambda _m, _inp, out: outs.append(out))
+    if transform is None:
+        handle = module.register_forward_hook(lambda _m, _inp, out: outs.append(out))
+    else:
+        handle = module.register_forward_hook(lambda _m, _inp, out: outs.append(transform(_m, out)))
     try:
         yield outs
     finally:
@@ -73,10 +77,13 @@ def capture_module_taps(net: nn.Module, taps: Iterable[str]) -> Iterator[dict[st
     path is an error naming valid ones). The yielded dict is filled when the context exits without error:
     tap -> :func:`tensor_list` of the submodule's (last) output in the context; a submodule that did not run
     is left out. Every TapModel's ``forward`` captures its ``module:`` taps this way."""
+    from kdbench.models.fold import prefold_output
+
     captured: dict[str, list[Tensor]] = {}
+    modules = {tap: _get_module(net, tap[len(MODULE_PREFIX):]) for tap in sorted(set(taps))
+               if tap.startswith(MODULE_PREFIX)}
     with contextlib.ExitStack() as stack:
-        recorded = {tap: stack.enter_context(record_outputs(_get_module(net, tap[len(MODULE_PREFIX):])))
-                    for tap in sorted(set(taps)) if tap.startswith(MODULE_PREFIX)}
+        recorded = {tap: stack.enter_context(record_outputs(mod, prefold_output)) for tap, mod in modules.items()}
         yield captured
     captured.update({tap: tensor_list(outs[-1]) for tap, outs in recorded.items() if outs})
 

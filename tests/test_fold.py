@@ -1,0 +1,160 @@
+"""Folding the frozen teacher's batch norms into its convolutions (kdbench/models/fold.py, used by
+kdbench.train.prepare_models): the same outputs, taps, losses and gradients up to float rounding, and only the
+pairs where it is exact are folded."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from kdbench.method import Batch
+from kdbench.models.fold import FOLDED_ATTR, fold_frozen_bn
+from kdbench.models.sources import build_model
+from kdbench.registry import METHODS
+from kdbench.runner import build_context
+from kdbench.tasks.classification import ClassificationTask
+from kdbench.train import prepare_models, train_step
+
+
+def _randomise_norms(net: nn.Module, seed: int = 0) -> None:
+    """Non-trivial running stats and affine parameters, so that a wrong fold shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
+                m.weight.copy_(torch.randn(c, generator=g))
+                m.bias.copy_(torch.randn(c, generator=g) * 0.3)
+
+
+def _n_norms(net):
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+TAPS = ("stages", "stages_raw", "stages_preact", "pooled", "module:layer1.0.conv1", "module:layer2.1.bn2")
+
+
+def test_fold_resnet_same_outputs_and_taps():
+    torch.manual_seed(0)
+    net = build_model("kdbench:resnet20", 10, 3).eval()
+    _randomise_norms(net)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = net(x, TAPS)
+    folded = copy.deepcopy(net)
+    n_before = _n_norms(folded)
+    n = fold_frozen_bn(folded, lambda: folded(x, ()))
+    assert n == n_before and _n_norms(folded) == 0  # every conv→BN pair of a CIFAR ResNet folds
+    assert fold_frozen_bn(folded, lambda: folded(x, ())) == 0  # again: nothing left
+    with torch.no_grad():
+        out = folded(x, TAPS)  # taps asked for only after the fold, one of them on a folded conv
+    assert torch.allclose(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    for tap in TAPS:
+        for a, b in zip(out[tap], ref[tap]):
+            assert a.shape == b.shape
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), tap
+    assert getattr(folded.get_submodule("net.layer1.0.conv1"), FOLDED_ATTR) is not None
+
+
+class _Shared(nn.Module):
+    """conv1's output feeds its BN and, through a skip, the output; conv2→bn2 is a plain pair; bn3 is fed by
+    an addition, not a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.bn3 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        a = self.conv1(x)
+        h = torch.relu(self.bn1(a)) + a
+        return self.bn3(self.bn2(self.conv2(h)) + h)
+
+
+def test_fold_only_where_the_conv_output_has_no_other_reader():
+    torch.manual_seed(0)
+    net = _Shared().eval()
+    _randomise_norms(net)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = net(x)
+    assert fold_frozen_bn(net, lambda: net(x)) == 1
+    assert isinstance(net.bn1, nn.BatchNorm2d) and isinstance(net.bn3, nn.BatchNorm2d)
+    assert isinstance(net.bn2, nn.Identity) and net.conv2.bias is not None and not net.conv2.bias.requires_grad
+    with torch.no_grad():
+        assert torch.allclose(net(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_refuses_training_mode_and_keeps_zero_scale_norms():
+    net = _Shared()
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_frozen_bn(net, lambda: net(torch.randn(1, 3, 4, 4)))
+    net.eval()
+    with torch.no_grad():
+        net.bn2.weight[1] = 0.0  # γ = 0: the pre-norm output could not be recovered from the folded conv
+    assert fold_frozen_bn(net, lambda: net(torch.randn(1, 3, 4, 4))) == 0
+
+
+def test_fold_torchvision_frozen_batchnorm():
+    from torchvision.models import resnet18
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    net = resnet18(num_classes=5, norm_layer=FrozenBatchNorm2d).eval()
+    g = torch.Generator().manual_seed(3)
+    for m in net.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            c = m.weight.numel()
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = net(x)
+    assert fold_frozen_bn(net, lambda: net(x)) == 20
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in net.modules())
+    with torch.no_grad():
+        assert torch.allclose(net(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def _step(name: str, fold: bool):
+    """Loss terms and student gradients of one step with the teacher prepared with or without the fold."""
+    task = ClassificationTask()
+    torch.manual_seed(0)
+    teacher = build_model("kdbench:resnet20", 10, 3)
+    _randomise_norms(teacher)
+    student = build_model("kdbench:resnet8", 10, 3)
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(8) % 10
+    data = type("D", (), {"num_classes": 10, "train": [(x[i], y[i]) for i in range(8)],
+                          "val": [(x[i], y[i]) for i in range(2)]})()
+    cls = METHODS.get(name)
+    ctx = build_context(task, data, {"epochs": 4, "batch_size": 8}, student, teacher, torch.device("cpu"))
+    torch.manual_seed(2)
+    method = cls(ctx, **cls.check_params({}))
+    if cls.stage_params:
+        method.load_stage({k: v.clone() for k, v in method.prompts.state_dict().items()})
+    xb, yb = prepare_models(student, teacher, method, torch.device("cpu"), x, y, task=task if fold else None)
+    assert (_n_norms(teacher) == 0) == fold
+    out = train_step(student, teacher, method, task, Batch(xb, yb, epoch=3, step=10, epochs=4, steps_per_epoch=4))
+    grads = {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}
+    return {k: float(v.detach()) for k, v in {"loss": out.loss, **out.terms}.items()}, grads
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in METHODS.items()
+                                        if "classification" in c.tasks and c.needs_teacher))
+def test_fold_same_loss_and_grads_for_every_method(name):
+    a, ga = _step(name, False)
+    b, gb = _step(name, True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    for k in ga:
+        assert torch.allclose(ga[k], gb[k], rtol=1e-3, atol=1e-5), k
