@@ -60,6 +60,39 @@ def _spectral_pool(h: int, w: int, grid: int) -> tuple[Tensor, Tensor]:
     return _SPECTRAL_POOL[key]
 
 
+class _AmplitudeTokens(torch.autograd.Function):
+    """``log1p(|rfft2(F)|)`` pooled to tokens (the ``amplitude`` pipeline) with a hand-written backward: the
+    gradient through the log, the modulus and the one-sided FFT in three elementwise passes and one ``irfft2``
+    (the adjoint of the one-sided transform: ``Re(IFFT2(pad(G)))`` is ``irfft2`` of ``G`` with every column
+    that stands for two halved), instead of autograd's chain of complex ops and a full complex inverse FFT.
+    The modulus' gradient at 0 is 0 (as ``abs``'s)."""
+
+    @staticmethod
+    def forward(ctx, feat: Tensor, rows: Tensor, cols: Tensor, grid: int) -> Tensor:
+        h, w = feat.shape[-2:]
+        X = torch.fft.rfft2(feat, norm="ortho")  # N×C×h×(w//2+1)
+        A = X.abs()
+        spec = A.add(1.0).log_()  # log1p(A)
+        b = (spec @ cols).unflatten(-1, (2, grid))  # N×C×h×2×g: both halves pooled over columns
+        tok = torch.einsum("zah,nchzb->nabc", rows, b)  # N×g×g×C: pooled over rows, halves summed
+        ctx.save_for_backward(X, A, rows, cols)
+        ctx.hw, ctx.grid = (h, w), grid
+        return tok.flatten(1, 2)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        X, A, rows, cols = ctx.saved_tensors
+        (h, w), grid = ctx.hw, ctx.grid
+        gb = torch.einsum("zah,nabc->nchzb", rows, g.unflatten(1, (grid, grid))).flatten(-2)  # N×C×h×2g
+        half = torch.full((w // 2 + 1, 1), 0.5, dtype=cols.dtype, device=cols.device)
+        half[0] = 1.0
+        if w % 2 == 0:
+            half[-1] = 1.0
+        weight = gb @ (cols * half).T  # ∂L/∂log1p(A), with the irfft2 column weights folded in
+        weight = weight.div_(torch.addcmul(A, A, A)).nan_to_num_(0.0, 0.0, 0.0)  # /(A·(1+A)); 0 where A = 0
+        return torch.fft.irfft2(X * weight, s=(h, w), norm="ortho"), None, None, None
+
+
 def spectral_tokens(feat: Tensor, grid: int, spectrum: str = "amplitude") -> Tensor:
     """The shared spectral pipeline (SRR + flattening of docs/methods.md §10), in fp32: ``N×C×h×w -> N×grid²×C'``.
 
@@ -82,20 +115,17 @@ def spectral_tokens(feat: Tensor, grid: int, spectrum: str = "amplitude") -> Ten
         raise ValueError(f"spectral_tokens: expected N×C×h×w, got {tuple(feat.shape)}")
     h, w = feat.shape[-2:]
     with no_autocast():
-        X = torch.fft.rfft2(feat.float(), norm="ortho")  # N×C×h×(w//2+1)
         rows, cols = (m.to(device=feat.device, dtype=torch.float32) for m in _spectral_pool(h, w, grid))
         if spectrum == "amplitude":
-            parts, signs = [torch.log1p(X.abs())], (1.0,)
-        else:
-            parts = [torch.sign(v) * torch.log1p(v.abs()) for v in (X.real, X.imag)]
-            signs = (1.0, -1.0)  # the imaginary part of the mirrored half changes sign
+            return _AmplitudeTokens.apply(feat.float(), rows, cols, grid)
+        X = torch.fft.rfft2(feat.float(), norm="ortho")  # N×C×h×(w//2+1)
         out = []
-        for spec, sign in zip(parts, signs):
-            b = (spec @ cols).unflatten(-1, (2, grid))  # N×C×h×2×g: both halves pooled over columns
+        for v, sign in ((X.real, 1.0), (X.imag, -1.0)):  # the imaginary part of the mirrored half changes sign
+            spec = torch.sign(v) * torch.log1p(v.abs())
+            b = (spec @ cols).unflatten(-1, (2, grid))
             r = rows if sign > 0 else torch.stack([rows[0], -rows[1]])
-            out.append(torch.einsum("zah,nchzb->nabc", r, b))  # N×g×g×C: pooled over rows, halves summed
-        tok = out[0] if len(out) == 1 else torch.cat(out, dim=-1)
-        return tok.flatten(1, 2)  # N×grid²×C'
+            out.append(torch.einsum("zah,nchzb->nabc", r, b))
+        return torch.cat(out, dim=-1).flatten(1, 2)  # N×grid²×2C
 
 
 class FTM(nn.Module):

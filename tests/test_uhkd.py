@@ -89,6 +89,19 @@ def test_spectral_tokens_equal_the_definition_values_and_gradients(hw, spectrum)
     assert torch.allclose(cl, got, atol=1e-6)
 
 
+def test_spectral_tokens_gradient_of_a_dead_channel_is_zero_not_nan():
+    # post-ReLU maps have all-zero channels: every spectral bin is 0 there, and |·|'s gradient at 0 is 0
+    x = torch.randn(2, 3, 8, 8)
+    x[:, 1] = 0.0
+    x[:, 2] = 0.5  # constant: only the DC bin is non-zero
+    a = x.clone().requires_grad_(True)
+    spectral_tokens(a, 7).sum().backward()
+    b = x.clone().double().requires_grad_(True)
+    _tokens_by_definition(b, 7, "amplitude").sum().backward()
+    assert torch.isfinite(a.grad).all() and a.grad[:, 1].abs().max() == 0
+    assert torch.allclose(a.grad.double(), b.grad, atol=1e-5)
+
+
 def test_ftm_translation_invariance_and_layernorm():
     torch.manual_seed(0)
     ftm = FTM(grid=7)
