@@ -326,10 +326,11 @@ def format_md(rows: list[dict], facts: dict) -> str:
            f"weights, synthetic batches; min and median of {facts['rounds']} interleaved rounds. "
            "floor = student step + teacher forward (each timed alone); peak memory = one step's allocations.",
            ""]
+    # busy: more load than the bench's own threads (or the CPUs) account for
     if facts.get("load") == facts.get("load") and facts.get("load") is not None and facts.get("cpus"):
         out[-1:] = [f"Machine load at the end: {facts['load']:.1f} on {facts['cpus']} CPUs"
                     + (" (busy: absolute times are inflated, compare ratios within one table)"
-                       if facts["load"] > facts["cpus"] else "") + ".", ""]
+                       if facts["load"] > max(facts["cpus"], facts.get("threads") or 0) + 0.75 else "") + ".", ""]
     pairs: dict[str, list[dict]] = {}
     for r in rows:
         pairs.setdefault(r["pair"], []).append(r)

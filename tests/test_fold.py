@@ -158,3 +158,72 @@ def test_fold_same_loss_and_grads_for_every_method(name):
         assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
     for k in ga:
         assert torch.allclose(ga[k], gb[k], rtol=1e-3, atol=1e-5), k
+
+
+# ------------------------------------------------------------------------------------------ detection teachers
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from kdbench.data.coco import CocoShapes
+
+    return CocoShapes().build(tmp_path_factory.mktemp("shapes"), n_train=2, n_val=2, image_size=80, min_size=64,
+                              max_size=96)
+
+
+def _randomise_frozen(net: nn.Module, seed: int = 0) -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                c = m.weight.numel()
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+
+
+def _check_detector_fold(teacher, shapes, taps):
+    from kdbench.tasks.detection import DetectionTask
+
+    task = DetectionTask()
+    x, _ = DetectionTask.collate([shapes.val[i] for i in range(2)])
+    teacher.eval().requires_grad_(False)
+    with torch.no_grad():
+        ref = task.forward(teacher, x, None, taps)
+    n_before = _n_norms(teacher)
+    n = fold_frozen_bn(teacher, lambda: task.forward(teacher, x, None, taps))
+    assert n > 0
+    with torch.no_grad():
+        out = task.forward(teacher, x, None, taps)
+    for tap in taps:
+        assert len(out[tap]) == len(ref[tap])
+        for a, b in zip(out[tap], ref[tap]):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), tap
+    return n, n_before
+
+
+def test_fold_torchvision_detector_teacher_fpn_and_regression_taps(shapes):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    teacher = build_model("torchvision:retinanet_resnet18_fpn", shapes.model_num_classes, 3, fpn_channels=32,
+                          frozen_bn=True)
+    _randomise_frozen(teacher)
+    n_frozen = sum(isinstance(m, FrozenBatchNorm2d) for m in teacher.modules())
+    n, _ = _check_detector_fold(teacher, shapes, ("fpn", "reg"))
+    assert n == n_frozen == 20  # every backbone norm of a ResNet-18 follows its conv
+
+
+def test_fold_mmdet_teacher(shapes):
+    from kdbench.models import mmdet as M
+
+    if M.missing_backend() is not None:
+        pytest.skip(f"mmdet backend not installed ({M.missing_backend()}): {M.INSTALL}")
+    torch.manual_seed(0)
+    teacher = build_model("mmdet:retinanet_r18_fpn_1x_coco", shapes.model_num_classes, 3, cfg_options={
+        "model.neck.in_channels": [64, 128, 256, 512], "model.neck.out_channels": 32,
+        "model.bbox_head.in_channels": 32, "model.bbox_head.feat_channels": 32, "model.bbox_head.stacked_convs": 1})
+    _randomise_norms(teacher)
+    n, n_before = _check_detector_fold(teacher, shapes, ("fpn", "reg"))
+    assert n == n_before == 20 and _n_norms(teacher) == 0
