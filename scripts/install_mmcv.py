@@ -82,7 +82,11 @@ def get_sdist(work: Path, sdist: str | None) -> Path:
         if not p.is_file():
             sys.exit(f"install_mmcv: --sdist {sdist}: no such file")
         return p
-    pip("download", "--no-deps", "--no-binary", ":all:", f"mmcv=={MMCV_VERSION}", "-d", str(work))
+    # pip prepares an sdist's metadata even to download it, by running mmcv's setup.py, which imports
+    # pkg_resources: an isolated build env gets the newest setuptools (81+, without pkg_resources) and fails,
+    # so this uses the environment's own setuptools<81 (installed first by build_wheel)
+    pip("download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation", f"mmcv=={MMCV_VERSION}",
+        "-d", str(work))
     found = sorted(work.glob(f"mmcv-{MMCV_VERSION}.tar.gz"))
     if not found:
         sys.exit(f"install_mmcv: pip did not download mmcv-{MMCV_VERSION}.tar.gz into {work}")
@@ -104,6 +108,10 @@ def patch_setup(src_dir: Path, std: int) -> None:
 def build_wheel(out_dir: Path, std: int, cuda: bool, sdist: str | None, jobs: int) -> Path:
     with tempfile.TemporaryDirectory(prefix="kdbench-mmcv-") as tmp:
         work = Path(tmp)
+        # the build backend mmcv's setup.py needs in this environment (--no-build-isolation: torch must be the
+        # installed one, and setuptools must still have pkg_resources); ninja compiles MAX_JOBS files at a time,
+        # without it setuptools compiles one by one
+        pip("install", "setuptools>=70.1,<81", "wheel", "ninja")
         archive = get_sdist(work, sdist)
         with tarfile.open(archive) as tf:
             tf.extractall(work, filter="data") if hasattr(tarfile, "data_filter") else tf.extractall(work)
@@ -119,9 +127,6 @@ def build_wheel(out_dir: Path, std: int, cuda: bool, sdist: str | None, jobs: in
         else:
             env.pop("FORCE_CUDA", None)
             env["CUDA_VISIBLE_DEVICES"] = ""  # torch.cuda.is_available() False -> CPU-only ops
-        # the build backend mmcv's setup.py needs in this environment (--no-build-isolation: torch must be the
-        # installed one); ninja compiles MAX_JOBS files at a time, without it setuptools compiles one by one
-        pip("install", "setuptools>=70.1,<81", "wheel", "ninja")
         log(f"building mmcv {MMCV_VERSION} with ops ({'CPU+CUDA' if cuda else 'CPU'}), MAX_JOBS={jobs}")
         t0 = time.time()
         wheel_dir = work / "wheel"
