@@ -32,6 +32,20 @@ def _randomise_norms(net: nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(c, generator=g) * 0.3)
 
 
+def _randomise_frozen(net: nn.Module, seed: int = 0) -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                c = m.weight.numel()
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+
+
 def _n_norms(net):
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
@@ -107,14 +121,7 @@ def test_fold_torchvision_frozen_batchnorm():
 
     torch.manual_seed(0)
     net = resnet18(num_classes=5, norm_layer=FrozenBatchNorm2d).eval()
-    g = torch.Generator().manual_seed(3)
-    for m in net.modules():
-        if isinstance(m, FrozenBatchNorm2d):
-            c = m.weight.numel()
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+    _randomise_frozen(net, seed=3)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = net(x)
@@ -167,20 +174,6 @@ def shapes(tmp_path_factory):
 
     return CocoShapes().build(tmp_path_factory.mktemp("shapes"), n_train=2, n_val=2, image_size=80, min_size=64,
                               max_size=96)
-
-
-def _randomise_frozen(net: nn.Module, seed: int = 0) -> None:
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, FrozenBatchNorm2d):
-                c = m.weight.numel()
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
 
 
 def _check_detector_fold(teacher, shapes, taps):
