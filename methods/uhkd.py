@@ -37,15 +37,17 @@ def _pool_matrix(length: int, grid: int) -> Tensor:
 _SPECTRAL_POOL: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
 
 
-def _spectral_pool(h: int, w: int, grid: int) -> tuple[Tensor, Tensor]:
+def _spectral_pool(h: int, w: int, grid: int) -> tuple[Tensor, Tensor, Tensor]:
     """The fftshift + adaptive average pool of a full ``h×w`` spectrum, as two linear maps of the one-sided
     spectrum of ``rfft2`` (``h×(w//2+1)``, columns ``k₂ = 0..w//2``), cached per size (float64, CPU).
 
     Pooling the shifted spectrum is ``Pₕ·S·P_wᵀ`` with the pool matrices' columns rolled by the shift. A real
     map's spectrum is conjugate-symmetric, ``X[k₁, k₂] = conj X[−k₁, −k₂]``, so the columns ``k₂ > w//2`` are the
-    one-sided columns ``w − k₂`` read at the negated row ``−k₁``. Returns ``(rows 2×g×h, cols (w//2+1)×2g)``:
+    one-sided columns ``w − k₂`` read at the negated row ``−k₁``. Returns
+    ``(rows 2×g×h, cols (w//2+1)×2g, cols_adjoint)``:
     the ``k₂ ≤ w//2`` part (``rows[0]``, ``cols[:, :g]``) and the mirrored part (``rows[1]``, ``cols[:, g:]``);
-    amplitude and real part add the two, the imaginary part (odd) subtracts the mirrored one."""
+    amplitude and real part add the two, the imaginary part (odd) subtracts the mirrored one. Third: ``cols``
+    with each row weighted as the backward of :class:`_AmplitudeTokens` needs it."""
     key = (h, w, grid)
     if key not in _SPECTRAL_POOL:
         ph = torch.roll(_pool_matrix(h, grid), -(h // 2), dims=1)  # column k: the shifted position of row k
@@ -56,7 +58,12 @@ def _spectral_pool(h: int, w: int, grid: int) -> tuple[Tensor, Tensor]:
         for m in range(1, w - half + 1):  # one-sided column m stands for full column w − m
             cols[m, grid:] = pw[:, w - m]
         rows = torch.stack([ph, ph[:, (-torch.arange(h)) % h]])
-        _SPECTRAL_POOL[key] = (rows, cols)
+        # for the backward (the adjoint of rfft2 as irfft2): a column standing for two full columns counts half
+        counts = torch.full((half, 1), 0.5, dtype=torch.float64)
+        counts[0] = 1.0
+        if w % 2 == 0:
+            counts[-1] = 1.0
+        _SPECTRAL_POOL[key] = (rows, cols, cols * counts)
     return _SPECTRAL_POOL[key]
 
 
@@ -68,29 +75,25 @@ class _AmplitudeTokens(torch.autograd.Function):
     The modulus' gradient at 0 is 0 (as ``abs``'s)."""
 
     @staticmethod
-    def forward(ctx, feat: Tensor, rows: Tensor, cols: Tensor, grid: int) -> Tensor:
+    def forward(ctx, feat: Tensor, rows: Tensor, cols: Tensor, cols_adjoint: Tensor, grid: int) -> Tensor:
         h, w = feat.shape[-2:]
         X = torch.fft.rfft2(feat, norm="ortho")  # N×C×h×(w//2+1)
         A = X.abs()
         spec = A.add(1.0).log_()  # log1p(A)
         b = (spec @ cols).unflatten(-1, (2, grid))  # N×C×h×2×g: both halves pooled over columns
         tok = torch.einsum("zah,nchzb->nabc", rows, b)  # N×g×g×C: pooled over rows, halves summed
-        ctx.save_for_backward(X, A, rows, cols)
+        ctx.save_for_backward(X, A, rows, cols_adjoint)
         ctx.hw, ctx.grid = (h, w), grid
         return tok.flatten(1, 2)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        X, A, rows, cols = ctx.saved_tensors
+        X, A, rows, cols_adjoint = ctx.saved_tensors
         (h, w), grid = ctx.hw, ctx.grid
         gb = torch.einsum("zah,nabc->nchzb", rows, g.unflatten(1, (grid, grid))).flatten(-2)  # N×C×h×2g
-        half = torch.full((w // 2 + 1, 1), 0.5, dtype=cols.dtype, device=cols.device)
-        half[0] = 1.0
-        if w % 2 == 0:
-            half[-1] = 1.0
-        weight = gb @ (cols * half).T  # ∂L/∂log1p(A), with the irfft2 column weights folded in
+        weight = gb @ cols_adjoint.T  # ∂L/∂log1p(A), with the irfft2 column weights folded in
         weight = weight.div_(torch.addcmul(A, A, A)).nan_to_num_(0.0, 0.0, 0.0)  # /(A·(1+A)); 0 where A = 0
-        return torch.fft.irfft2(X * weight, s=(h, w), norm="ortho"), None, None, None
+        return torch.fft.irfft2(X * weight, s=(h, w), norm="ortho"), None, None, None, None
 
 
 def spectral_tokens(feat: Tensor, grid: int, spectrum: str = "amplitude") -> Tensor:
@@ -115,9 +118,9 @@ def spectral_tokens(feat: Tensor, grid: int, spectrum: str = "amplitude") -> Ten
         raise ValueError(f"spectral_tokens: expected N×C×h×w, got {tuple(feat.shape)}")
     h, w = feat.shape[-2:]
     with no_autocast():
-        rows, cols = (m.to(device=feat.device, dtype=torch.float32) for m in _spectral_pool(h, w, grid))
+        rows, cols, cols_adjoint = (m.to(device=feat.device, dtype=torch.float32) for m in _spectral_pool(h, w, grid))
         if spectrum == "amplitude":
-            return _AmplitudeTokens.apply(feat.float(), rows, cols, grid)
+            return _AmplitudeTokens.apply(feat.float(), rows, cols, cols_adjoint, grid)
         X = torch.fft.rfft2(feat.float(), norm="ortho")  # N×C×h×(w//2+1)
         out = []
         for v, sign in ((X.real, 1.0), (X.imag, -1.0)):  # the imaginary part of the mirrored half changes sign

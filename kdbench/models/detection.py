@@ -214,6 +214,17 @@ def as_image_list(x):
     raise TypeError(f"a detector takes an ImageList or an N×3×H×W tensor, got {type(x).__name__}")
 
 
+def forward_inputs(model: TapModel, x, taps: Sequence[str]) -> tuple[Any, set[str]]:
+    """What a detector's forward starts with: ``x`` as an ``ImageList`` on the model's device and the checked
+    set of wanted taps (the torchvision and mmdet detectors share it)."""
+    images = as_image_list(x)
+    if images.tensors.device != model.device:
+        images = images.to(model.device)
+    wanted = set(taps)
+    model.check_taps(sorted(wanted))
+    return images, wanted
+
+
 class DetectorModel(TapModel):
     """A torchvision detector (``self.net``, whose state dict is the checkpoint) with taps ``fpn``/``reg``/
     ``module:<path>``. ``forward(x, taps=(), targets=None, detect=False) -> Outputs`` with ``logits=None``;
@@ -343,12 +354,7 @@ class DetectorModel(TapModel):
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x, taps: Sequence[str] = (), targets: Sequence[dict] | None = None,
                 detect: bool = False) -> Outputs:
-        images = as_image_list(x)
-        dev = self.device
-        if images.tensors.device != dev:
-            images = images.to(dev)
-        wanted = set(taps)
-        self.check_taps(sorted(wanted))
+        images, wanted = forward_inputs(self, x, taps)
         head_modules = [t for t in wanted if t.startswith(MODULE_PREFIX)
                         and not t[len(MODULE_PREFIX):].startswith("backbone")]
         full = targets is not None or detect or not wanted or bool(head_modules)

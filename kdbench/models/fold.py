@@ -84,8 +84,8 @@ def _norm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def _fold_pair(conv: nn.Conv2d, norm: nn.Module) -> None:
-    s, t = _norm_scale_shift(norm)
+def _fold_pair(conv: nn.Conv2d, s: Tensor, t: Tensor) -> None:
+    """``conv`` followed by the per-channel map ``y = s·x + t`` becomes one conv (weights scaled in place)."""
     w = conv.weight
     w.copy_((w.double() * s.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))  # in place: keeps the memory format
     b = conv.bias.double() if conv.bias is not None else torch.zeros_like(s)
@@ -131,21 +131,21 @@ def fold_frozen_bn(net: nn.Module, forward: Callable[[], Any]) -> int:
             conv = conv_by_out.get(id(x))
             if conv is None or id(x) in out_ids or x.grad_fn is None or counts.get(x.grad_fn, 0) != 1:
                 continue
-            if conv.out_channels != norm.running_mean.numel() or bool((_norm_scale_shift(norm)[0] == 0).any()):
+            if conv.out_channels != norm.running_mean.numel():
                 continue
-            pairs.append((conv, norm))
+            scale, shift = _norm_scale_shift(norm)
+            if not bool((scale == 0).any()):
+                pairs.append((conv, norm, scale, shift))
     finally:
         for h in handles:
             h.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
         calls.clear()
-    parents = {n: m for n, m in net.named_modules()}
-    for conv, norm in pairs:
-        _fold_pair(conv, norm)
-        path = norms[norm]
-        parent_path, _, attr = path.rpartition(".")
-        parents[parent_path]._modules[attr] = nn.Identity()
+    for conv, norm, scale, shift in pairs:
+        _fold_pair(conv, scale, shift)
+        parent_path, _, attr = norms[norm].rpartition(".")
+        net.get_submodule(parent_path)._modules[attr] = nn.Identity()
     return len(pairs)
 
 

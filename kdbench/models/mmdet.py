@@ -56,10 +56,9 @@ import torch
 from torch import Tensor, nn
 
 from kdbench.method import Outputs
-from kdbench.models.detection import as_image_list
-from kdbench.models.fold import prefold_output
+from kdbench.models.detection import forward_inputs
 from kdbench.models.sources import Source
-from kdbench.models.tap import TapModel, _get_module
+from kdbench.models.tap import TapModel, capture_module_taps, tensor_list
 from kdbench.registry import MODELS
 
 INSTALL = 'pip install -e ".[mmdet]" && python scripts/install_mmcv.py'
@@ -418,23 +417,12 @@ class MmdetDetector(TapModel):
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x, taps: Sequence[str] = (), targets: Sequence[dict] | None = None,
                 detect: bool = False) -> Outputs:
-        images = as_image_list(x)
-        dev = self.device
-        if images.tensors.device != dev:
-            images = images.to(dev)
-        wanted = set(taps)
-        self.check_taps(sorted(wanted))
+        images, wanted = forward_inputs(self, x, taps)
         module_taps = sorted(t for t in wanted if t.startswith("module:"))
-        captured: dict[str, Any] = {}
+        stages: list = []  # the backbone's outputs (its stages)
         handles = []
-        for tap in module_taps:
-            def hook(_m, _i, out, _tap=tap):
-                captured[_tap] = prefold_output(_m, out)
-
-            handles.append(_get_module(self.net, tap[len("module:"):]).register_forward_hook(hook))
         if "stages" in wanted:
-            handles.append(self.net.backbone.register_forward_hook(
-                lambda _m, _i, out: captured.__setitem__("stages", out)))
+            handles.append(self.net.backbone.register_forward_hook(lambda _m, _i, out: stages.append(out)))
         head_taps = [t for t in module_taps if t[len("module:"):].split(".")[0] not in ("backbone", "neck")]
         feats_out: dict[str, list[Tensor]] = {}
         extras: dict[str, Any] = {}
@@ -450,36 +438,36 @@ class MmdetDetector(TapModel):
             while reg_hook:
                 reg_hook.pop().remove()
 
-        try:
-            inputs = self._inputs(images)
-            feats = tuple(self.net.extract_feat(inputs))
-            if "fpn" in wanted:
-                feats_out["fpn"] = list(feats)
-            samples = self._samples(inputs, images, targets)
-            if targets is not None:
-                reg_on()
-                extras["losses"] = self._losses(inputs, feats, samples)
+        with capture_module_taps(self.net, module_taps) as captured_modules:
+            try:
+                inputs = self._inputs(images)
+                feats = tuple(self.net.extract_feat(inputs))
+                if "fpn" in wanted:
+                    feats_out["fpn"] = list(feats)
+                samples = self._samples(inputs, images, targets)
+                if targets is not None:
+                    reg_on()
+                    extras["losses"] = self._losses(inputs, feats, samples)
+                    reg_off()
+                elif "reg" in wanted or head_taps:
+                    reg_on()
+                    with _given_feats(self.net, feats), _head_training(self.net, self.training):
+                        self.net._forward(inputs, samples)
+                    reg_off()
+                elif not wanted:
+                    extras["loss_fn"] = lambda tg: self._losses(inputs, feats, self._samples(inputs, images, tg))
+                if detect:
+                    with torch.no_grad():
+                        extras["detections"] = self._detect(inputs, feats, samples)
+            finally:
                 reg_off()
-            elif "reg" in wanted or head_taps:
-                reg_on()
-                with _given_feats(self.net, feats), _head_training(self.net, self.training):
-                    self.net._forward(inputs, samples)
-                reg_off()
-            elif not wanted:
-                extras["loss_fn"] = lambda tg: self._losses(inputs, feats, self._samples(inputs, images, tg))
-            if detect:
-                with torch.no_grad():
-                    extras["detections"] = self._detect(inputs, feats, samples)
-        finally:
-            reg_off()
-            for h in handles:
-                h.remove()
+                for h in handles:
+                    h.remove()
         if "reg" in wanted:
             feats_out["reg"] = regs
-        for tap, out in captured.items():
-            if isinstance(out, dict):
-                out = list(out.values())
-            feats_out[tap] = list(out) if isinstance(out, (list, tuple)) else [out]
+        feats_out.update(captured_modules)
+        if stages:
+            feats_out["stages"] = tensor_list(stages[-1])
         extras["image_sizes"] = list(images.image_sizes)
         return Outputs(logits=None, feats=feats_out, extras=extras)
 
