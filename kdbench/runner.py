@@ -71,6 +71,10 @@ def environment(device: Any = None) -> dict:
             env[dist] = None
     if device is not None and getattr(device, "type", "") == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
+    from kdbench.allocator import allocator_state
+
+    if allocator_state() is not None:
+        env["cpu_allocator"] = allocator_state()
     src = Path(kdbench.__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=10)
@@ -267,6 +271,10 @@ def _setup(spec: RunSpec, record: dict, dist):
     from kdbench.registry import TASKS
 
     device = dist.device() if dist.enabled else _select_device()
+    if device.type == "cpu":
+        from kdbench.allocator import tune_cpu_allocator
+
+        tune_cpu_allocator()
     record["env"] = environment(device)
     task = TASKS.get(spec.task)()
     return device, task, task.build_data(spec.data)

@@ -262,7 +262,13 @@ def prepare_models(student: nn.Module | None, teacher: nn.Module | None, method:
     conv nets in ``channels_last`` (:func:`channels_last_enabled`; a method's adapters follow the student).
     With a ``task``, the frozen teacher's batch norms are folded into the convolutions that alone feed them
     (:func:`kdbench.models.fold.fold_frozen_bn`, checked on one forward of ``example``, default ``x``, with the
-    method's teacher taps; float rounding only). Returns the batch ``(x, y)`` on the device, in that layout."""
+    method's teacher taps; float rounding only). On a CPU the process' allocator keeps large blocks for reuse
+    (:func:`kdbench.allocator.tune_cpu_allocator`: no page faults per step; no number changes).
+    Returns the batch ``(x, y)`` on the device, in that layout."""
+    if torch.device(device).type == "cpu":
+        from kdbench.allocator import tune_cpu_allocator
+
+        tune_cpu_allocator()
     cl = channels_last_enabled(student, teacher)
     for m in (student, method):
         if m is not None:

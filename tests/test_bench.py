@@ -184,7 +184,7 @@ def test_run_pack_runs_its_runs_in_parallel_processes(tmp_path):
     assert {read_record(run_dir_for(tmp_path / "res", s))["run_id"] for s in specs} == {s.run_id for s in specs}
 
 
-@pytest.mark.parametrize("h,hy", [(8, 1), (16, 8), (7, 3)])
+@pytest.mark.parametrize("h,hy", [(8, 1), (16, 8), (7, 3), ((8, 12), (4, 3)), ((6, 9), (6, 3))])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_abf_fast_fusion_equals_the_definition(h, hy, channels_last):
     """ABF's fusion without concat/materialised upsampling (docs/methods.md §4.2) gives the definition's numbers
@@ -195,8 +195,9 @@ def test_abf_fast_fusion_equals_the_definition(h, hy, channels_last):
 
     torch.manual_seed(0)
     abf = ABF(6, 8, 5, fuse=True).double()
-    x = torch.randn(3, 6, h, h, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(3, 8, hy, hy, dtype=torch.float64, requires_grad=True)
+    (h, w), (hy, wy) = (h if isinstance(h, tuple) else (h, h)), (hy if isinstance(hy, tuple) else (hy, hy))
+    x = torch.randn(3, 6, h, w, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 8, hy, wy, dtype=torch.float64, requires_grad=True)
     xx = x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     def definition(xx, y):
@@ -211,7 +212,31 @@ def test_abf_fast_fusion_equals_the_definition(h, hy, channels_last):
     got, ref = abf(xx, y), definition(xx, y)
     for a, b in zip(got, ref):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
-    g1 = torch.autograd.grad((got[0] ** 2).sum() + got[1].sum(), wanted)
-    g2 = torch.autograd.grad((ref[0] ** 2).sum() + ref[1].sum(), wanted)
+    g1 = torch.autograd.grad((got[0] ** 2).sum() + (got[1] ** 3).sum(), wanted)
+    g2 = torch.autograd.grad((ref[0] ** 2).sum() + (ref[1] ** 3).sum(), wanted)
     for a, b in zip(g1, g2):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
+    # only some inputs needing gradients: the hand-written backward skips the others, the rest is unchanged
+    some = [y, abf.att_conv[0].weight]
+    abf.conv1.requires_grad_(False)  # x' needs no gradient now
+    ga = torch.autograd.grad((abf(xx.detach(), y)[0] ** 2).sum(), some)
+    gb = torch.autograd.grad((definition(xx.detach(), y)[0] ** 2).sum(), some)
+    for a, b in zip(ga, gb):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_abf_output_gradient_comes_back_in_its_layout():
+    """A loss that flattens ABF's channels_last output (a DWT, a spatial flatten) would hand back an NCHW
+    gradient; ``same_layout_grad`` returns it in channels_last, the layout of the batch norm that made it."""
+    from kdbench.fusion import ABF, same_layout_grad
+
+    abf = ABF(4, 8, 6, fuse=False).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    out, _ = abf(x)
+    seen = []
+    out.register_hook(lambda g: seen.append(g))
+    (out.flatten(2) ** 2).sum().backward()
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    assert torch.allclose(seen[0], 2 * out.detach())
+    plain = torch.randn(2, 3, 4, 4, requires_grad=True)
+    assert same_layout_grad(plain) is plain and not plain._backward_hooks
