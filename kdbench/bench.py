@@ -288,6 +288,7 @@ def run_bench(suite_path: str | os.PathLike, pattern: str | None = None, steps: 
     """Rows (one per entry, see :data:`COLUMNS`) and facts about the measurement (threads, device, rounds)."""
     import torch
 
+    from kdbench.allocator import allocator_state
     from kdbench.suite import load_suite
 
     suite = load_suite(suite_path, list(overrides))
@@ -310,7 +311,8 @@ def run_bench(suite_path: str | os.PathLike, pattern: str | None = None, steps: 
                          "student": info["student"], "teacher": info["teacher"], "kind": e.kind})
     facts = {"suite": suite.name, "device": str(dev), "threads": torch.get_num_threads(), "rounds": steps,
              "torch": torch.__version__, "filter": pattern, "cpus": os.cpu_count(),
-             "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")}
+             "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
+             "cpu_allocator": allocator_state()}
     return rows, facts
 
 
@@ -324,8 +326,9 @@ def format_md(rows: list[dict], facts: dict) -> str:
     out = [f"# Step cost: {facts['suite']}", "",
            f"`kdbench bench` on {facts['device']}, {facts['threads']} threads, torch {facts['torch']}; random "
            f"weights, synthetic batches; min and median of {facts['rounds']} interleaved rounds. "
-           "floor = student step + teacher forward (each timed alone); peak memory = one step's allocations.",
-           ""]
+           "floor = student step + teacher forward (each timed alone); peak memory = one step's allocations"
+           + (f"; CPU allocator: {facts['cpu_allocator']} (kdbench.allocator)" if facts.get("cpu_allocator") else "")
+           + ".", ""]
     # busy: more load than the bench's own threads (or the CPUs) account for
     if facts.get("load") == facts.get("load") and facts.get("load") is not None and facts.get("cpus"):
         out[-1:] = [f"Machine load at the end: {facts['load']:.1f} on {facts['cpus']} CPUs"
