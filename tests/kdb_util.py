@@ -19,3 +19,55 @@ def tiny_suite(**over) -> dict:
     }
     d.update(over)
     return d
+
+
+def one_classification_step(name: str, *, fold: bool = False, teacher_setup=None):
+    """One training step (no optimiser step) of method ``name`` on resnet20→resnet8, 8 random 16 px images, the
+    same seeds every call: ``(loss terms, student gradients, teacher, prepared inputs)``. The teacher is built
+    only for methods that need one; ``teacher_setup(teacher)`` runs before the models are prepared; ``fold``:
+    :func:`kdbench.train.prepare_models` gets the task (the frozen teacher's norms are folded)."""
+    import torch
+
+    from kdbench.method import Batch
+    from kdbench.models.sources import build_model
+    from kdbench.registry import METHODS
+    from kdbench.runner import build_context
+    from kdbench.tasks.classification import ClassificationTask
+    from kdbench.train import prepare_models, train_step
+
+    task, cpu = ClassificationTask(), torch.device("cpu")
+    cls = METHODS.get(name)
+    torch.manual_seed(0)
+    teacher = build_model("kdbench:resnet20", 10, 3)
+    if teacher_setup is not None:
+        teacher_setup(teacher)
+    student = build_model("kdbench:resnet8", 10, 3)
+    t = teacher if cls.needs_teacher else None
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(8) % 10
+    data = type("D", (), {"num_classes": 10, "train": [(x[i], y[i]) for i in range(8)],
+                          "val": [(x[i], y[i]) for i in range(2)]})()
+    ctx = build_context(task, data, {"epochs": 4, "batch_size": 8}, student, t, cpu)
+    torch.manual_seed(2)
+    method = cls(ctx, **cls.check_params({}))
+    if cls.stage_params:
+        method.load_stage({k: v.clone() for k, v in method.prompts.state_dict().items()})
+    xb, yb = prepare_models(student, t, method, cpu, x, y, task=task if fold else None)
+    out = train_step(student, t, method, task, Batch(xb, yb, epoch=3, step=10, epochs=4, steps_per_epoch=4))
+    grads = {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}
+    terms = {k: float(v.detach()) for k, v in {"loss": out.loss, **out.terms}.items()}
+    return terms, grads, t, xb
+
+
+def assert_same_step(a, b) -> None:
+    """Two :func:`one_classification_step` results agree: the same loss terms (to 1e-4 relative) and student
+    gradients (to 1e-3 relative)."""
+    import pytest
+    import torch
+
+    (terms_a, grads_a), (terms_b, grads_b) = a[:2], b[:2]
+    assert terms_a.keys() == terms_b.keys()
+    for k in terms_a:
+        assert terms_b[k] == pytest.approx(terms_a[k], rel=1e-4, abs=1e-6), k
+    for k in grads_a:
+        assert torch.allclose(grads_a[k], grads_b[k], rtol=1e-3, atol=1e-5), k

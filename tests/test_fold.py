@@ -10,13 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from kdbench.method import Batch
+from kdb_util import assert_same_step, one_classification_step
 from kdbench.models.fold import FOLDED_ATTR, fold_frozen_bn
 from kdbench.models.sources import build_model
 from kdbench.registry import METHODS
-from kdbench.runner import build_context
-from kdbench.tasks.classification import ClassificationTask
-from kdbench.train import prepare_models, train_step
 
 
 def _randomise_norms(net: nn.Module, seed: int = 0) -> None:
@@ -131,40 +128,15 @@ def test_fold_torchvision_frozen_batchnorm():
         assert torch.allclose(net(x), ref, rtol=1e-4, atol=1e-4)
 
 
-def _step(name: str, fold: bool):
-    """Loss terms and student gradients of one step with the teacher prepared with or without the fold."""
-    task = ClassificationTask()
-    torch.manual_seed(0)
-    teacher = build_model("kdbench:resnet20", 10, 3)
-    _randomise_norms(teacher)
-    student = build_model("kdbench:resnet8", 10, 3)
-    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    y = torch.arange(8) % 10
-    data = type("D", (), {"num_classes": 10, "train": [(x[i], y[i]) for i in range(8)],
-                          "val": [(x[i], y[i]) for i in range(2)]})()
-    cls = METHODS.get(name)
-    ctx = build_context(task, data, {"epochs": 4, "batch_size": 8}, student, teacher, torch.device("cpu"))
-    torch.manual_seed(2)
-    method = cls(ctx, **cls.check_params({}))
-    if cls.stage_params:
-        method.load_stage({k: v.clone() for k, v in method.prompts.state_dict().items()})
-    xb, yb = prepare_models(student, teacher, method, torch.device("cpu"), x, y, task=task if fold else None)
-    assert (_n_norms(teacher) == 0) == fold
-    out = train_step(student, teacher, method, task, Batch(xb, yb, epoch=3, step=10, epochs=4, steps_per_epoch=4))
-    grads = {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}
-    return {k: float(v.detach()) for k, v in {"loss": out.loss, **out.terms}.items()}, grads
-
-
 @pytest.mark.parametrize("name", sorted(n for n, c in METHODS.items()
                                         if "classification" in c.tasks and c.needs_teacher))
 def test_fold_same_loss_and_grads_for_every_method(name):
-    a, ga = _step(name, False)
-    b, gb = _step(name, True)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
-    for k in ga:
-        assert torch.allclose(ga[k], gb[k], rtol=1e-3, atol=1e-5), k
+    """Loss terms and student gradients of one step with the teacher prepared with or without the fold."""
+    steps = []
+    for fold in (False, True):
+        steps.append(one_classification_step(name, fold=fold, teacher_setup=_randomise_norms))
+        assert (_n_norms(steps[-1][2]) == 0) == fold
+    assert_same_step(*steps)
 
 
 # ------------------------------------------------------------------------------------------ detection teachers
