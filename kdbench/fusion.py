@@ -100,7 +100,6 @@ class ABF(nn.Module):
             x = F.interpolate(x, size=out_hw, mode="nearest")
         return same_layout_grad(self.conv2(x)), x
 
-
     def _fuse(self, x: Tensor, y: Tensor) -> Tensor:
         """``z = σ(Conv1×1([x, up(y)]))``, ``z₁⊙x + z₂⊙up(y)`` with ``up`` the nearest resize of ``y`` to ``x``'s size.
 
@@ -114,11 +113,9 @@ class ABF(nn.Module):
         conv = self.att_conv[0]
         zx = F.conv2d(x, conv.weight[:, :mid], conv.bias)
         zy = F.conv2d(y, conv.weight[:, mid:])
-        if h % hy or w % wy:  # not a block repeat: resize as the definition says
-            y = F.interpolate(y, size=(h, w), mode="nearest")
-            z = torch.sigmoid(zx + F.interpolate(zy, size=(h, w), mode="nearest"))
-            return x * z[:, 0:1] + y * z[:, 1:2]
         z = torch.sigmoid(zx + F.interpolate(zy, size=(h, w), mode="nearest"))
+        if h % hy or w % wy:  # not a block repeat: resize as the definition says
+            return x * z[:, 0:1] + F.interpolate(y, size=(h, w), mode="nearest") * z[:, 1:2]
         return _BlockMix.apply(x, y, z)
 
 

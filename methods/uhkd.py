@@ -34,12 +34,13 @@ def _pool_matrix(length: int, grid: int) -> Tensor:
     return p
 
 
-_SPECTRAL_POOL: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
+_SPECTRAL_POOL: dict[tuple[int, int, int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
 
 
-def _spectral_pool(h: int, w: int, grid: int) -> tuple[Tensor, Tensor, Tensor]:
+def _spectral_pool(h: int, w: int, grid: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """The fftshift + adaptive average pool of a full ``h×w`` spectrum, as two linear maps of the one-sided
-    spectrum of ``rfft2`` (``h×(w//2+1)``, columns ``k₂ = 0..w//2``), cached per size (float64, CPU).
+    spectrum of ``rfft2`` (``h×(w//2+1)``, columns ``k₂ = 0..w//2``), built in float64 and cached per size and
+    device in float32.
 
     Pooling the shifted spectrum is ``Pₕ·S·P_wᵀ`` with the pool matrices' columns rolled by the shift. A real
     map's spectrum is conjugate-symmetric, ``X[k₁, k₂] = conj X[−k₁, −k₂]``, so the columns ``k₂ > w//2`` are the
@@ -48,7 +49,7 @@ def _spectral_pool(h: int, w: int, grid: int) -> tuple[Tensor, Tensor, Tensor]:
     the ``k₂ ≤ w//2`` part (``rows[0]``, ``cols[:, :g]``) and the mirrored part (``rows[1]``, ``cols[:, g:]``);
     amplitude and real part add the two, the imaginary part (odd) subtracts the mirrored one. Third: ``cols``
     with each row weighted as the backward of :class:`_AmplitudeTokens` needs it."""
-    key = (h, w, grid)
+    key = (h, w, grid, torch.device(device))
     if key not in _SPECTRAL_POOL:
         ph = torch.roll(_pool_matrix(h, grid), -(h // 2), dims=1)  # column k: the shifted position of row k
         pw = torch.roll(_pool_matrix(w, grid), -(w // 2), dims=1)
@@ -63,7 +64,7 @@ def _spectral_pool(h: int, w: int, grid: int) -> tuple[Tensor, Tensor, Tensor]:
         counts[0] = 1.0
         if w % 2 == 0:
             counts[-1] = 1.0
-        _SPECTRAL_POOL[key] = (rows, cols, cols * counts)
+        _SPECTRAL_POOL[key] = tuple(m.to(device=device, dtype=torch.float32) for m in (rows, cols, cols * counts))
     return _SPECTRAL_POOL[key]
 
 
@@ -118,7 +119,7 @@ def spectral_tokens(feat: Tensor, grid: int, spectrum: str = "amplitude") -> Ten
         raise ValueError(f"spectral_tokens: expected N×C×h×w, got {tuple(feat.shape)}")
     h, w = feat.shape[-2:]
     with no_autocast():
-        rows, cols, cols_adjoint = (m.to(device=feat.device, dtype=torch.float32) for m in _spectral_pool(h, w, grid))
+        rows, cols, cols_adjoint = _spectral_pool(h, w, grid, feat.device)
         if spectrum == "amplitude":
             return _AmplitudeTokens.apply(feat.float(), rows, cols, cols_adjoint, grid)
         X = torch.fft.rfft2(feat.float(), norm="ortho")  # N×C×h×(w//2+1)

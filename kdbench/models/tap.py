@@ -53,10 +53,8 @@ def record_outputs(module: nn.Module, transform: Callable[[nn.Module, Any], Any]
     """Within the context, the output of every forward of ``module`` (``transform(module, output)`` when given,
     applied at once, before later in-place ops can touch the output) is appended to the yielded list."""
     outs: list = []
-    if transform is None:
-        handle = module.register_forward_hook(lambda _m, _inp, out: outs.append(out))
-    else:
-        handle = module.register_forward_hook(lambda _m, _inp, out: outs.append(transform(_m, out)))
+    handle = module.register_forward_hook(
+        lambda m, _inp, out: outs.append(out if transform is None else transform(m, out)))
     try:
         yield outs
     finally:
