@@ -289,6 +289,7 @@ def run_bench(suite_path: str | os.PathLike, pattern: str | None = None, steps: 
     import torch
 
     from kdbench.allocator import allocator_state
+    from kdbench.models.frozen import enabled as frozen_enabled
     from kdbench.suite import load_suite
 
     suite = load_suite(suite_path, list(overrides))
@@ -312,7 +313,8 @@ def run_bench(suite_path: str | os.PathLike, pattern: str | None = None, steps: 
     facts = {"suite": suite.name, "device": str(dev), "threads": torch.get_num_threads(), "rounds": steps,
              "torch": torch.__version__, "filter": pattern, "cpus": os.cpu_count(),
              "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
-             "cpu_allocator": allocator_state()}
+             "cpu_allocator": allocator_state(),
+             "teacher_graph": ("frozen" if frozen_enabled() else "eager") if dev.type == "cpu" else None}
     return rows, facts
 
 
@@ -328,6 +330,8 @@ def format_md(rows: list[dict], facts: dict) -> str:
            f"weights, synthetic batches; min and median of {facts['rounds']} interleaved rounds. "
            "floor = student step + teacher forward (each timed alone); peak memory = one step's allocations"
            + (f"; CPU allocator: {facts['cpu_allocator']} (kdbench.allocator)" if facts.get("cpu_allocator") else "")
+           + (f"; CPU teacher forward: {facts['teacher_graph']} (kdbench.models.frozen)"
+              if facts.get("teacher_graph") else "")
            + ".", ""]
     # busy: more load than the bench's own threads (or the CPUs) account for
     if facts.get("load") == facts.get("load") and facts.get("load") is not None and facts.get("cpus"):

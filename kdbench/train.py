@@ -294,6 +294,10 @@ def prepare_models(student: nn.Module | None, teacher: nn.Module | None, method:
                 probe = to_channels_last(probe)
         taps = method.taps().teacher if method is not None else ()
         fold_frozen_bn(teacher, lambda: task.forward(teacher, probe, None, taps))
+    if teacher is not None and cl and torch.device(device).type == "cpu":
+        from kdbench.models import frozen
+
+        frozen.install(teacher)
     if y is not None and isinstance(y, Tensor):
         y = y.to(device)
     return x, y

@@ -21,11 +21,13 @@ def tiny_suite(**over) -> dict:
     return d
 
 
-def one_classification_step(name: str, *, fold: bool = False, teacher_setup=None):
+def one_classification_step(name: str, *, fold: bool = False, teacher_setup=None, teacher_warmup: bool = False):
     """One training step (no optimiser step) of method ``name`` on resnet20→resnet8, 8 random 16 px images, the
     same seeds every call: ``(loss terms, student gradients, teacher, prepared inputs)``. The teacher is built
     only for methods that need one; ``teacher_setup(teacher)`` runs before the models are prepared; ``fold``:
-    :func:`kdbench.train.prepare_models` gets the task (the frozen teacher's norms are folded)."""
+    :func:`kdbench.train.prepare_models` gets the task (the frozen teacher's norms are folded); ``teacher_warmup``:
+    one teacher forward with the method's taps before the step (so that the step's teacher forward is the first
+    one that can run a graph made by :mod:`kdbench.models.frozen`)."""
     import torch
 
     from kdbench.method import Batch
@@ -53,6 +55,9 @@ def one_classification_step(name: str, *, fold: bool = False, teacher_setup=None
     if cls.stage_params:
         method.load_stage({k: v.clone() for k, v in method.prompts.state_dict().items()})
     xb, yb = prepare_models(student, t, method, cpu, x, y, task=task if fold else None)
+    if teacher_warmup and t is not None:
+        with torch.no_grad():
+            task.forward(t, xb, None, method.taps().teacher)
     out = train_step(student, t, method, task, Batch(xb, yb, epoch=3, step=10, epochs=4, steps_per_epoch=4))
     grads = {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}
     terms = {k: float(v.detach()) for k, v in {"loss": out.loss, **out.terms}.items()}
