@@ -73,28 +73,42 @@ class _AmplitudeTokens(torch.autograd.Function):
     gradient through the log, the modulus and the one-sided FFT in three elementwise passes and one ``irfft2``
     (the adjoint of the one-sided transform: ``Re(IFFT2(pad(G)))`` is ``irfft2`` of ``G`` with every column
     that stands for two halved), instead of autograd's chain of complex ops and a full complex inverse FFT.
-    The modulus' gradient at 0 is 0 (as ``abs``'s)."""
+    The modulus' gradient at 0 is 0 (as ``abs``'s).
+
+    Everything runs on the ``N×h×w×C`` view of the map (the memory order of a ``channels_last`` feature, no copy):
+    the transforms over the two middle axes, the pooling as one matrix product over the rows and one small
+    contraction over the columns. The gradient is handed back in the feature's memory format: the FFT library
+    writes it in ``N×C×h×w`` order, and a gradient in another layout than the network's makes the student's
+    later backward ops (ReLU, gradient sums) several times slower than the one copy that converts it."""
 
     @staticmethod
     def forward(ctx, feat: Tensor, rows: Tensor, cols: Tensor, cols_adjoint: Tensor, grid: int) -> Tensor:
-        h, w = feat.shape[-2:]
-        X = torch.fft.rfft2(feat, norm="ortho")  # N×C×h×(w//2+1)
-        A = X.abs()
-        spec = A.add(1.0).log_()  # log1p(A)
-        b = (spec @ cols).unflatten(-1, (2, grid))  # N×C×h×2×g: both halves pooled over columns
-        tok = torch.einsum("zah,nchzb->nabc", rows, b)  # N×g×g×C: pooled over rows, halves summed
+        n, c, h, w = feat.shape
+        x = feat.permute(0, 2, 3, 1).contiguous()  # N×h×w×C (a view of a channels_last feature)
+        X = torch.fft.rfft2(x, dim=(1, 2), norm="ortho").contiguous()  # N×h×(w//2+1)×C
+        ri = torch.view_as_real(X)
+        A = ri[..., 0].square().add_(ri[..., 1].square()).sqrt_()  # |X|
+        spec = A.add(1.0).log_()  # log1p(|X|)
+        half = spec.shape[2]
+        t = torch.matmul(rows.flatten(0, 1), spec.view(n, h, half * c))  # N×2g×(w//2+1)·C: rows pooled
+        tok = torch.einsum("nzawc,wzb->nabc", t.view(n, 2, grid, half, c), cols.view(half, 2, grid))
         ctx.save_for_backward(X, A, rows, cols_adjoint)
         ctx.hw, ctx.grid = (h, w), grid
-        return tok.flatten(1, 2)
+        ctx.channels_last = feat.is_contiguous(memory_format=torch.channels_last)
+        return tok.flatten(1, 2)  # N×g²×C
 
     @staticmethod
     def backward(ctx, g: Tensor):
         X, A, rows, cols_adjoint = ctx.saved_tensors
         (h, w), grid = ctx.hw, ctx.grid
-        gb = torch.einsum("zah,nabc->nchzb", rows, g.unflatten(1, (grid, grid))).flatten(-2)  # N×C×h×2g
-        weight = gb @ cols_adjoint.T  # ∂L/∂log1p(A), with the irfft2 column weights folded in
-        weight = weight.div_(torch.addcmul(A, A, A)).nan_to_num_(0.0, 0.0, 0.0)  # /(A·(1+A)); 0 where A = 0
-        return torch.fft.irfft2(X * weight, s=(h, w), norm="ortho"), None, None, None, None
+        n, _, half, c = X.shape
+        u = torch.einsum("wzb,nabc->nzawc", cols_adjoint.view(half, 2, grid), g.unflatten(1, (grid, grid)))
+        weight = torch.matmul(rows.flatten(0, 1).T, u.reshape(n, 2 * grid, half * c)).view(n, h, half, c)
+        # ∂L/∂log1p(A) with the irfft2 column weights folded in, then /(A·(1+A)); 0 where A = 0
+        weight = weight.div_(torch.addcmul(A, A, A)).nan_to_num_(0.0, 0.0, 0.0)
+        grad = torch.fft.irfft2(X * weight, s=(h, w), dim=(1, 2), norm="ortho").permute(0, 3, 1, 2)
+        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        return grad.contiguous(memory_format=fmt), None, None, None, None
 
 
 def spectral_tokens(feat: Tensor, grid: int, spectrum: str = "amplitude") -> Tensor:

@@ -89,6 +89,23 @@ def test_spectral_tokens_equal_the_definition_values_and_gradients(hw, spectrum)
     assert torch.allclose(cl, got, atol=1e-6)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_spectral_tokens_gradient_comes_back_in_the_feature_layout(channels_last):
+    # the gradient reaching a (non-leaf) feature has its memory format and the definition's values
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    leaf = x.float().requires_grad_(True)
+    feat = (leaf * 1.0).contiguous(memory_format=fmt)
+    seen = []
+    feat.register_hook(seen.append)
+    w = torch.randn(2, 49, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    (spectral_tokens(feat, 7).double() * w).sum().backward()
+    b = x.clone().requires_grad_(True)
+    (_tokens_by_definition(b, 7, "amplitude") * w).sum().backward()
+    assert seen[0].is_contiguous(memory_format=fmt)
+    assert torch.allclose(seen[0].double(), b.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_spectral_tokens_gradient_of_a_dead_channel_is_zero_not_nan():
     # post-ReLU maps have all-zero channels: every spectral bin is 0 there, and |·|'s gradient at 0 is 0
     x = torch.randn(2, 3, 8, 8)
