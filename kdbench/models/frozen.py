@@ -20,6 +20,12 @@ call to the eager forward:
   the eager forward, always. Whether a call runs the graph thus depends on the call alone (its taps, layout and
   shape), never on what ran before in the process, so a resumed run computes what an uninterrupted one does.
 
+A trace records the Python control flow of the batch it ran on. Control flow on shapes (a VGG that pools once
+more on large inputs, timm's size asserts) is covered by the check per shape; a forward that branches on tensor
+*values* would not be, and no classifier or segmenter kdbench builds does (``KDBENCH_TEACHER_GRAPH=eager`` is the
+way out for one that would). A call with keyword arguments (a detector's ``targets=``, ``detect=``) always runs
+eagerly.
+
 ``KDBENCH_TEACHER_GRAPH=eager`` turns it off (the environment variable is read when a teacher is prepared).
 """
 
