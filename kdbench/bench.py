@@ -289,7 +289,7 @@ def run_bench(suite_path: str | os.PathLike, pattern: str | None = None, steps: 
     import torch
 
     from kdbench.allocator import allocator_state
-    from kdbench.models.frozen import enabled as frozen_enabled
+    from kdbench.models import frozen
     from kdbench.suite import load_suite
 
     suite = load_suite(suite_path, list(overrides))
@@ -314,7 +314,7 @@ def run_bench(suite_path: str | os.PathLike, pattern: str | None = None, steps: 
              "torch": torch.__version__, "filter": pattern, "cpus": os.cpu_count(),
              "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
              "cpu_allocator": allocator_state(),
-             "teacher_graph": ("frozen" if frozen_enabled() else "eager") if dev.type == "cpu" else None}
+             "teacher_graph": frozen.mode() if dev.type == "cpu" else None}
     return rows, facts
 
 

@@ -36,7 +36,7 @@ def spatial_size(shape: Sequence[int]) -> Size2:
 
 
 def _to_channels_last(g: Tensor) -> Tensor:
-    return g if g.is_contiguous(memory_format=torch.channels_last) else g.contiguous(memory_format=torch.channels_last)
+    return g.contiguous(memory_format=torch.channels_last)  # g itself when it already is
 
 
 def same_layout_grad(t: Tensor) -> Tensor:

@@ -78,7 +78,7 @@ def environment(device: Any = None) -> dict:
     if device is not None and getattr(device, "type", "") == "cpu":
         from kdbench.models import frozen
 
-        env["teacher_graph"] = "frozen" if frozen.enabled() else "eager"
+        env["teacher_graph"] = frozen.mode()
     src = Path(kdbench.__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=10)

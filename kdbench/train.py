@@ -263,7 +263,9 @@ def prepare_models(student: nn.Module | None, teacher: nn.Module | None, method:
     With a ``task``, the frozen teacher's batch norms are folded into the convolutions that alone feed them
     (:func:`kdbench.models.fold.fold_frozen_bn`, checked on one forward of ``example``, default ``x``, with the
     method's teacher taps; float rounding only). On a CPU the process' allocator keeps large blocks for reuse
-    (:func:`kdbench.allocator.tune_cpu_allocator`: no page faults per step; no number changes).
+    (:func:`kdbench.allocator.tune_cpu_allocator`: no page faults per step; no number changes), and a conv
+    teacher's forward runs as a frozen inference graph where it computes what the eager one does
+    (:func:`kdbench.models.frozen.install`; float rounding only).
     Returns the batch ``(x, y)`` on the device, in that layout."""
     if torch.device(device).type == "cpu":
         from kdbench.allocator import tune_cpu_allocator

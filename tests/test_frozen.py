@@ -17,7 +17,7 @@ from kdbench.train import prepare_models
 TAPS = ("stages", "stages_preact", "pooled", "module:layer2.0.conv1")
 
 
-def _teacher(monkeypatch=None):
+def _teacher():
     torch.manual_seed(0)
     t = build_model("kdbench:resnet20", 10, 3)
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))

@@ -42,15 +42,15 @@ from torch import Tensor, nn
 from kdbench.method import Outputs
 
 ENV = "KDBENCH_TEACHER_GRAPH"
-_FAILED = object()  # a key whose graph could not be made or did not match
+_FAILED = object()  # a tap set whose graph could not be made
 
 
-def enabled() -> bool:
-    """Whether :func:`install` is on (``KDBENCH_TEACHER_GRAPH`` is not ``eager``)."""
+def mode() -> str:
+    """``KDBENCH_TEACHER_GRAPH``: ``"frozen"`` (default: :func:`install` is on) or ``"eager"``."""
     value = os.environ.get(ENV, "frozen").strip().lower()
     if value not in ("frozen", "eager"):
         raise ValueError(f"{ENV}={value!r}: valid values are 'frozen' (default) and 'eager'")
-    return value == "frozen"
+    return value
 
 
 def _hook_count(net: nn.Module) -> int:
@@ -194,7 +194,7 @@ def install(net: nn.Module) -> bool:
     frozen and in eval mode already."""
     if isinstance(getattr(net, "forward", None), FrozenForward):
         return True
-    if not enabled() or not hasattr(torch.jit, "optimize_for_inference"):
+    if mode() != "frozen" or not hasattr(torch.jit, "optimize_for_inference"):
         return False
     net.forward = FrozenForward(net)
     return True
