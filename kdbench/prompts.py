@@ -32,10 +32,16 @@ TokenMix = Callable[[int, Tensor], "Tensor | None"]
 # ------------------------------------------------------------------------------------------------
 # bands, masks, losses
 # ------------------------------------------------------------------------------------------------
-def clamp_levels(levels: int, size: Sequence[int]) -> int:
-    """``J = min(levels, ⌊log2(min(H, W))⌋)``: the DWT depth a ``H×W`` map allows (0 for a 1-pixel side)."""
+def check_levels(levels: int) -> int:
+    """``levels`` as an int; a ValueError unless it is a positive integer."""
     if int(levels) != levels or levels < 1:
         raise ValueError(f"levels must be a positive integer, got {levels!r}")
+    return int(levels)
+
+
+def clamp_levels(levels: int, size: Sequence[int]) -> int:
+    """``J = min(levels, ⌊log2(min(H, W))⌋)``: the DWT depth a ``H×W`` map allows (0 for a 1-pixel side)."""
+    levels = check_levels(levels)
     m = int(min(size))
     if m < 1:
         raise ValueError(f"feature size must be positive, got {tuple(size)}")
@@ -425,9 +431,11 @@ class PromptDistiller(Distiller):
 
     Builds what both need from the Context: the tap (``default_taps[task]`` for ``tap="auto"``), its maps
     paired deepest-aligned (``s_index``/``t_index``, the paired ``s_shapes``/``t_shapes``), the DWT depth
-    ``map_levels[l] = min(levels, ⌊log2(min(H,W))⌋)`` of each teacher map, one frozen ``prompt_set`` per map
-    with ``J_l ≥ 1`` (``self.prompts``, keyed by the pair's position; ``self.prompted`` lists ``(position,
-    key)``), and the regression-KD switch ``use_reg`` (detection with a ``"reg"`` tap on both networks).
+    ``map_levels[l]`` of each teacher map (``levels`` on every map, the zero-padded Haar DWT taking any size,
+    as FreeKD's release; with ``cap_levels = True``, AFP's ``min(levels, ⌊log2(min(H,W))⌋)``), one frozen
+    ``prompt_set`` per map with ``J_l ≥ 1`` (``self.prompts``, keyed by the pair's position; ``self.prompted``
+    lists ``(position, key)``), and the regression-KD switch ``use_reg`` (detection with a ``"reg"`` tap on
+    both networks).
 
     Stage 1 (§7.4): :meth:`run_stage` tunes fresh prompts, seeded by ``stage_seed``, on the frozen teacher with
     :func:`run_prompt_stage`; :meth:`load_stage` loads and freezes them. The stage depends on exactly the
@@ -438,6 +446,8 @@ class PromptDistiller(Distiller):
                     "dissimilarity", "dis_weight")
     default_taps: dict[str, str] = {}
     prompt_set: type[PromptSet] = PromptSet
+    #: ``J_l = min(levels, ⌊log2(min(H, W))⌋)`` per map (AFP, §9) instead of ``levels`` on every map (FreeKD, §7)
+    cap_levels: bool = False
 
     def __init__(self, ctx: Context, *, num_tokens: int, levels: int, tap: str, reg_weight: float, stage_iters: int,
                  stage_lr: float, stage_optimizer: str, stage_seed: int, dissimilarity: str, dis_weight: float):
@@ -454,7 +464,8 @@ class PromptDistiller(Distiller):
         s_shapes, t_shapes = map_shapes(ctx, "student", self.tap, who), map_shapes(ctx, "teacher", self.tap, who)
         self.s_shapes, self.t_shapes = [s_shapes[i] for i in self.s_index], [t_shapes[i] for i in self.t_index]
         self.t_channels = [sh[0] for sh in self.t_shapes]
-        self.map_levels = [clamp_levels(levels, sh[1:]) for sh in self.t_shapes]
+        self.map_levels = [clamp_levels(levels, sh[1:]) if self.cap_levels else check_levels(levels)
+                           for sh in self.t_shapes]
         if not any(self.map_levels):
             raise ValueError(f"{who}: no teacher map of tap {self.tap!r} is large enough for a DWT level "
                              f"(shapes {self.t_shapes})")

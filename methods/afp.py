@@ -89,6 +89,7 @@ class AFP(PromptDistiller):
     version = 2  # 2: dissimilarity='jaccard' is (1/T²)·Σ_i Σ_j, the diagonal included (§7.1)
     default_taps = {"classification": "stages", "detection": "fpn"}
     prompt_set = AdaptivePromptSet
+    cap_levels = True  # J_l = min(levels, ⌊log2(min(H, W))⌋): classifier maps are small (§9)
 
     def __init__(
         self,

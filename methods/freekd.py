@@ -29,8 +29,9 @@ class FreeKD(PromptDistiller):
     """Zhang et al., "FreeKD: Knowledge Distillation via Semantic Frequency Prompt", CVPR 2024. docs/methods.md §7.
 
     Per distilled map ``l``: ``S_l = φ_l(F^s_l)`` (1×1 conv with bias, bilinearly resized to the teacher's
-    size if needed), masks from frozen stage-1 prompts on the teacher's bands (one ``PromptSet`` per map,
-    ``J_l = min(levels, ⌊log2(min(H,W))⌋)``; maps with ``J_l = 0`` only get the MSE term).
+    size if needed), masks from frozen stage-1 prompts on the teacher's bands (one ``PromptSet`` of
+    ``levels + 1`` token sets per map; ``J = levels`` on every map whatever its size, the zero-padded Haar DWT
+    taking any size, as the release's ``DWTForward(J=3, mode='zero')`` on all FPN levels).
 
     * ``variant="code"`` (§7.3 FreeKD-C): ``loss_freekd = mask_weight·Σ_l freekd_loss`` and
       ``loss_mse = mse_weight·Σ_l MSE(S_l, F^t_l)``.
@@ -53,7 +54,9 @@ class FreeKD(PromptDistiller):
     tasks = frozenset({"classification", "detection", "segmentation"})
     heterogeneous = False
     citation = "Zhang et al., FreeKD: Knowledge Distillation via Semantic Frequency Prompt, CVPR 2024 (docs/methods.md §7)"
-    version = 2  # 2: dissimilarity='jaccard' is (1/T²)·Σ_i Σ_j, the diagonal included (§7.1)
+    # 2: dissimilarity='jaccard' is (1/T²)·Σ_i Σ_j, the diagonal included (§7.1)
+    # 3: J = levels on every map, as the release (maps under 2^levels pixels a side were given fewer levels)
+    version = 3
     default_taps = {"detection": "fpn", "segmentation": "final", "classification": "final"}
 
     def __init__(

@@ -376,16 +376,51 @@ def test_freekd_params_and_defaults():
     fpn = {("student", "fpn"): [(4, 16, 16), (4, 8, 8), (4, 4, 4), (4, 2, 2), (4, 1, 1)],
            ("teacher", "fpn"): [(4, 16, 16), (4, 8, 8), (4, 4, 4), (4, 2, 2), (4, 1, 1)]}
     det = FreeKD(_ctx(fpn, task="detection"))
-    assert det.tap == "fpn" and det.mu == 5.0 and det.map_levels == [3, 3, 2, 1, 0] and not det.use_reg
-    assert sorted(det.prompts) == ["0", "1", "2", "3"] and len(det.phi) == 5  # the 1×1 level gets MSE only
+    # J = levels on every FPN level, 1×1 included, as the release's DWTForward(J=3, mode='zero')
+    assert det.tap == "fpn" and det.mu == 5.0 and det.map_levels == [3] * 5 and not det.use_reg
+    assert sorted(det.prompts) == ["0", "1", "2", "3", "4"] and len(det.phi) == 5
+    assert FreeKD(_ctx(fpn, task="detection"), levels=2).map_levels == [2] * 5
     seg = {("student", "stages"): [(3, 8, 8), (5, 4, 4)], ("teacher", "stages"): [(4, 8, 8), (6, 4, 4), (7, 4, 4)],
            ("student", "final"): [(5, 4, 4)], ("teacher", "final"): [(7, 4, 4)]}
     m = FreeKD(_ctx(seg, task="segmentation"))  # the backbone's last stage
-    assert m.tap == "final" and m.s_index == [0] and m.t_index == [0] and m.mu == 5.0 and m.map_levels == [2]
+    assert m.tap == "final" and m.s_index == [0] and m.t_index == [0] and m.mu == 5.0 and m.map_levels == [3]
     m = FreeKD(_ctx(seg, task="segmentation"), tap="stages")  # every stage, paired deepest-aligned
-    assert m.s_index == [0, 1] and m.t_index == [1, 2] and m.map_levels == [2, 2] and len(m.phi) == 2
+    assert m.s_index == [0, 1] and m.t_index == [1, 2] and m.map_levels == [3, 3] and len(m.phi) == 2
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="positive integer"):
+            FreeKD(_ctx(FINAL), levels=bad)
+
+
+def test_freekd_small_maps_get_all_levels_as_the_release():
+    """A 4×4 and a 3×5 map (under 2³ a side) still get the release's three Haar levels: the method's loss is
+    the released-code computation with pytorch_wavelets' DWTForward(J=3, haar, zero) of φ(F^s) and F^t."""
+    pw = pytest.importorskip("pytorch_wavelets")
+    xfm = pw.DWTForward(J=3, mode="zero", wave="haar")
+    for size in ((4, 4), (3, 5)):
+        shapes = {("student", "final"): [(5, *size)], ("teacher", "final"): [(6, *size)]}
+        m = _loaded(FreeKD(_ctx(shapes)))
+        assert m.map_levels == [3] and len(m.prompts["0"].level_prompts()) == 3
+        s, t = _outs("final", [(5, *size)], seed=7), _outs("final", [(6, *size)], seed=8)
+        out = m(s, t, _batch())
+        with torch.no_grad():
+            proj = m.phi[0](s["final"][0])
+            _, yh_s = xfm(proj)
+            _, yh_t = xfm(t["final"][0])
+            ref = 0.0
+            for j, tok in enumerate(m.prompts["0"].level_prompts()):
+                n, c, _, h, w = yh_t[j].shape
+                mask = torch.sigmoid(tok.expand(n, -1, -1) @ yh_t[j].sum(2).reshape(n, c, -1)).reshape(n, -1, h, w)
+                mk = mask[:, :, None, None]
+                ref = ref + F.l1_loss(yh_s[j].unsqueeze(1) * mk, yh_t[j].unsqueeze(1) * mk)
+        assert out["loss_freekd"].item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_afp_caps_levels_on_small_maps():
+    """AFP (§9) keeps J = min(levels, ⌊log2 min(H, W)⌋) per map: a map with a 1-pixel side gets no DWT level."""
+    shapes = {("student", "stages"): [(4, 8, 8), (4, 4, 4)], ("teacher", "stages"): [(4, 8, 8), (4, 4, 4)]}
+    assert AFP(_ctx(shapes)).map_levels == [3, 2]
     with pytest.raises(ValueError, match="large enough"):
-        FreeKD(_ctx({("student", "final"): [(4, 1, 1)], ("teacher", "final"): [(4, 1, 1)]}))
+        AFP(_ctx({("student", "stages"): [(4, 1, 1)], ("teacher", "stages"): [(4, 1, 1)]}))
 
 
 def test_freekd_detection_fpn_reg_and_resizing():
