@@ -229,6 +229,17 @@ def test_cocoeval_known_partial_values():
 def test_cocoeval_without_detections_is_zero_or_undefined():
     m = coco_eval(_gt(), [], [2])
     assert m["AP"] == 0.0 and m["APm"] == 0.0 and math.isnan(m["APs"]) and math.isnan(m["APl"])
+    # an object of area exactly 32² is small and medium for COCOeval (inclusive bounds): no detection at all gives
+    # what COCOeval gives with one wrong detection, 0 for both (not NaN)
+    coco = _gt()
+    a = coco.dataset["annotations"][3]
+    a["bbox"], a["area"] = [30, 30, 32, 32], 32 * 32
+    coco.createIndex()
+    wrong = {"image_id": 2, "category_id": 2, "bbox": [200, 200, 10, 10], "score": 0.5}
+    with_wrong = coco_eval(coco, [wrong], [2])
+    assert with_wrong["APs"] == 0.0 and with_wrong["APm"] == 0.0 and math.isnan(with_wrong["APl"])
+    m = coco_eval(coco, [], [2])
+    assert all(m[k] == with_wrong[k] or (math.isnan(m[k]) and math.isnan(with_wrong[k])) for k in m)
 
 
 def test_task_evaluate_with_an_oracle_gives_100(shapes):

@@ -68,10 +68,13 @@ def coco_eval(coco_gt, results: list[dict], img_ids: list[int]) -> dict[str, flo
     No result at all gives 0 everywhere; a metric without ground truth (COCOeval's -1) is NaN."""
     from pycocotools.cocoeval import COCOeval
 
-    if not results:
-        has_gt = {m: bool(coco_gt.getAnnIds(imgIds=img_ids, areaRng=r, iscrowd=False))
-                  for m, r in zip(METRIC_NAMES, [[], [], [], [0, 32**2], [32**2, 96**2], [96**2, 1e10]])}
-        return {m: (0.0 if has_gt[m] else math.nan) for m in METRIC_NAMES}
+    if not results:  # pycocotools' loadRes refuses an empty list: decide from the ground truth as COCOeval would
+        anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=img_ids, iscrowd=False)) if img_ids else []
+        ranges = COCOeval(iouType="bbox").params.areaRng  # all, small, medium, large; both bounds inclusive
+        area = dict(zip(("all", "small", "medium", "large"), ranges))
+        metric_area = dict(zip(METRIC_NAMES, ("all", "all", "all", "small", "medium", "large")))
+        return {m: (0.0 if any(area[metric_area[m]][0] <= a["area"] <= area[metric_area[m]][1] for a in anns)
+                    else math.nan) for m in METRIC_NAMES}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, "bbox")
