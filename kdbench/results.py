@@ -37,7 +37,7 @@ REQUIRED_KEYS = (
 )
 METRIC_KEYS = ("eval", "metric", "select", "value", "higher_is_better")
 #: Optional keys of a metric row (eval records of corruptions), kept as columns of :func:`metrics_frame`.
-METRIC_OPTIONAL_KEYS = ("corruption", "severity")
+METRIC_OPTIONAL_KEYS = ("corruption", "severity", "source")
 _METRIC_KEYSET = frozenset(METRIC_KEYS)
 
 #: Columns of the frames returned by :func:`load_records` (in this order; extra columns never appear).
@@ -430,7 +430,7 @@ def metrics_frame(records: list[Mapping], field: str = "metrics") -> pd.DataFram
 
     Every row carries the run fields of :data:`JOINED_RUN_FIELDS`; for ``teacher_metrics`` they are the
     fields of the distillation run that evaluated its teacher. Rows of eval records also carry ``target``
-    (the evaluated model's run_id) and, for corruptions, ``corruption`` and ``severity`` (else None).
+    (the evaluated model's run_id) and, for corruptions, ``corruption``, ``severity`` and ``source`` (else None).
     """
     import pandas as pd
 

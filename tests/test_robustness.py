@@ -170,6 +170,49 @@ def test_cityscapes_and_imagefolder_hooks(tmp_path):
     assert cor[1][0].shape == data.val[1][0].shape and not torch.equal(cor[1][0], data.val[1][0])
 
 
+class _RecordSize:
+    """An image_fn that records the size it is called with and inverts the image (a visible change)."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def __call__(self, image, key):
+        self.shapes.append(image.shape)
+        return 255 - image
+
+
+def test_imagefolder_corrupts_the_resized_center_crop_as_imagenet_c(tmp_path):
+    """ImageNet-C corrupts the Resize + CenterCrop image (256 -> 224), before ToTensor and normalisation: the hook
+    sees crop-size images, and the result is the crop corrupted, then converted; COCO-style 'before resizing'
+    would see the file's 48×40 pixels."""
+    import torch
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from kdbench.data.imagefolder import ImageFolderData, _Folder, _split_transform, write_imagefolder
+
+    root = write_imagefolder(tmp_path / "if", num_classes=2, per_class=2, size=48)
+    data = ImageFolderData().build(str(root), image_size=32, augment=False)  # Resize(37) + CenterCrop(32)
+    rec = _RecordSize()
+    cor = RB.with_image_fn(data.val, rec)
+    x = cor[1][0]
+    assert rec.shapes == [(32, 32, 3)] and x.shape == data.val[1][0].shape == (3, 32, 32)
+    geometric, rest = _split_transform(data.val.transform)
+    assert [type(t).__name__ for t in geometric] == ["Resize", "CenterCrop"]
+    crop = np.asarray(T.Compose(geometric)(Image.open(data.val.samples[1][0]).convert("RGB")))
+    assert torch.equal(x, T.Compose(rest)(Image.fromarray(255 - crop)))
+    # a real corruption: the same pixels as corrupting that crop by hand
+    fog = RB.with_image_fn(data.val, RB.Corruptor("fog", 3))[1][0]
+    assert torch.equal(fog, T.Compose(rest)(Image.fromarray(RB.corrupt(crop, "fog", 3, 1))))
+    # no geometric part (a tiny folder read as is): the decoded image; any other transform: before it
+    rec = _RecordSize()
+    plain = _Folder(root / "val", T.Compose([T.ToTensor()]), image_fn=rec)
+    assert plain[0][0].shape == (3, 48, 48) and rec.shapes == [(48, 48, 3)]
+    rec = _RecordSize()
+    assert _Folder(root / "val", T.ToTensor(), image_fn=rec)[0][0].shape == (3, 48, 48)
+    assert rec.shapes == [(48, 48, 3)]
+
+
 # ------------------------------------------------------------------------------------------- sweep
 class _MeanBrightness:
     """A stand-in classifier task: top1 = % of images whose mean pixel (normalised) is above 0 when label 0."""
@@ -249,6 +292,18 @@ def test_cifar100_c_files_match_on_the_fly(tmp_path):
                                 cell_dir=tmp_path / "b", batch_size=2, log=lambda s: None, released=out)
     key = lambda rs: [(r["corruption"], r["severity"], r["metric"], r["value"]) for r in rs if r["metric"] == "top1"]
     assert key(a) == key(b)
+    # the source is recorded in every cell and row: a folder write_cifar100_c wrote is generated (it says so)...
+    assert json.loads((out / "kdbench_generated.json").read_text())["source"] == "generated"
+    assert {r["source"] for r in a + b} == {"generated"}
+    # ... the released files (no mark) are "released", in other cells than the generated ones
+    (out / "kdbench_generated.json").unlink()
+    c = RB.evaluate_corruptions(None, task, data.val, "cpu", corruptions="fog", severities=[2], cell_dir=tmp_path / "a",
+                                batch_size=2, log=lambda s: None, released=out)
+    assert {r["source"] for r in c} == {"released"} and key(c) == [k for k in key(a) if k[:2] == ("fog", 2)]
+    assert json.loads((tmp_path / "a" / "fog_s2.json").read_text())["source"] == "released"
+    rec = {"kind": "eval", "eval": {"name": "corruptions", "root": str(out)}, "metrics": c}
+    assert RB.record_source(rec) == ("released", str(out))
+    assert RB.record_source({"kind": "eval", "eval": {"name": "corruptions"}, "metrics": a}) == ("generated", None)
     from kdbench.data.base import DataLayoutError
 
     with pytest.raises(DataLayoutError, match="no file .*snow.npy"):

@@ -7,6 +7,7 @@ through the same loader.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -180,8 +181,18 @@ def write_cifar100(root: str | os.PathLike, n_train_per_class: int = 5, n_test_p
 
 
 # ------------------------------------------------------------------------------------------------ CIFAR-100-C
+#: the layout of Hendrycks' released CIFAR-100-C (read with ``root:``; :func:`write_cifar100_c` writes the same
+#: layout, with ImageNet-C strengths: not the released images)
 C_LAYOUT = ("FOLDER/<corruption>.npy (uint8 N×32×32×3: severities 1-5 stacked, n images each, N = 5 n) and "
             "FOLDER/labels.npy (N labels), as Hendrycks' released CIFAR-100-C")
+#: written by :func:`write_cifar100_c` into its folder: a folder holding it is generated, not released
+GENERATED_MARK = "kdbench_generated.json"
+
+
+def cifar100c_generated(folder: str | os.PathLike) -> bool:
+    """Whether a CIFAR-100-C-layout folder was written by :func:`write_cifar100_c` (ImageNet-C strengths), not
+    Hendrycks' released files: it holds :data:`GENERATED_MARK`."""
+    return (Path(folder) / GENERATED_MARK).is_file()
 
 
 def cifar100c_slice(folder: str | os.PathLike, corruption: str, severity: int) -> tuple[np.ndarray, np.ndarray]:
@@ -219,9 +230,16 @@ def cifar100c_dataset(folder: str | os.PathLike, corruption: str, severity: int,
 
 def write_cifar100_c(cifar_root: str | os.PathLike, out: str | os.PathLike, corruptions="benchmark",
                      max_images: int | None = None) -> Path:
-    """Generate a CIFAR-100-C folder (released layout, all five severities) from the CIFAR-100 test set at
+    """Generate a CIFAR-100-C-style folder (released layout, all five severities) from the CIFAR-100 test set at
     ``cifar_root`` with kdbench's corruption engine (each image seeded by its test-set index). ``max_images``
-    keeps the first test images only (for tests). Existing ``.npy`` files of the same size are kept."""
+    keeps the first test images only (for tests). Existing ``.npy`` files of the same size are kept.
+
+    These are *not* Hendrycks' released CIFAR-100-C files: the engine (imagecorruptions) uses the ImageNet-C
+    severity parameters (e.g. gaussian noise sigma .08-.38), whereas the released set was made by
+    make_cifar_c.py with strengths tuned for 32×32 images (e.g. sigma .04-.10), so numbers on this folder are
+    not comparable with published CIFAR-100-C numbers (methods compared against the same baseline are). They
+    are the on-the-fly ``generated`` images, pixel for pixel, and the folder says so (:data:`GENERATED_MARK`):
+    read back as an eval ``root:``, its results are recorded as ``generated``, never as released files."""
     from kdbench.robustness import SEVERITIES, corrupt, resolve_corruptions
 
     te = _load(_folder(cifar_root) / "test")
@@ -232,6 +250,10 @@ def write_cifar100_c(cifar_root: str | os.PathLike, out: str | os.PathLike, corr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n = len(data)
+    (out / GENERATED_MARK).write_text(json.dumps({
+        "written_by": "kdbench.data.cifar.write_cifar100_c", "source": "generated",
+        "engine": "imagecorruptions (ImageNet-C severity parameters)", "n_images": n,
+        "note": "not Hendrycks' released CIFAR-100-C: not comparable with published CIFAR-100-C numbers"}, indent=1))
     for name in resolve_corruptions(corruptions):
         path = out / f"{name}.npy"
         if path.is_file() and np.load(path, mmap_mode="r").shape == (5 * n, 32, 32, 3):

@@ -5,6 +5,10 @@ ImageNet's flat validation folder as Kaggle ships it (``val/<ImageId>.JPEG`` lab
 columns ``ImageId,PredictionString``, the first token of ``PredictionString`` being the synset; class names are
 the train folders' synsets). ``check`` (run by ``validate`` and ``build``) verifies the layout, that every class
 folder holds an image and that every validation label names a train class, each error naming the folder or file.
+
+Corruptions (the datasets' ``image_fn`` hook) are applied as ImageNet-C applies them: to the resized,
+center-cropped image (the eval transform's ``Resize`` + ``CenterCrop``: 256 then 224 at ``image_size`` 224),
+before tensor conversion and normalisation, so the corrupted image is ``image_size`` pixels on a side.
 """
 
 from __future__ import annotations
@@ -34,23 +38,49 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _decode(loader, path, image_fn, i: int):
-    """The PIL image at ``path``, through ``image_fn(H×W×3 uint8, index)`` when one is set (same size kept)."""
+#: transform steps that turn the PIL image into a tensor: the corruption hook runs just before the first of them
+_TO_TENSOR = ("ToTensor", "PILToTensor", "ToImage", "ToImageTensor")
+
+
+def _split_transform(transform) -> tuple[list, list]:
+    """``(geometric, rest)`` steps of a transform: for a ``Compose``, the steps before the first tensor
+    conversion (:data:`_TO_TENSOR`: resize, center crop, ...; they act on the PIL image) and the steps from it on
+    (tensor conversion, normalisation). Any other transform is all ``rest`` (no geometric part known)."""
+    steps = getattr(transform, "transforms", None)
+    if not isinstance(steps, (list, tuple)):
+        return [], ([transform] if transform is not None else [])
+    k = next((j for j, t in enumerate(steps) if type(t).__name__ in _TO_TENSOR), len(steps))
+    return list(steps[:k]), list(steps[k:])
+
+
+def _load(loader, path, transform, image_fn, i: int):
+    """The sample at ``path`` through ``transform``; with ``image_fn`` (a corruption) set, the image is corrupted
+    (``image_fn(H×W×3 uint8, index)``, same size kept) between the transform's geometric part and its tensor
+    conversion: the resized, center-cropped image of the eval transform (Resize(256) + CenterCrop(224) at 224
+    px), as ImageNet-C corrupts it (Hendrycks & Dietterich 2019); the decoded image itself when the transform has
+    no geometric part (or is not a ``Compose``)."""
     img = loader(str(path))
     if image_fn is None:
-        return img
+        return transform(img) if transform is not None else img
     from PIL import Image
 
+    geometric, rest = _split_transform(transform)
+    for t in geometric:
+        img = t(img)
     raw = np.asarray(img.convert("RGB"))
     out = np.asarray(image_fn(raw, int(i)))
     if out.shape != raw.shape or out.dtype != np.uint8:
         raise ValueError(f"image_fn changed {path} from uint8 {raw.shape} to {out.dtype} {out.shape}")
-    return Image.fromarray(np.ascontiguousarray(out))
+    img = Image.fromarray(np.ascontiguousarray(out))
+    for t in rest:
+        img = t(img)
+    return img
 
 
 class _Folder(Dataset):
     """torchvision's ImageFolder listing (``samples``, ``targets``, ``classes``, ``class_to_idx``) with an
-    ``image_fn`` hook on the decoded image, before the transform (resize, crop, normalisation)."""
+    ``image_fn`` hook (a corruption) applied to the image the transform's geometric part (resize, crop) produces,
+    before tensor conversion and normalisation (see :func:`_load`)."""
 
     def __init__(self, folder: Path, transform, image_fn=None):
         from torchvision import datasets
@@ -67,11 +97,12 @@ class _Folder(Dataset):
 
     def __getitem__(self, i):
         path, target = self.samples[i]
-        return self.transform(_decode(self.loader, path, self.image_fn, i)), target
+        return _load(self.loader, path, self.transform, self.image_fn, i), target
 
 
 class _AnnotatedFolder(Dataset):
-    """Tiny-ImageNet validation: images in one folder, labels in a tab-separated annotation file."""
+    """Tiny-ImageNet validation: images in one folder, labels in a tab-separated annotation file; ``image_fn`` as
+    :class:`_Folder`."""
 
     def __init__(self, folder: Path, annotations: Path, class_to_idx: dict[str, int], transform, image_fn=None):
         from torchvision.datasets.folder import default_loader
@@ -91,7 +122,7 @@ class _AnnotatedFolder(Dataset):
 
     def __getitem__(self, i):
         path, target = self.samples[i]
-        return self.transform(_decode(self.loader, path, self.image_fn, i)), target
+        return _load(self.loader, path, self.transform, self.image_fn, i), target
 
 
 @DATASETS.register("imagefolder")
