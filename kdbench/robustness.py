@@ -30,7 +30,9 @@ its numbers are not comparable with published CIFAR-100-C numbers (methods compa
 remain comparable). ``released``: pre-corrupted files read from a folder (an eval entry's ``root:``, the
 released CIFAR-100-C layout; a folder :func:`kdbench.data.cifar.write_cifar100_c` wrote counts as generated,
 which it is, pixel for pixel). A cell or metric row without ``source`` was generated (a released eval record
-also names its folder: ``root`` in its ``eval``).
+also names its folder: ``root`` in its ``eval``). A generated cell also records ``point``, where the images were
+corrupted (:func:`corruption_point`: ``center_crop`` for ImageFolder datasets, ``decoded`` otherwise); a resumed
+sweep redoes a cell of another point (ImageFolder cells written before corruptions moved after the crop).
 
 **Metrics** (torch-free). Detection / segmentation (Michaelis et al. 2019; Kamann & Rother 2020): P = clean
 value, mPC = mean over the benchmark corruptions × severities, rPC = mPC / P, per-family means. Classification
@@ -216,11 +218,22 @@ def cell_path(cell_dir: str | Path, corruption: str, severity: int) -> Path:
     return Path(cell_dir) / f"{corruption}_s{int(severity)}.json"
 
 
+def corruption_point(dataset) -> str:
+    """Where ``dataset`` (or the dataset a ``Subset`` wraps) applies a corruption: its ``corruption_point``
+    attribute, ``"center_crop"`` for the ImageFolder datasets (ImageNet-C), else ``"decoded"`` (the stored or
+    decoded image before resizing: CIFAR, digits, COCO, Cityscapes)."""
+    point = getattr(dataset, "corruption_point", None)
+    if point is None and hasattr(dataset, "indices"):
+        point = getattr(getattr(dataset, "dataset", None), "corruption_point", None)
+    return str(point or "decoded")
+
+
 def read_cell(path: Path, corruption: str, severity: int, n_images: int | None = None,
-              source: str | None = None) -> dict | None:
-    """A finished cell, or None when absent or not valid (partial, another dataset size, wrong content, or
-    another ``source``: ``"generated"`` by the engine or ``"released"`` pre-corrupted files; a cell without one
-    was generated)."""
+              source: str | None = None, point: str | None = None) -> dict | None:
+    """A finished cell, or None when absent or not valid (partial, another dataset size, wrong content,
+    another ``source``: ``"generated"`` by the engine or ``"released"`` pre-corrupted files, a cell without one
+    was generated; or, for generated cells, another :func:`corruption_point`, a cell without one was corrupted
+    at ``"decoded"``: ImageFolder cells written before corruptions moved after the center crop are redone)."""
     try:
         cell = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -232,6 +245,8 @@ def read_cell(path: Path, corruption: str, severity: int, n_images: int | None =
     if n_images is not None and cell.get("n_images") != n_images:
         return None
     if source is not None and cell.get("source", "generated") != source:
+        return None
+    if point is not None and cell.get("source", "generated") == "generated" and cell.get("point", "decoded") != point:
         return None
     return cell
 
@@ -294,12 +309,13 @@ def evaluate_corruptions(net, task, val_dataset, device, *, corruptions, severit
         n = len(cifar100c_slice(released, names[0], sevs[0])[1])
     metrics = dict(task.metrics)
     source = "generated" if released is None or cifar100c_generated(released) else "released"
+    point = corruption_point(val_dataset) if released is None else None
     rows: list[dict] = []
     todo = [(c, s) for c in names for s in sevs]
     done, checked = 0, False
     for i, (c, s) in enumerate(todo, 1):
         path = cell_path(cell_dir, c, s)
-        cell = read_cell(path, c, s, n, source)
+        cell = read_cell(path, c, s, n, source, point)
         if cell is not None:
             done += 1
             rows += cell_rows(cell, metrics)
@@ -316,7 +332,7 @@ def evaluate_corruptions(net, task, val_dataset, device, *, corruptions, severit
         values = task.evaluate(net, loader, device)
         dt = time.perf_counter() - t0
         cell = {"version": CELL_VERSION, "corruption": c, "severity": s, "family": family_of(c), "n_images": n,
-                "source": source,
+                "source": source, **({"point": point} if point else {}),
                 "seconds": round(dt, 3), "images_per_s": round(n / max(dt, 1e-9), 2),
                 "metrics": {k: float(v) for k, v in values.items()
                             if isinstance(v, (int, float)) and math.isfinite(float(v))}}
@@ -386,5 +402,5 @@ def error_summary(clean_top1: float, top1: Grid, ref_clean_top1: float, ref_top1
 
 __all__ = ["BENCHMARK", "EXTRA", "ALL", "FAMILIES", "SETS", "SEVERITIES", "resolve_corruptions", "check_severities",
            "family_of", "seed_for", "corrupt", "Corruptor", "with_image_fn", "throughput", "evaluate_corruptions",
-           "read_cell", "cell_path", "cell_rows", "record_source", "SOURCES", "mpc", "performance_summary",
+           "read_cell", "cell_path", "corruption_point", "cell_rows", "record_source", "SOURCES", "mpc", "performance_summary",
            "corruption_errors", "error_summary"]

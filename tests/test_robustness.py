@@ -213,6 +213,34 @@ def test_imagefolder_corrupts_the_resized_center_crop_as_imagenet_c(tmp_path):
     assert rec.shapes == [(48, 48, 3)]
 
 
+def test_imagefolder_cells_from_before_the_crop_order_are_redone(tmp_path):
+    """A generated cell records where the images were corrupted (``point``); an ImageFolder sweep redoes a cell
+    written without one (corrupted before resizing, the old order), while other datasets' old cells (corrupted
+    before resizing, as they still are) are reused."""
+    from torch.utils.data import Subset
+
+    from kdbench.data.imagefolder import ImageFolderData, write_imagefolder
+
+    root = write_imagefolder(tmp_path / "if", num_classes=2, per_class=2, size=48)
+    data = ImageFolderData().build(str(root), image_size=32, augment=False)
+    assert RB.corruption_point(data.val) == "center_crop" == RB.corruption_point(Subset(data.val, [0, 1]))
+    tensors = _tensor_images(n=4)
+    assert RB.corruption_point(tensors) == "decoded"
+    for ds, point, redone in ((data.val, "center_crop", True), (tensors, "decoded", False)):
+        task, cells = _MeanBrightness(), tmp_path / point
+        RB.evaluate_corruptions(None, task, ds, "cpu", corruptions=["brightness"], severities=[1], cell_dir=cells,
+                                batch_size=4, log=lambda s: None)
+        path = cells / "brightness_s1.json"
+        cell = json.loads(path.read_text())
+        assert cell["point"] == point and task.calls == 1
+        del cell["point"]  # as written before cells recorded it
+        path.write_text(json.dumps(cell))
+        RB.evaluate_corruptions(None, task, ds, "cpu", corruptions=["brightness"], severities=[1], cell_dir=cells,
+                                batch_size=4, log=lambda s: None)
+        assert task.calls == (2 if redone else 1)
+        assert json.loads(path.read_text()).get("point") == (point if redone else None)
+
+
 # ------------------------------------------------------------------------------------------- sweep
 class _MeanBrightness:
     """A stand-in classifier task: top1 = % of images whose mean pixel (normalised) is above 0 when label 0."""

@@ -82,6 +82,8 @@ class _Folder(Dataset):
     ``image_fn`` hook (a corruption) applied to the image the transform's geometric part (resize, crop) produces,
     before tensor conversion and normalisation (see :func:`_load`)."""
 
+    corruption_point = "center_crop"  # kdbench.robustness.corruption_point: after Resize + CenterCrop
+
     def __init__(self, folder: Path, transform, image_fn=None):
         from torchvision import datasets
 
@@ -103,6 +105,8 @@ class _Folder(Dataset):
 class _AnnotatedFolder(Dataset):
     """Tiny-ImageNet validation: images in one folder, labels in a tab-separated annotation file; ``image_fn`` as
     :class:`_Folder`."""
+
+    corruption_point = "center_crop"  # kdbench.robustness.corruption_point: after Resize + CenterCrop
 
     def __init__(self, folder: Path, annotations: Path, class_to_idx: dict[str, int], transform, image_fn=None):
         from torchvision.datasets.folder import default_loader
