@@ -340,3 +340,38 @@ def test_capture_module_taps_is_the_one_hook_mechanism():
         model(x, taps=("module:layer9",))
     t = torch.zeros(1)
     assert tensor_list(t)[0] is t and tensor_list((t, t)) == [t, t] and tensor_list({"a": t, "b": t}) == [t, t]
+
+
+def test_checkpoint_layouts_of_real_trainers_load(tmp_path):
+    """The wrappers real trainers save a state dict in: mdistiller/RepDistiller ``{"model": ..., "epoch",
+    "accuracy", "optimizer"}``; timm's ``CheckpointSaver`` (``state_dict`` + ``state_dict_ema`` + an
+    ``argparse.Namespace`` of its args; the EMA weights are taken, as timm loads them); DDP's ``module.`` and
+    ``torch.compile``'s ``_orig_mod.`` prefixes. A wrong architecture or class count is an error naming the file."""
+    import argparse
+
+    from kdbench.models.sources import build_model, load_weights
+
+    src = build_model("kdbench:resnet8", 10, 3)
+    sd = src.net.state_dict()
+    other = {k: v + 1.0 if v.is_floating_point() else v for k, v in sd.items()}
+    layouts = {
+        "mdistiller": ({"epoch": 240, "model": sd, "accuracy": torch.tensor(73.1), "optimizer": {"state": {}}}, sd),
+        "timm": ({"epoch": 299, "arch": "resnet8", "state_dict": other, "state_dict_ema": sd, "version": 2,
+                  "args": argparse.Namespace(lr=0.1, model="resnet8")}, sd),
+        "timm_ema_only": ({"state_dict_ema": sd}, sd),
+        "ddp": ({"state_dict": {"module." + k: v for k, v in sd.items()}}, sd),
+        "compiled": ({"_orig_mod." + k: v for k, v in other.items()}, other),
+    }
+    x = torch.randn(2, 3, 32, 32)
+    for name, (content, expect) in layouts.items():
+        path = tmp_path / f"{name}.pth"
+        torch.save(content, path)
+        dst = build_model("kdbench:resnet8", 10, 3)
+        load_weights(dst, path)
+        got = dst.net.state_dict()
+        assert all(torch.equal(got[k], expect[k]) for k in expect), name
+    for model, classes in (("kdbench:resnet8x4", 10), ("kdbench:resnet8", 100)):
+        with pytest.raises(ValueError) as e:
+            load_weights(build_model(model, classes, 3), tmp_path / "mdistiller.pth")
+        msg = str(e.value)
+        assert str(tmp_path / "mdistiller.pth") in msg and "of another shape" in msg and "\n" not in msg

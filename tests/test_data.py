@@ -158,6 +158,10 @@ def test_imagefolder_and_tiny_imagenet_val_layout(tmp_path):
     (val / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     d2 = ImageFolderData().build(str(root), image_size=16, augment=False)
     assert len(d2.val) == 6 and sorted(set(t for _, t in d2.val.samples)) == [0, 1, 2]
+    # the same file saved with a byte-order mark and CRLF line ends (edited on Windows) reads the same
+    (val / "val_annotations.txt").write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8-sig"))
+    d3 = ImageFolderData().build(str(root), image_size=16, augment=False)
+    assert d3.val.samples == d2.val.samples and d3.val[0][0].shape == (3, 16, 16)
     with pytest.raises(DataLayoutError, match="no folder"):
         ImageFolderData().check(str(tmp_path / "empty"))
 

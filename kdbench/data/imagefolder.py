@@ -114,7 +114,7 @@ class _AnnotatedFolder(Dataset):
         self.image_fn = image_fn
         self.loader = default_loader
         self.samples = []
-        for line in annotations.read_text().splitlines():
+        for line in annotations.read_text(encoding="utf-8-sig").splitlines():
             parts = line.split("\t")
             if len(parts) >= 2 and parts[1] in class_to_idx:
                 self.samples.append((folder / parts[0], class_to_idx[parts[1]]))

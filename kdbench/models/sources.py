@@ -167,14 +167,50 @@ def load_tensor_file(path: Path, sha256: str | None, what: str, remedy: str, rea
     try:
         if reader is not None:
             return reader(path), got
-        return torch.load(path, map_location="cpu", weights_only=True), got
+        with _safe_checkpoint_globals():
+            return torch.load(path, map_location="cpu", weights_only=True), got
     except Exception as e:
         raise ValueError(f"cannot read {what} {path}: {_load_error(e)}") from None
 
 
+def _safe_checkpoint_globals():
+    """The plain objects that training scripts store beside the weights and ``weights_only`` may rebuild:
+    ``argparse.Namespace`` (timm's ``CheckpointSaver`` saves its ``args``; timm's own loader allows it too)."""
+    import argparse
+    import contextlib
+
+    import torch
+
+    safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    return safe([argparse.Namespace]) if safe is not None else contextlib.nullcontext()
+
+
+#: wrappers around a state dict, tried in this order: timm's EMA weights first, as timm's own loader does
+STATE_DICT_KEYS = ("state_dict_ema", "model", "state_dict")
+#: key prefixes that wrappers add to every key: DistributedDataParallel / DataParallel, ``torch.compile``
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap_state_dict(state):
+    """The state dict inside a checkpoint: the first of :data:`STATE_DICT_KEYS` that holds a dict (repeatedly:
+    ``{"model": {"state_dict": ...}}``), then without a :data:`WRAPPER_PREFIXES` prefix that *every* key has."""
+    while isinstance(state, dict):
+        inner = next((state[k] for k in STATE_DICT_KEYS if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            break
+        state = inner
+    if isinstance(state, dict) and state:
+        for prefix in WRAPPER_PREFIXES:
+            if all(isinstance(k, str) and k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
 def load_weights(model: "TapModel", path: str | Path, sha256: str | None = None) -> str:
-    """Load a checkpoint into ``model.net`` (a plain state dict, or a dict with ``model``/``state_dict``);
-    returns its sha256. Missing or unexpected keys are an error naming the file.
+    """Load a checkpoint into ``model.net`` (a plain state dict, or one wrapped as :func:`unwrap_state_dict`
+    reads: ``model``/``state_dict`` (mdistiller, torchvision), ``state_dict_ema`` preferred when present (timm's
+    trainer, as timm loads it), DDP's ``module.`` or ``torch.compile``'s ``_orig_mod.`` prefixes removed);
+    returns its sha256. Missing or unexpected keys, or a tensor of another shape, are an error naming the file.
 
     Only tensors and plain containers are read (``weights_only=True``): a file holding anything else (a
     pickled object, which could run code) is refused, naming the file. With ``sha256`` (the hash a finished run
@@ -188,11 +224,15 @@ def load_weights(model: "TapModel", path: str | Path, sha256: str | None = None)
     state, got = load_tensor_file(path, sha256, "checkpoint",
                                   f"put the original back, or delete {path.parent} to retrain it",
                                   reader=getattr(model, "read_checkpoint", None))  # a model's own layout (mmdet:)
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
+    state = unwrap_state_dict(state)
     if not isinstance(state, dict):
         raise ValueError(f"cannot read checkpoint {path}: it holds a {type(state).__name__}, not a state dict")
+    own = model.net.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
+             if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise ValueError(f"{path}: checkpoint does not fit {model.name}: {len(wrong)} tensor(s) of another shape, "
+                         f"e.g. {', '.join(wrong[:3])} (another architecture or number of classes?)")
     missing, unexpected = model.net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not fit {model.name}: missing {list(missing)[:5]}, "
