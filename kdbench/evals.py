@@ -91,12 +91,27 @@ def check_eval(entry: Any, valid_names: tuple[str, ...], task: str = "") -> dict
     return out
 
 
-def chunks(entry: dict) -> list[dict]:
-    """The eval runs of one checked entry (``val`` has none: training evaluates it): one per corruption."""
+def corruption_point(data: dict) -> str:
+    """Where the suite's dataset (its ``data:`` mapping) applies corruptions: the dataset plugin's
+    ``corruption_point``, read from its file without importing it (``"decoded"`` or ``"center_crop"``)."""
+    from kdbench.registry import DATASETS
+
+    info = DATASETS.info(data["name"])
+    if info is not None:
+        return str(info.attrs.get("corruption_point", "decoded"))
+    return str(getattr(DATASETS.get(data["name"]), "corruption_point", "decoded"))
+
+
+def chunks(entry: dict, point: str = "decoded") -> list[dict]:
+    """The eval runs of one checked entry (``val`` has none: training evaluates it): one per corruption. A
+    corruption chunk of a dataset corrupted elsewhere than the decoded image (``point``, see
+    :func:`corruption_point`: ImageFolder's ``center_crop``) says so, which makes it part of the eval run's id: a
+    record from before ImageFolder corruptions moved after the crop is another run, redone."""
     if entry["name"] == "val":
         return []
     if entry["name"] == "corruptions":
-        return [{**{k: v for k, v in entry.items() if k != "corruptions"}, "corruption": c}
+        extra = {"point": point} if point != "decoded" and not entry.get("root") else {}
+        return [{**{k: v for k, v in entry.items() if k != "corruptions"}, "corruption": c, **extra}
                 for c in entry["corruptions"]]
     return [dict(entry)]
 
@@ -211,7 +226,7 @@ def plan_sweep(suite_dir, corruptions: str | list | None = None, severities: lis
 
         for c in names:  # the files are there, in the released layout
             cifar100c_slice(root, c, sevs[0])
-    chunk_list = chunks(checked)
+    chunk_list = chunks(checked, corruption_point(base.data))
     common = dict(data=base.data, recipe=base.recipe, resources=base.resources)
     specs = []
     for s, _ in sorted(models, key=lambda m: (m[0].pair_index, m[0].method_index, m[0].seed)):

@@ -440,7 +440,7 @@ def validate_and_expand(path: Path, raw: dict, notes: list[str] | None = None) -
     if not isinstance(raw["version"], int) or isinstance(raw["version"], bool):
         raise _err(path, "version", f"must be an integer, got {raw['version']!r}")
     task = raw["task"]
-    from kdbench.evals import EvalEntryError, check_eval, chunks
+    from kdbench.evals import EvalEntryError, check_eval, chunks, corruption_point
     from kdbench.tasks import TASK_FACTS, TASK_NAMES
 
     if task not in TASK_NAMES:
@@ -455,7 +455,8 @@ def validate_and_expand(path: Path, raw: dict, notes: list[str] | None = None) -
             checked_evals.append(check_eval(ev, TASK_FACTS[task]["evals"], task))
         except EvalEntryError as e:
             raise _err(path, f"evals[{i}]" + (f".{e.key}" if e.key else ""), str(e)) from None
-    eval_chunks = [c for ev in checked_evals for c in chunks(ev)]
+    point = corruption_point(raw["data"]) if any(ev["name"] == "corruptions" for ev in checked_evals) else "decoded"
+    eval_chunks = [c for ev in checked_evals for c in chunks(ev, point)]
     recipe = _check_recipe(path, "recipe", raw["recipe"])
     recipe = {**RECIPE_DEFAULTS, **recipe}
     seeds = raw["seeds"]

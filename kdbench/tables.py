@@ -914,23 +914,32 @@ def _robustness_rows(records: list[dict], pair: str, metric: str, classification
 
 
 def _corruption_source(records: list[dict], pair: str, metric: str, classification: bool) -> str:
-    """Where the corrupted images of ``pair``'s eval records come from (:func:`kdbench.robustness.record_source`),
-    as a caption sentence: generated (ImageNet-C strengths; on CIFAR not the released CIFAR-100-C), released files
-    at their folder, or both (flagged as mixed)."""
+    """Where the corrupted images of the cells ``pair``'s table shows come from
+    (:func:`kdbench.robustness.record_source`), as a caption sentence: generated (ImageNet-C strengths; on CIFAR
+    not the released CIFAR-100-C), released files at their folder, or both (flagged as mixed). Only the cells the
+    table reads count: the newest ok eval record per (evaluated model, corruption, severity), of the pair's current
+    models or of a loaded teacher (a target without a record), as :func:`_corruption_grids` picks them."""
     from kdbench import robustness as RB
 
-    generated, roots, data = False, set(), set()
-    for r in records:
-        if r["kind"] != EVAL_KIND or r["status"] != "ok" or r["pair"] != pair:
-            continue
-        if not any(m.get("eval") == CORRUPTION_EVAL and m.get("metric") == metric for m in r.get("metrics") or []):
+    current = {r["run_id"] for (_, p), recs in _model_records(records).items() if p == pair for r in recs}
+    known = {r.get("run_id") for r in records}
+    shown: dict[tuple, tuple[str, str | None, str]] = {}  # (target, corruption, severity) -> (source, root, data)
+    for r in sorted((r for r in records if r["kind"] == EVAL_KIND and r["status"] == "ok"), key=_recency):
+        target = str(r.get("target"))
+        if target not in current and (target in known or r["pair"] != pair):
             continue
         src, root = RB.record_source(r)
+        for m in r.get("metrics") or []:
+            if m.get("eval") == CORRUPTION_EVAL and m.get("metric") == metric and m.get("select", "final") == "final":
+                shown[(target, str(m["corruption"]), int(m["severity"]))] = (
+                    src, root, str((r.get("data") or {}).get("name") or ""))
+    generated, roots, data = False, set(), set()
+    for src, root, name in shown.values():
         if src == "released":
             roots.add(root or "a folder not recorded")
         else:
             generated = True
-            data.add(str((r.get("data") or {}).get("name") or ""))
+            data.add(name)
     parts = []
     if generated:
         parts.append(RB.SOURCES["generated"] + (

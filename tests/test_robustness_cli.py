@@ -211,3 +211,23 @@ def test_released_root_is_checked_before_anything_runs(write_suite, tmp_path):
     cell = tmp_path / "fog_s1.json"
     cell.write_text(json.dumps({"corruption": "fog", "severity": 1, "n_images": 3, "metrics": {"top1": 50.0}}))
     assert read_cell(cell, "fog", 1, 3, "generated") is not None and read_cell(cell, "fog", 1, 3, "released") is None
+
+
+def test_imagefolder_corruption_chunks_carry_their_point(write_suite, tmp_path):
+    """An ImageFolder dataset is corrupted after its resize + center crop (ImageNet-C): its corruption chunks say
+    so (``point``), which puts it in the eval run ids, so an eval run recorded before that order is another run
+    (redone, never reused). Other datasets' chunks, and so their run ids, are unchanged; released files have none."""
+    from kdbench.evals import corruption_point
+
+    assert corruption_point({"name": "imagefolder"}) == "center_crop"
+    assert corruption_point({"name": "digits"}) == corruption_point({"name": "cifar100"}) == "decoded"
+    ev = {"name": "corruptions", "set": ["fog"], "severities": [1]}
+    folder = load_suite(write_suite(tiny_suite(data={"name": "imagefolder", "root": str(tmp_path / "in"),
+                                                     "image_size": 32}, evals=["val", ev])))
+    digits = load_suite(write_suite(tiny_suite(evals=["val", ev])))
+    f_evals = [s for s in folder.specs if s.kind == "eval"]
+    d_evals = [s for s in digits.specs if s.kind == "eval"]
+    assert f_evals and all(s.eval.get("point") == "center_crop" for s in f_evals)
+    assert d_evals and all("point" not in s.eval for s in d_evals)
+    old = [replace(s, eval={k: v for k, v in s.eval.items() if k != "point"}) for s in f_evals]
+    assert not {s.run_id for s in old} & {s.run_id for s in f_evals}

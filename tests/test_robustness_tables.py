@@ -229,6 +229,17 @@ def test_caption_states_where_the_corrupted_images_come_from(tmp_path):
     save(tmp_path / "mix", base, kd, released(base), eval_record(kd, grid))
     md = make_table(tmp_path / "mix", layout="robustness")
     assert "MIXED sources" in md and generated in md and "released pre-corrupted files at /data/CIFAR-100-C" in md
+    # only the cells the table shows count: a released sweep newer than a generated one of the same cells
+    # replaces it (not mixed); an evaluated model that is not current (an older configuration) is not read
+    old_g, new_r = eval_record(kd, grid), released(kd)
+    old_g["finished_at"], new_r["finished_at"] = "2026-01-01T00:00:00", "2026-02-01T00:00:00"
+    new_r["run_id"] = "r" + new_r["run_id"][1:]
+    stale = eval_record(dict(kd, run_id="0" * 16), grid)  # a target no longer among the table's models...
+    stale["finished_at"] = "2026-03-01T00:00:00"
+    gone = dict(kd, run_id="0" * 16, status="failed")  # ...because its own record is a failed one
+    save(tmp_path / "newer", base, kd, gone, released(base), old_g, new_r, stale)
+    md = make_table(tmp_path / "newer", layout="robustness")
+    assert "Corrupted images: released pre-corrupted files at /data/CIFAR-100-C." in md and "MIXED" not in md
     # rows saying "generated" win over a root (a folder written by write_cifar100_c is generated)
     e = released(kd, "/tmp/written-by-kdbench", rows=False)
     for m in e["metrics"]:

@@ -239,7 +239,9 @@ def write_cifar100_c(cifar_root: str | os.PathLike, out: str | os.PathLike, corr
     make_cifar_c.py with strengths tuned for 32×32 images (e.g. sigma .04-.10), so numbers on this folder are
     not comparable with published CIFAR-100-C numbers (methods compared against the same baseline are). They
     are the on-the-fly ``generated`` images, pixel for pixel, and the folder says so (:data:`GENERATED_MARK`):
-    read back as an eval ``root:``, its results are recorded as ``generated``, never as released files."""
+    read back as an eval ``root:``, its results are recorded as ``generated``, never as released files. A folder
+    written before the mark existed reads as released: run this again on it (existing ``.npy`` files are kept)
+    to mark it."""
     from kdbench.robustness import SEVERITIES, corrupt, resolve_corruptions
 
     te = _load(_folder(cifar_root) / "test")

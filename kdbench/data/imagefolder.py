@@ -132,6 +132,7 @@ class _AnnotatedFolder(Dataset):
 @DATASETS.register("imagefolder")
 class ImageFolderData(DatasetPlugin):
     layout = LAYOUT
+    corruption_point = "center_crop"  # ImageNet-C: after Resize + CenterCrop (see _load)
 
     def check(self, root, **options):
         if root is None:

@@ -33,6 +33,9 @@ class DatasetPlugin:
     task = "classification"
     needs_root = True
     layout = ""  # a human description of the expected on-disk layout, used in errors
+    #: where its datasets apply a corruption (kdbench.robustness.corruption_point): "decoded" (the stored or decoded
+    #: image, before resizing) or "center_crop" (after the eval transform's resize and crop: ImageNet-C)
+    corruption_point = "decoded"
 
     def check(self, root: str | None, **options: Any) -> None:
         raise NotImplementedError

@@ -9,6 +9,7 @@ torchvision are imported when a model is built, or to check a name only their li
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -182,7 +183,12 @@ def _safe_checkpoint_globals():
     import torch
 
     safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    return safe([argparse.Namespace]) if safe is not None else contextlib.nullcontext()
+    if safe is not None:
+        return safe([argparse.Namespace])
+    add = getattr(torch.serialization, "add_safe_globals", None)  # torch 2.4: process-wide
+    if add is not None:
+        add([argparse.Namespace])
+    return contextlib.nullcontext()  # torch < 2.4: such files are refused, naming the file
 
 
 #: wrappers around a state dict, tried in this order: timm's EMA weights first, as timm's own loader does
@@ -191,18 +197,29 @@ STATE_DICT_KEYS = ("state_dict_ema", "model", "state_dict")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def unwrap_state_dict(state):
-    """The state dict inside a checkpoint: the first of :data:`STATE_DICT_KEYS` that holds a dict (repeatedly:
-    ``{"model": {"state_dict": ...}}``), then without a :data:`WRAPPER_PREFIXES` prefix that *every* key has."""
+def unwrap_state_dict(state, own_keys=()):
+    """The state dict inside a checkpoint: the first of :data:`STATE_DICT_KEYS` that holds a non-empty dict
+    (repeatedly: ``{"model": {"state_dict": ...}}``), then without the :data:`WRAPPER_PREFIXES` prefixes that
+    *every* key has (repeatedly: ``_orig_mod.module.``), unless the model's own keys (``own_keys``) have it too.
+    The state dict's ``_metadata`` (module versions) is kept, re-keyed."""
     while isinstance(state, dict):
-        inner = next((state[k] for k in STATE_DICT_KEYS if isinstance(state.get(k), dict)), None)
+        inner = next((state[k] for k in STATE_DICT_KEYS if isinstance(state.get(k), dict) and state[k]), None)
         if inner is None:
             break
         state = inner
-    if isinstance(state, dict) and state:
+    own_keys = list(own_keys)
+    stripped = True
+    while stripped and isinstance(state, dict) and state:
+        stripped = False
         for prefix in WRAPPER_PREFIXES:
-            if all(isinstance(k, str) and k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+            if all(isinstance(k, str) and k.startswith(prefix) for k in state) and not (
+                    own_keys and all(k.startswith(prefix) for k in own_keys)):
+                meta = getattr(state, "_metadata", None)
+                state = OrderedDict((k[len(prefix):], v) for k, v in state.items())
+                if meta is not None:
+                    state._metadata = OrderedDict((k[len(prefix):] if k.startswith(prefix) else k, v)
+                                                  for k, v in meta.items())
+                stripped = True
     return state
 
 
@@ -224,12 +241,12 @@ def load_weights(model: "TapModel", path: str | Path, sha256: str | None = None)
     state, got = load_tensor_file(path, sha256, "checkpoint",
                                   f"put the original back, or delete {path.parent} to retrain it",
                                   reader=getattr(model, "read_checkpoint", None))  # a model's own layout (mmdet:)
-    state = unwrap_state_dict(state)
+    own = model.net.state_dict()
+    state = unwrap_state_dict(state, own)
     if not isinstance(state, dict):
         raise ValueError(f"cannot read checkpoint {path}: it holds a {type(state).__name__}, not a state dict")
-    own = model.net.state_dict()
     wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
-             if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+             if k in own and hasattr(v, "shape") and hasattr(own[k], "shape") and tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
         raise ValueError(f"{path}: checkpoint does not fit {model.name}: {len(wrong)} tensor(s) of another shape, "
                          f"e.g. {', '.join(wrong[:3])} (another architecture or number of classes?)")
