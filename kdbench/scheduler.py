@@ -317,9 +317,19 @@ def _walk_debug(todo: list[RunSpec], results: Path, log) -> list[dict]:
 
 
 def run_many(specs: list[RunSpec], results: str, threads: int | None = None) -> list[dict]:
-    """Several runs one after another in one process (a local job)."""
+    """Several runs one after another in one process (a local job).
+
+    A ``kdbench run`` started in the background by a script (``nohup kdbench run ... &``) has SIGINT ignored, as
+    every asynchronous command of a non-interactive shell, and its jobs inherit that: the Ctrl-C with which
+    :func:`stop_jobs` stops them would be ignored until its grace period ends in a kill. The job takes Python's
+    own SIGINT handler back, so a stop reaches its runs at once."""
+    import signal
+    import threading
+
     from kdbench.runner import run_one
 
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     return [run_one(spec, results, threads=threads) for spec in specs]
 
 

@@ -345,16 +345,24 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_stop_signal_leaves_no_worker_and_a_rerun_resumes(write_suite, tmp_path, sig):
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell does for `cmd &` in a script
+
+
+@pytest.mark.parametrize("sig,background", [(signal.SIGTERM, False), (signal.SIGHUP, False), (signal.SIGTERM, True)],
+                         ids=["SIGTERM", "SIGHUP", "SIGTERM-background"])
+def test_stop_signal_leaves_no_worker_and_a_rerun_resumes(write_suite, tmp_path, sig, background):
+    """Stopped by a signal, kdbench stops its workers (Ctrl-C to each job, even when it was started in the
+    background by a script and so has SIGINT ignored) and a rerun resumes the interrupted runs."""
     d = tiny_suite(methods=["baseline"])
     d["recipe"]["epochs"] = 4
+    d["pairs"][0]["teacher"]["train"]["recipe"]["epochs"] = 6  # far longer than the stop's 15 s grace
     path = write_suite(d)
     results = tmp_path / "res"
     env = _env(tmp_path, KDBENCH_STEP_SLEEP_S="0.2")
     proc = subprocess.Popen([sys.executable, "-m", "kdbench.cli", "run", str(path), "--results", str(results),
                              "--no-table", "--parallel", "2"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ignore_sigint if background else None)
     deadline = time.time() + 300
     workers: set[int] = set()
     while time.time() < deadline:  # wait until a worker is training (a log line written)
@@ -366,13 +374,15 @@ def test_stop_signal_leaves_no_worker_and_a_rerun_resumes(write_suite, tmp_path,
     workers |= _descendants(proc.pid)
     assert workers, "no worker process was seen"
     proc.send_signal(sig)
+    t0 = time.time()
     out, err = proc.communicate(timeout=120)
+    assert time.time() - t0 < 12, "the workers were not stopped by the Ctrl-C but by the grace period's kill"
     assert proc.returncode == 128 + sig, err[-2000:]
     assert "Traceback" not in err and f"stopped by {sig.name}" in err
     time.sleep(1.0)
     assert [p for p in workers if _alive(p)] == [], "a worker outlived kdbench run"
     assert [r for r in by_label(results).values()] == [] or all(r["status"] == "ok" for r in by_label(results).values())
-    if sig == signal.SIGTERM:  # the interrupted runs resume
+    if sig == signal.SIGTERM:  # the interrupted runs resume (the teacher's 6 epochs cannot have finished)
         r = subprocess.run([sys.executable, "-m", "kdbench.cli", "run", str(path), "--results", str(results),
                             "--no-table", "--executor", "debug"], env=_env(tmp_path), capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
