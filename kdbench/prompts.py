@@ -464,8 +464,8 @@ class PromptDistiller(Distiller):
         s_shapes, t_shapes = map_shapes(ctx, "student", self.tap, who), map_shapes(ctx, "teacher", self.tap, who)
         self.s_shapes, self.t_shapes = [s_shapes[i] for i in self.s_index], [t_shapes[i] for i in self.t_index]
         self.t_channels = [sh[0] for sh in self.t_shapes]
-        self.map_levels = [clamp_levels(levels, sh[1:]) if self.cap_levels else check_levels(levels)
-                           for sh in self.t_shapes]
+        levels = check_levels(levels)
+        self.map_levels = [clamp_levels(levels, sh[1:]) if self.cap_levels else levels for sh in self.t_shapes]
         if not any(self.map_levels):
             raise ValueError(f"{who}: no teacher map of tap {self.tap!r} is large enough for a DWT level "
                              f"(shapes {self.t_shapes})")

@@ -38,6 +38,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+#: where these datasets apply a corruption (kdbench.robustness.corruption_point): after Resize + CenterCrop
+CORRUPTION_POINT = "center_crop"
 #: transform steps that turn the PIL image into a tensor: the corruption hook runs just before the first of them
 _TO_TENSOR = ("ToTensor", "PILToTensor", "ToImage", "ToImageTensor")
 
@@ -82,7 +84,7 @@ class _Folder(Dataset):
     ``image_fn`` hook (a corruption) applied to the image the transform's geometric part (resize, crop) produces,
     before tensor conversion and normalisation (see :func:`_load`)."""
 
-    corruption_point = "center_crop"  # kdbench.robustness.corruption_point: after Resize + CenterCrop
+    corruption_point = CORRUPTION_POINT
 
     def __init__(self, folder: Path, transform, image_fn=None):
         from torchvision import datasets
@@ -106,7 +108,7 @@ class _AnnotatedFolder(Dataset):
     """Tiny-ImageNet validation: images in one folder, labels in a tab-separated annotation file; ``image_fn`` as
     :class:`_Folder`."""
 
-    corruption_point = "center_crop"  # kdbench.robustness.corruption_point: after Resize + CenterCrop
+    corruption_point = CORRUPTION_POINT
 
     def __init__(self, folder: Path, annotations: Path, class_to_idx: dict[str, int], transform, image_fn=None):
         from torchvision.datasets.folder import default_loader
@@ -132,7 +134,7 @@ class _AnnotatedFolder(Dataset):
 @DATASETS.register("imagefolder")
 class ImageFolderData(DatasetPlugin):
     layout = LAYOUT
-    corruption_point = "center_crop"  # ImageNet-C: after Resize + CenterCrop (see _load)
+    corruption_point = CORRUPTION_POINT  # ImageNet-C (see _load)
 
     def check(self, root, **options):
         if root is None:

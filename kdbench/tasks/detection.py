@@ -66,15 +66,13 @@ def coco_results(detections: list[dict], targets: list[dict], label_to_cat: dict
 def coco_eval(coco_gt, results: list[dict], img_ids: list[int]) -> dict[str, float]:
     """COCOeval ``bbox`` of ``results`` against ``coco_gt`` on ``img_ids``: the six summary APs in %.
     No result at all gives 0 everywhere; a metric without ground truth (COCOeval's -1) is NaN."""
-    from pycocotools.cocoeval import COCOeval
+    from pycocotools.cocoeval import COCOeval, Params
 
     if not results:  # pycocotools' loadRes refuses an empty list: decide from the ground truth as COCOeval would
         anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=img_ids, iscrowd=False)) if img_ids else []
-        ranges = COCOeval(iouType="bbox").params.areaRng  # all, small, medium, large; both bounds inclusive
-        area = dict(zip(("all", "small", "medium", "large"), ranges))
-        metric_area = dict(zip(METRIC_NAMES, ("all", "all", "all", "small", "medium", "large")))
-        return {m: (0.0 if any(area[metric_area[m]][0] <= a["area"] <= area[metric_area[m]][1] for a in anns)
-                    else math.nan) for m in METRIC_NAMES}
+        every, small, medium, large = Params(iouType="bbox").areaRng  # both bounds inclusive, as COCOeval's
+        ranges = dict(zip(METRIC_NAMES, (every, every, every, small, medium, large)))
+        return {m: (0.0 if any(lo <= a["area"] <= hi for a in anns) else math.nan) for m, (lo, hi) in ranges.items()}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, "bbox")
