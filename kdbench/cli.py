@@ -75,7 +75,7 @@ def cmd_run(a) -> int:
     check_results_folder(Path(a.results), suite.name)
     check_data_available(suite)
     records = launch(suite, a.results, executor=a.executor, parallel=a.parallel, pattern=a.filter,
-                     wait=not a.no_wait)
+                     wait=not a.no_wait, rerun_replaced=a.rerun_replaced)
     bad = [r for r in records if r["status"] != "ok"]
     suite_dir = Path(a.results) / suite.name
     if a.no_wait:
@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs at a time (local) / array parallelism (slurm); N >= 1")
     r.add_argument("--dry-run", action="store_true", help="resolve the suite and print the run graph (kinds, needs, resources); run nothing")
     r.add_argument("--no-table", action="store_true", help="do not print the table at the end")
+    r.add_argument("--rerun-replaced", action="store_true",
+                   help="train again the distill runs trained with a teacher file replaced since (retrained in its "
+                        "folder, or another file under the same path); without it they are kept and flagged")
     r.add_argument("--no-wait", action="store_true",
                    help="slurm: submit the whole run graph (needs as job dependencies) and return at once")
     r.set_defaults(fn=cmd_run)

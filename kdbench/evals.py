@@ -120,9 +120,11 @@ def chunk_label(chunk: dict) -> str:
     return f"{chunk['name']}:{chunk['corruption']}" if "corruption" in chunk else chunk["name"]
 
 
-def run_eval(spec, net, task, data, device, cell_dir, log=None) -> list[dict]:
-    """Evaluate ``net`` (a finished model, eval mode) on the chunk ``spec.eval``; return metric rows
-    (``{"eval", "metric", "select": "final", "value", "higher_is_better", ...}``)."""
+def run_eval(spec, net, task, data, device, cell_dir, log=None, *, model_sha256: str | None = None,
+             warnings: list[str] | None = None) -> list[dict]:
+    """Evaluate ``net`` (a finished model, eval mode, loaded from the file of sha256 ``model_sha256``) on the chunk
+    ``spec.eval``; return metric rows (``{"eval", "metric", "select": "final", "value", "higher_is_better",
+    ...}``). Corruption cells are bound to ``model_sha256``; warnings (a cell set aside) go to ``warnings``."""
     chunk = spec.eval or {}
     name = chunk.get("name")
     bs = int(chunk.get("batch_size") or spec.recipe.get("eval_batch_size", 256))
@@ -138,7 +140,8 @@ def run_eval(spec, net, task, data, device, cell_dir, log=None) -> list[dict]:
 
         rows = evaluate_corruptions(net, task, data.val, device, corruptions=[chunk["corruption"]],
                                     severities=list(chunk["severities"]), cell_dir=cell_dir, batch_size=bs,
-                                    num_workers=workers, log=log, released=chunk.get("root"))
+                                    num_workers=workers, log=log, released=chunk.get("root"),
+                                    model_sha256=model_sha256, warnings=warnings)
         return [{"eval": "corruptions", "select": "final", **r} for r in rows]
     raise ValueError(f"unknown eval {name!r}")
 

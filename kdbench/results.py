@@ -357,6 +357,67 @@ def artifact_problem(run_dir_: str | os.PathLike, record: Mapping) -> str | None
     return f"{path} is corrupt (CRC error in {bad})" if bad else None
 
 
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def weights_sha256(path: str | os.PathLike) -> str | None:
+    """sha256 of a model file given by path (a checkpoint teacher's ``weights:``), None when there is no such
+    file; cached per (path, size, mtime) so that a sweep's many eval runs hash one file once."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (os.fspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = file_sha256(path)
+    return _SHA_CACHE[key]
+
+
+def current_sha256(results: str | os.PathLike, suite: str, run_id: str) -> str | None:
+    """sha256 of the file the run ``run_id`` left (its ok record's ``artifact``), None when it has no ok record
+    or recorded no artifact."""
+    try:
+        rec = read_record(run_dir(results, suite, run_id))
+    except RecordError:
+        return None
+    if rec is None or rec.get("status") != "ok":
+        return None
+    return (rec.get("artifact") or {}).get("sha256")
+
+
+def _model_now(results: str | os.PathLike, suite: str, run: str | None, model: Mapping | None) -> str | None:
+    """sha256 of the model file a run loads now: the ok record's artifact of ``run`` (a suite-trained model), else
+    the file at ``model["weights"]`` (a checkpoint)."""
+    if run:
+        return current_sha256(results, suite, run)
+    weights = (model or {}).get("weights")
+    return weights_sha256(weights) if weights else None
+
+
+def binding_problem(results: str | os.PathLike, spec: Any, record: Mapping) -> str | None:
+    """Why an ok record no longer describes the model file it depends on, else None.
+
+    Every number is bound to the sha256 of the model file it was measured on or trained with: an ``eval`` record
+    to the evaluated model (``student.sha256``), a ``stage`` or ``distill`` record to its teacher
+    (``teacher.sha256``). When that file has been replaced since (a teacher retrained in its folder, a checkpoint
+    overwritten under the same path), the record is of another model. Eval and stage records are then stale
+    (redone); a distill record is kept unless the user asks to rerun it (``kdbench run --rerun-replaced``), and
+    flagged in the tables. None when the dependency has no ok record or file now (the run that needs it waits)."""
+    if spec.kind == "eval":
+        had = (record.get("student") or {}).get("sha256")
+        now = _model_now(results, spec.suite, spec.target if spec.needs else None, spec.student)
+        what = "the evaluated model"
+    elif spec.kind in ("stage", "distill") and spec.teacher is not None:
+        had = (record.get("teacher") or {}).get("sha256")
+        now = _model_now(results, spec.suite, spec.teacher_run, spec.teacher)
+        what = "its teacher"
+    else:
+        return None
+    if now is None or had == now:
+        return None
+    return (f"{what}'s file was replaced since (sha256 {str(had)[:12]} recorded, {now[:12]} now)")
+
+
 def no_records_error(suite_dir: str | os.PathLike) -> FileNotFoundError:
     """The error for a folder without records: names the path, the expected layout, and nearby suites."""
     suite_dir = Path(suite_dir)

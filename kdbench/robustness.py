@@ -48,6 +48,7 @@ import hashlib
 import json
 import math
 import numbers
+import os
 import statistics
 import sys
 import time
@@ -228,27 +229,55 @@ def corruption_point(dataset) -> str:
     return str(point or "decoded")
 
 
+class UnreadableCell(ValueError):
+    """A cell file that is not a finished cell (not JSON, another cell's content, a metric that is not a finite
+    number, the task's primary metric missing): set aside and redone."""
+
+
 def read_cell(path: Path, corruption: str, severity: int, n_images: int | None = None,
-              source: str | None = None, point: str | None = None) -> dict | None:
-    """A finished cell, or None when absent or not valid (partial, another dataset size, wrong content,
-    another ``source``: ``"generated"`` by the engine or ``"released"`` pre-corrupted files, a cell without one
-    was generated; or, for generated cells, another :func:`corruption_point`, a cell without one was corrupted
-    at ``"decoded"``: ImageFolder cells written before corruptions moved after the center crop are redone)."""
+              source: str | None = None, point: str | None = None, model_sha256: str | None = None,
+              primary: str | None = None) -> dict | None:
+    """A finished cell of the model file ``model_sha256``, or None when absent or of another evaluation (another
+    dataset size, another ``source``: ``"generated"`` by the engine or ``"released"`` pre-corrupted files; for
+    generated cells another :func:`corruption_point`; another model file, or none recorded). A file that is not
+    a readable cell of this (corruption, severity) with every metric a finite number and ``primary`` among them
+    raises :class:`UnreadableCell` saying why."""
     try:
-        cell = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        text = Path(path).read_text()
+    except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UnreadableCell(f"cannot read it ({type(e).__name__}: {e})") from None
+    try:
+        cell = json.loads(text)
+    except ValueError as e:
+        raise UnreadableCell(f"not JSON ({e})") from None
     if not isinstance(cell, dict) or cell.get("corruption") != corruption or cell.get("severity") != severity:
-        return None
-    if not isinstance(cell.get("metrics"), dict) or not cell["metrics"]:
-        return None
+        raise UnreadableCell(f"not the cell of {corruption} s{severity}")
+    metrics = cell.get("metrics")
+    if not isinstance(metrics, dict) or not metrics:
+        raise UnreadableCell("no metrics")
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise UnreadableCell(f"metric {k!r} is {v!r}, not a finite number")
+    if primary is not None and primary not in metrics:
+        raise UnreadableCell(f"no {primary!r} among its metrics ({', '.join(metrics)})")
     if n_images is not None and cell.get("n_images") != n_images:
         return None
     if source is not None and cell.get("source", "generated") != source:
         return None
     if point is not None and cell.get("source", "generated") == "generated" and cell.get("point", "decoded") != point:
         return None
+    if model_sha256 is not None and cell.get("model_sha256") != model_sha256:
+        return None
     return cell
+
+
+def set_aside(path: Path) -> Path:
+    """Move a file out of the way under a new name in its folder (never deleted); return the new path."""
+    aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.replace(path, aside)
+    return aside
 
 
 def cell_rows(cell: Mapping, metrics: Mapping[str, bool]) -> list[dict]:
@@ -282,7 +311,8 @@ def record_source(record: Mapping) -> tuple[str, str | None]:
 
 def evaluate_corruptions(net, task, val_dataset, device, *, corruptions, severities, cell_dir, batch_size: int,
                          num_workers: int = 0, log: Callable[[str], None] | None = None,
-                         released: str | Path | None = None) -> list[dict]:
+                         released: str | Path | None = None, model_sha256: str | None = None,
+                         warnings: list[str] | None = None) -> list[dict]:
     """Evaluate ``net`` on ``val_dataset`` under every (corruption, severity); one JSON cell per pair in
     ``cell_dir`` (``<corruption>_s<severity>.json``, written atomically). A valid cell already there is reused
     (resume); corrupting happens in the DataLoader workers when ``num_workers > 0``. Returns the metric rows of
@@ -292,7 +322,11 @@ def evaluate_corruptions(net, task, val_dataset, device, *, corruptions, severit
     :func:`kdbench.data.cifar.cifar100c_dataset`): its pre-corrupted images replace on-the-fly corruption,
     normalised as ``val_dataset``. Cells and rows record the source: ``"generated"`` (ImageNet-C strengths, see
     the module docstring; a folder written by :func:`kdbench.data.cifar.write_cifar100_c` included) or
-    ``"released"``; a cell of the other source is never reused."""
+    ``"released"``; a cell of the other source is never reused.
+
+    ``model_sha256``: the sha256 of the evaluated model file, kept in every cell; a cell of another file (or of
+    none) is redone, never reused. A cell file that cannot be read as a finished cell is set aside (renamed, see
+    :func:`set_aside`) and redone, with a warning logged and appended to ``warnings``."""
     from kdbench.results import write_json_atomic
 
     names = resolve_corruptions(corruptions)
@@ -315,7 +349,14 @@ def evaluate_corruptions(net, task, val_dataset, device, *, corruptions, severit
     done, checked = 0, False
     for i, (c, s) in enumerate(todo, 1):
         path = cell_path(cell_dir, c, s)
-        cell = read_cell(path, c, s, n, source, point)
+        try:
+            cell = read_cell(path, c, s, n, source, point, model_sha256, task.primary_metric)
+        except UnreadableCell as e:
+            msg = f"warning: {path}: unreadable corruption cell ({e}); set aside as {set_aside(path).name}, redone"
+            log(msg)
+            if warnings is not None:
+                warnings.append(msg)
+            cell = None
         if cell is not None:
             done += 1
             rows += cell_rows(cell, metrics)
@@ -333,9 +374,13 @@ def evaluate_corruptions(net, task, val_dataset, device, *, corruptions, severit
         dt = time.perf_counter() - t0
         cell = {"version": CELL_VERSION, "corruption": c, "severity": s, "family": family_of(c), "n_images": n,
                 "source": source, **({"point": point} if point else {}),
+                **({"model_sha256": model_sha256} if model_sha256 else {}),
                 "seconds": round(dt, 3), "images_per_s": round(n / max(dt, 1e-9), 2),
                 "metrics": {k: float(v) for k, v in values.items()
                             if isinstance(v, (int, float)) and math.isfinite(float(v))}}
+        if task.primary_metric not in cell["metrics"]:
+            raise RuntimeError(f"{c} s{s}: the evaluation gave no finite {task.primary_metric} ({values!r}); "
+                               "no cell written")
         write_json_atomic(path, cell)
         rows += cell_rows(cell, metrics)
         prim = task.primary_metric
@@ -402,5 +447,5 @@ def error_summary(clean_top1: float, top1: Grid, ref_clean_top1: float, ref_top1
 
 __all__ = ["BENCHMARK", "EXTRA", "ALL", "FAMILIES", "SETS", "SEVERITIES", "resolve_corruptions", "check_severities",
            "family_of", "seed_for", "corrupt", "Corruptor", "with_image_fn", "throughput", "evaluate_corruptions",
-           "read_cell", "cell_path", "corruption_point", "cell_rows", "record_source", "SOURCES", "mpc", "performance_summary",
+           "read_cell", "UnreadableCell", "set_aside", "cell_path", "corruption_point", "cell_rows", "record_source", "SOURCES", "mpc", "performance_summary",
            "corruption_errors", "error_summary"]

@@ -186,13 +186,16 @@ def clean_stale_temps(rdir: Path) -> list[Path]:
     return removed
 
 
-def _done(rdir: Path, rec: dict | None, spec: RunSpec, warn: bool = True) -> bool:
-    """The run has finished ok and what it left for others is usable."""
-    from kdbench.results import artifact_problem
+def _done(rdir: Path, rec: dict | None, spec: RunSpec, results: Path, warn: bool = True) -> bool:
+    """The run has finished ok, what it left for others is usable, and, for an eval or a stage run, the model
+    file it measured or was computed from is still the current one (``results.binding_problem``)."""
+    from kdbench.results import artifact_problem, binding_problem
 
     if rec is None or rec.get("status") != "ok":
         return False
     problem = artifact_problem(rdir, rec)
+    if problem is None and spec.kind in ("eval", "stage"):
+        problem = binding_problem(results, spec, rec)
     if problem and warn:
         print(f"warning: run {spec.run_id} ({spec.kind}) is recorded ok but {problem}: running it again",
               file=sys.stderr, flush=True)
@@ -208,13 +211,13 @@ def run_one(spec: RunSpec, results: str | os.PathLike = "results", *, requeues: 
     results = Path(results)
     rdir = run_dir_for(results, spec)
     old = read_record(rdir)
-    if _done(rdir, old, spec, warn=False):
+    if _done(rdir, old, spec, results, warn=False):
         return old
     rank = ddp.job_topology()[0]
     with run_lock(rdir, enabled=rank == 0):
         if rank == 0:
             old = read_record(rdir)  # another process may have run it while this one waited for the lock
-            if _done(rdir, old, spec):
+            if _done(rdir, old, spec, results):
                 return old
             clean_stale_temps(rdir)
         with ddp.initialized() as dist:
@@ -441,8 +444,12 @@ def _eval(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None:
                          "weights": str(weights), "sha256": sha}
     net.to(device).eval().requires_grad_(False)
     t0 = time.perf_counter()
-    record["metrics"] = run_eval(spec, net, task, data, device, run_dir(results, spec.suite, spec.target) / "evals")
+    warnings: list[str] = []
+    record["metrics"] = run_eval(spec, net, task, data, device, run_dir(results, spec.suite, spec.target) / "evals",
+                                 model_sha256=sha, warnings=warnings)
     record["cost"] = {"wall_time_s": round(time.perf_counter() - t0, 3)}
+    if warnings:
+        record["warnings"] = warnings
 
 
 def _load_stage(path: Path, s_rec: dict) -> dict:

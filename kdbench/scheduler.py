@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from kdbench.results import artifact_problem, finish_record, new_record, read_record, run_dir_for
+from kdbench.results import (artifact_problem, binding_problem, finish_record, new_record, read_record,
+                             run_dir_for)
 from kdbench.suite import RunSpec, Suite
 
 EXECUTORS = ("debug", "local", "slurm")
@@ -101,10 +102,13 @@ def topological(specs: list[RunSpec]) -> list[RunSpec]:
     return sorted(specs, key=lambda s: d[s.run_id])
 
 
-def _ok(spec: RunSpec, results: Path, needed: bool = False, log: Callable[[str], None] | None = None) -> bool:
-    """The run's record says ok and, for a run others need (``needed``), the file it left them is there and
-    intact. A corrupt record, or one copied from another run or suite, raises (``RecordError`` naming the file):
-    nothing is launched over it."""
+def _ok(spec: RunSpec, results: Path, needed: bool = False, log: Callable[[str], None] | None = None,
+        rerun_replaced: bool = False) -> bool:
+    """The run's record says ok; for a run others need (``needed``), the file it left them is there and intact;
+    for an eval or stage run, the model file it measured or was computed from is still the current one; for a
+    distill run, with ``rerun_replaced``, its teacher's file too (``results.binding_problem``). A corrupt
+    record, or one copied from another run or suite, raises (``RecordError`` naming the file): nothing is
+    launched over it."""
     rdir = run_dir_for(results, spec)
     rec = read_record(rdir)
     if rec is None or rec.get("status") != "ok":
@@ -115,6 +119,12 @@ def _ok(spec: RunSpec, results: Path, needed: bool = False, log: Callable[[str],
             (log or _warn)(f"warning: the {spec.kind} run {spec.run_id} is recorded ok but {problem}: "
                            "it runs again")
             return False
+    if spec.kind in ("eval", "stage") or (spec.kind == "distill" and rerun_replaced):
+        problem = binding_problem(results, spec, rec)
+        if problem:
+            (log or _warn)(f"warning: the {spec.kind} run {spec.run_id} ({spec.label}, {spec.pair}, seed "
+                           f"{spec.seed}) is recorded ok but {problem}: it runs again")
+            return False
     return True
 
 
@@ -124,12 +134,69 @@ def _warn(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def pending(specs: Iterable[RunSpec], results: Path, log: Callable[[str], None] | None = None) -> list[RunSpec]:
-    """The runs without an ``ok`` record, and the runs others need whose file (model.pt, stage.pt) is missing
-    or corrupt (rebuilt: a teacher resumes from its last checkpoint when it is still there)."""
-    specs = list(specs)
+def pending(specs: Iterable[RunSpec], results: Path, log: Callable[[str], None] | None = None,
+            rerun_replaced: bool = False) -> list[RunSpec]:
+    """The runs without an ``ok`` record; the runs others need whose file (model.pt, stage.pt) is missing or
+    corrupt (rebuilt: a teacher resumes from its last checkpoint when it is still there); eval and stage runs
+    bound to a model file that has been replaced, or whose model runs again now (checked once it has: a model
+    retrained to the same file keeps them); with ``rerun_replaced``, distill runs trained with a teacher file that
+    has been replaced."""
+    specs = topological(list(specs))
     needed = {n for s in specs for n in s.needs}
-    return [s for s in specs if not _ok(s, results, s.run_id in needed, log)]
+    out: list[RunSpec] = []
+    redo: set[str] = set()
+    for s in specs:
+        if not _ok(s, results, s.run_id in needed, log, rerun_replaced) or (
+                s.kind in ("eval", "stage") and redo.intersection(s.needs)):
+            out.append(s)
+            redo.add(s.run_id)
+    return out
+
+
+def replaced_teacher_runs(specs: Iterable[RunSpec], results: Path) -> list[tuple[RunSpec, str]]:
+    """The ok distill runs trained with a teacher file that has since been replaced, with the reason."""
+    out = []
+    for s in specs:
+        if s.kind != "distill" or s.teacher is None:
+            continue
+        try:
+            rec = read_record(run_dir_for(results, s))
+        except Exception:
+            continue
+        if rec is not None and rec.get("status") == "ok":
+            problem = binding_problem(results, s, rec)
+            if problem:
+                out.append((s, problem))
+    return out
+
+
+def set_aside_run(rdir: Path) -> Path:
+    """Move every file of a finished run into ``<run dir>/replaced-<UTC time>/`` (nothing is deleted), so that the
+    run trains again from nothing; return that folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest = rdir / f"replaced-{stamp}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = rdir / f"replaced-{stamp}-{n}"
+    dest.mkdir()
+    for p in list(rdir.iterdir()):
+        if p == dest or p.name.startswith("replaced-") or p.name == ".lock":
+            continue
+        os.replace(p, dest / p.name)
+    return dest
+
+
+def report_replaced(specs: Iterable[RunSpec], results: Path, log: Callable[[str], None]) -> None:
+    """Say which ok distill runs were trained with a teacher file replaced since, and what the user may do."""
+    found = replaced_teacher_runs(specs, results)
+    if not found:
+        return
+    names = ", ".join(f"{s.label} {s.pair} s{s.seed}" for s, _ in found[:8]) + (
+        f" and {len(found) - 8} more" if len(found) > 8 else "")
+    log(f"warning: {len(found)} distill run(s) were trained with a teacher file replaced since ({names}): the "
+        "tables flag them; `kdbench run SUITE --rerun-replaced` reruns them (their old files are kept in "
+        "<run dir>/replaced-<time>/), or keep them as they are")
 
 
 # ------------------------------------------------------------------------------------------- records
@@ -155,6 +222,8 @@ def _blocked(spec: RunSpec, need: RunSpec, status: str, results: Path) -> dict:
 
 
 def summary(rec: dict) -> str:
+    """One line per finished run, then the warnings the run recorded (a checkpoint or a cell set aside), so that
+    they reach the terminal and not only the worker's log."""
     m = {(r["metric"], r["select"]): r["value"] for r in rec.get("metrics", [])}
     main = next((f"{k[0]}={v:.2f}" for k, v in m.items() if k[1] == "final"), "")
     t = (rec.get("cost") or {}).get("wall_time_s")
@@ -167,8 +236,9 @@ def summary(rec: dict) -> str:
     what = kind if kind in ("stage", "eval") else ""
     if kind == "eval" and rec.get("eval"):
         what = "eval " + (rec["eval"].get("corruption") or rec["eval"].get("name", ""))
+    warnings = "".join(f"\n  {w}" for w in rec.get("warnings") or [] if isinstance(w, str))
     return (f"[{rec['status']:>8}] {rec['label']:<14} {rec['pair']:<28} seed {rec['seed']}"
-            f"{' ' + what if what else ''}{extra}{err}")
+            f"{' ' + what if what else ''}{extra}{err}{warnings}")
 
 
 def progress_name(spec: RunSpec) -> str:
@@ -239,10 +309,12 @@ def job_folder(results: Path, suite_name: str) -> Path:
 
 # ------------------------------------------------------------------------------------------- launching
 def launch(suite: Suite, results: str | os.PathLike = "results", executor: str = "local", parallel: int | None = None,
-           pattern: str | None = None, log: Callable[[str], None] = print, wait: bool = True) -> list[dict]:
+           pattern: str | None = None, log: Callable[[str], None] = print, wait: bool = True,
+           rerun_replaced: bool = False) -> list[dict]:
     """Run every pending run of the suite (of ``pattern``'s runs and what they need); return the records of
     the runs launched now. ``wait=False`` (slurm only): submit everything with its dependencies and return
-    ``[]`` at once."""
+    ``[]`` at once. Distill runs trained with a teacher file replaced since are kept and listed at the end;
+    ``rerun_replaced`` sets their files aside (:func:`set_aside_run`) and trains them again."""
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; valid: {', '.join(EXECUTORS)}")
     if not wait and executor != "slurm":
@@ -250,20 +322,31 @@ def launch(suite: Suite, results: str | os.PathLike = "results", executor: str =
                          "in this process")
     results = Path(results)
     specs = select_specs(suite, pattern)
-    todo = topological(pending(specs, results, _warn))
+    todo = topological(pending(specs, results, _warn, rerun_replaced))
+    if rerun_replaced:
+        for s, why in replaced_teacher_runs(todo, results):
+            dest = set_aside_run(run_dir_for(results, s))
+            log(f"{s.label} {s.pair} s{s.seed}: trained with a teacher file replaced since ({why.split('(')[-1]}; "
+                f"its files are set aside in {dest}, it trains again")
     log(f"{suite.name} v{suite.version}: {len(specs)} runs, {len(specs) - len(todo)} already ok, {len(todo)} to run "
         f"({executor} executor) -> {results / suite.name}")
     if not todo:
+        report_replaced(specs, results, log)
         return []
     with signals_interrupt():
         if executor == "slurm":
             from kdbench.slurm import submit_slurm, wait_slurm
 
             submitted = submit_slurm(suite, todo, results, parallel, log)
-            return wait_slurm(submitted, results, log) if wait else []
-        if executor == "debug":
-            return _walk_debug(todo, results, log)
-        return _walk_local(suite, todo, results, parallel, log)
+            if not wait:
+                return []
+            out = wait_slurm(submitted, results, log)
+        elif executor == "debug":
+            out = _walk_debug(todo, results, log)
+        else:
+            out = _walk_local(suite, todo, results, parallel, log)
+    report_replaced(specs, results, log)
+    return out
 
 
 #: signals that end ``kdbench run`` the way Ctrl-C does (``timeout``, ``kill``, a closed terminal, schedulers)

@@ -198,6 +198,8 @@ class Cell:
     plain: bool = False  # a fixed evaluation (loaded teacher), not a seed aggregate
     ref: tuple[float, str] | None = None
     delta: float | None = None
+    teacher_shas: list[str] = field(default_factory=list)  # per ok run: the sha256 of the teacher file it used
+    replaced: int = 0  # ok runs trained with another teacher file than the one the teacher row shows
     best: bool = False
 
     @property
@@ -232,6 +234,10 @@ class Cell:
         if self.ignored:
             out.append(f"{self.where}: {self.ignored} record(s) of an older configuration or method version "
                        "ignored")
+        if self.replaced:
+            out.append(f"{self.where}: {self.replaced} of {self.n} run(s) trained with another teacher file than "
+                       "the teacher row's (the teacher was retrained or its file replaced since); "
+                       "`kdbench run SUITE --rerun-replaced` reruns them")
         return out
 
 
@@ -248,6 +254,7 @@ def _fill(cell: Cell, recs: list[dict], eval: str, metric: str, select: str) -> 
             cell.no_metric += 1
         else:
             cell.values.append(float(m["value"]))
+            cell.teacher_shas.append(str((r.get("teacher") or {}).get("sha256") or ""))
     for r in kept:
         ref = next((x for x in r.get("reference") or [] if x.get("metric") == metric), None)
         if ref is not None:
@@ -256,20 +263,28 @@ def _fill(cell: Cell, recs: list[dict], eval: str, metric: str, select: str) -> 
     return cell
 
 
+def _teacher_sha_of_distill(recs: list[dict]) -> str:
+    """The teacher file a pair's loaded teacher row shows: the one its newest distillation run loaded."""
+    with_sha = [r for r in recs if (r.get("teacher") or {}).get("sha256")]
+    return str(max(with_sha, key=_recency)["teacher"]["sha256"]) if with_sha else ""
+
+
 def _teacher_from_distill(cell: Cell, recs: list[dict], eval: str, metric: str, select: str) -> Cell:
-    """Teacher cell from the teacher_metrics distillation runs recorded (one value per distinct checkpoint).
+    """Teacher cell from the teacher_metrics distillation runs recorded for the teacher file they loaded: the file
+    the newest of them loaded (:func:`_teacher_sha_of_distill`; runs of another file are flagged in their rows).
 
     A loaded teacher is evaluated once, so ``select`` falls back to "final" when the asked one is absent.
     """
-    seen: dict[str, float] = {}
+    shown = _teacher_sha_of_distill(recs)
     for r in _order(recs):
         t = r.get("teacher") or {}
-        ident = str(t.get("sha256") or t.get("run") or t.get("weights") or t.get("model"))
+        if shown and t.get("sha256") != shown:
+            continue
         rows = r.get("teacher_metrics") or []
         m = _metric_row(rows, eval, metric, select) or _metric_row(rows, eval, metric, "final")
-        if m is not None and ident not in seen and math.isfinite(float(m["value"])):
-            seen[ident] = float(m["value"])
-    cell.values = list(seen.values())
+        if m is not None and math.isfinite(float(m["value"])):
+            cell.values = [float(m["value"])]
+            break
     cell.n_runs = len(cell.values)
     cell.plain = True
     return cell
@@ -377,6 +392,20 @@ def _build(records: list[dict], layout: str, eval: str, metric: str, select: str
         if cell.n_runs:
             cells[(TEACHER, gi)] = cell
             has_teacher = True
+
+    # runs trained with another teacher file than the one the teacher row shows are flagged in their cells
+    for p in pair_list:
+        t_recs = [r for r in teachers if r["pair"] == p]
+        if t_recs:
+            shown = {str((r.get("artifact") or {}).get("sha256") or "") for r in _current(t_recs)[0]
+                     if r["status"] == "ok"} - {""}
+        else:
+            shown = {_teacher_sha_of_distill([r for r in distill if r["pair"] == p])} - {""}
+        if not shown:
+            continue
+        for (row, gi), cell in cells.items():
+            if row != TEACHER and cell.pair == p:
+                cell.replaced = sum(1 for sha in cell.teacher_shas if sha and sha not in shown)
 
     # Δ vs the baseline row of the same pair
     base_row = BASELINE if BASELINE in rows else None
@@ -811,12 +840,51 @@ def _model_records(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return {k: [r for r in _current(v)[0] if r["status"] == "ok"] for k, v in out.items()}
 
 
+def _eval_problem(r: dict, models: dict[str, dict], loaded: dict[str, str], metric: str) -> str | None:
+    """Why an ok eval record must not be shown, else None: it measured another file than the evaluated model's
+    current one (a model retrained in its folder, a checkpoint replaced: ``student.sha256`` against the model
+    record's ``artifact``, or for a loaded teacher the file its pair's newest distillation run loaded), or it lacks
+    ``metric`` at one of its chunk's severities (an unreadable cell)."""
+    had = (r.get("student") or {}).get("sha256")
+    target = models.get(str(r.get("target")))
+    now = ((target.get("artifact") or {}).get("sha256") if target is not None
+           else loaded.get(str(r.get("pair"))))
+    if now and had != now:
+        return "replaced"
+    chunk = r.get("eval") if isinstance(r.get("eval"), dict) else {}
+    want = {(str(chunk["corruption"]), int(s)) for s in chunk.get("severities") or []} if chunk.get("corruption") \
+        else set()
+    have = {(str(m.get("corruption")), m.get("severity")) for m in r.get("metrics") or []
+            if m.get("eval") == CORRUPTION_EVAL and m.get("metric") == metric and m.get("value") is not None
+            and math.isfinite(float(m["value"]))}
+    return "incomplete" if want - have else None
+
+
+def _shown_evals(records: list[dict], metric: str) -> tuple[list[dict], Counter]:
+    """The ok eval records a robustness table may show (:func:`_eval_problem`), oldest first, and per pair the
+    count of those left out."""
+    models = {str(r.get("run_id")): r for r in records if r["kind"] in (TEACHER, "distill")}
+    loaded = {}
+    for p in {r["pair"] for r in records}:
+        sha = _teacher_sha_of_distill([r for r in records if r["pair"] == p and r["kind"] == "distill"])
+        if sha:
+            loaded[p] = sha
+    shown, left = [], Counter()
+    for r in sorted((r for r in records if r["kind"] == EVAL_KIND and r["status"] == "ok"), key=_recency):
+        if _eval_problem(r, models, loaded, metric):
+            left[r["pair"]] += 1
+        else:
+            shown.append(r)
+    return shown, left
+
+
 def _corruption_grids(records: list[dict], metric: str) -> tuple[dict[str, dict], dict[tuple, dict]]:
-    """Per target run_id: ``{(corruption, severity): value}`` from ok eval records (newest wins per cell); and per
-    (label, pair, seed) of eval records whose target has no record here (a loaded teacher) the same grid."""
+    """Per target run_id: ``{(corruption, severity): value}`` from the ok eval records of the model's current file
+    (:func:`_shown_evals`; newest wins per cell); and per (label, pair, seed) of eval records whose target has no
+    record here (a loaded teacher) the same grid."""
     by_target: dict[str, dict] = {}
     orphan_key: dict[str, tuple] = {}
-    for r in sorted((r for r in records if r["kind"] == EVAL_KIND and r["status"] == "ok"), key=_recency):
+    for r in _shown_evals(records, metric)[0]:
         g = by_target.setdefault(str(r.get("target")), {})
         orphan_key[str(r.get("target"))] = (r["label"], r["pair"], r.get("seed"))
         for m in r.get("metrics") or []:
@@ -904,6 +972,10 @@ def _robustness_rows(records: list[dict], pair: str, metric: str, classification
                 st.ref, st.ref_source = float(x["value"]), str(x.get("source") or "")
                 break
         rows.append(st)
+    left = _shown_evals(records, metric)[1].get(pair, 0)
+    if left:
+        notes.append(f"{pair}: {left} eval record(s) left out: measured on a model file since replaced, or missing "
+                     f"{metric} at a severity; `kdbench robustness` (or `kdbench run`) redoes them")
     most = max((c for st in rows for c in st.cells), default=0)
     for st in rows:
         short = [c for c in st.cells if c < most]
@@ -924,7 +996,7 @@ def _corruption_source(records: list[dict], pair: str, metric: str, classificati
     current = {r["run_id"] for (_, p), recs in _model_records(records).items() if p == pair for r in recs}
     known = {r.get("run_id") for r in records}
     shown: dict[tuple, tuple[str, str | None, str]] = {}  # (target, corruption, severity) -> (source, root, data)
-    for r in sorted((r for r in records if r["kind"] == EVAL_KIND and r["status"] == "ok"), key=_recency):
+    for r in _shown_evals(records, metric)[0]:
         target = str(r.get("target"))
         if target not in current and (target in known or r["pair"] != pair):
             continue

@@ -30,6 +30,10 @@ def eval_record(target: dict, grid: dict, metric="top1", corruptions=None) -> di
     rec = json.loads(json.dumps(target))
     rid = hashlib.sha256((target["run_id"] + json.dumps(sorted(corruptions or []))).encode()).hexdigest()[:16]
     rec.update(run_id=rid, kind="eval", target=target["run_id"], metrics=rows, teacher_metrics=[], reference=[])
+    # the file it measured, as the runner records it: the target's model.pt, or a loaded teacher's checkpoint (the
+    # sha256 make_record gives the teacher of pair i: "sha<i>")
+    rec["student"]["sha256"] = ((target.get("artifact") or {}).get("sha256")
+                                or (f"sha{target['pair_index']}" if target["label"] == "teacher" else None))
     return rec
 
 
