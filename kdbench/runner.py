@@ -445,8 +445,9 @@ def _eval(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None:
     net.to(device).eval().requires_grad_(False)
     t0 = time.perf_counter()
     warnings: list[str] = []
-    record["metrics"] = run_eval(spec, net, task, data, device, run_dir(results, spec.suite, spec.target) / "evals",
-                                 model_sha256=sha, warnings=warnings)
+    cell_dir = run_dir(results, spec.suite, spec.target) / "evals"
+    clean_stale_temps(cell_dir)  # cells a killed eval run was writing (every cell write takes milliseconds)
+    record["metrics"] = run_eval(spec, net, task, data, device, cell_dir, model_sha256=sha, warnings=warnings)
     record["cost"] = {"wall_time_s": round(time.perf_counter() - t0, 3)}
     if warnings:
         record["warnings"] = warnings
@@ -454,15 +455,13 @@ def _eval(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None:
 
 def _load_stage(path: Path, s_rec: dict) -> dict:
     """A stage run's tensors: the file its run recorded (sha256), read with ``weights_only=True``."""
-    from kdbench.models.sources import load_tensor_file
+    from kdbench.models.sources import check_tensor_dict, load_tensor_file
 
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"stage file not found: {path}; run again to rebuild it")
     state, _ = load_tensor_file(path, (s_rec.get("artifact") or {}).get("sha256"), "stage file",
                                 f"put the original back, or delete {path.parent} to redo the stage")
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: a stage file holds a dict of tensors, not a {type(state).__name__}")
-    return state
+    return check_tensor_dict(state, path, "stage file", (s_rec.get("stage") or {}).get("tensors"))
 
 
 def build_context(task, data, recipe: dict, student, teacher, device, student_model: str = "", teacher_model: str = ""):

@@ -333,8 +333,10 @@ def test_freekd_stage_is_its_own_job_that_the_distill_jobs_depend_on(slurm, writ
 @pytest.mark.slurm
 def test_failed_run_is_recorded_others_finish_cancel_shows_and_rerun_resubmits_only_it(slurm, write_suite,
                                                                                       tmp_path):
+    import torch
+
     good, bad = _weights(tmp_path / "good.pt"), tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
+    torch.save([1, 2], bad)  # a torch file, so validate lets it through; not a state dict, so the run fails
     d = tiny_suite(methods=["baseline", "kd"], resources={"cpus_per_task": 1, "timeout_min": 10})
     d["pairs"] = [{"name": "good", "teacher": {"model": "kdbench:resnet8", "weights": str(good)},
                    "student": {"model": "kdbench:resnet8"}},

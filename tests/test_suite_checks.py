@@ -88,6 +88,14 @@ def test_filter_that_matches_nothing_lists_what_exists(write_suite):
     assert [x.label for x in select_specs(s, "kd")] == ["teacher", "kd-t2"]  # the method name matches
 
 
+def _torch_archive(path):
+    """A file with the structure of what torch.save writes (validate checks it without torch)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{path.stem}/data.pkl", b"\x80\x02}q\x00.")
+
+
 def _ckpt_suite(write_suite, tmp_path, n_pairs=3):
     d = tiny_suite(methods=["baseline", "kd"])
     d["pairs"] = [{"name": f"p{i}", "teacher": {"model": "kdbench:resnet8",
@@ -110,14 +118,14 @@ def test_every_missing_teacher_checkpoint_is_listed(write_suite, tmp_path, monke
     # with the variable pointing at a folder holding two of them, only the third is missing
     (tmp_path / "store").mkdir()
     for i in (0, 2):
-        (tmp_path / "store" / f"t{i}.pt").write_bytes(b"x")
+        _torch_archive(tmp_path / "store" / f"t{i}.pt")
     monkeypatch.setenv("KDBENCH_CKPT", str(tmp_path / "store"))
     with pytest.raises(SuiteError) as e:
         check_data_available(load_suite(path))
     lines = str(e.value).splitlines()
     assert lines[0] == f"{path}: pairs[1] (p1): teacher weights not found: {tmp_path}/store/t1.pt"
     assert len(lines) == 2 and f"(KDBENCH_CKPT={tmp_path}/store)" in lines[1]
-    (tmp_path / "store" / "t1.pt").write_bytes(b"x")
+    _torch_archive(tmp_path / "store" / "t1.pt")
     check_data_available(load_suite(path))  # all there
 
 

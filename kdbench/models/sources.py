@@ -1,7 +1,8 @@
 """Model sources, registered in MODELS by prefix: ``kdbench:``, ``timm:``, ``torchvision:``.
 
 A source validates a name without building it (``check``, with close-match suggestions) and builds a TapModel
-for a number of classes and input channels. Checkpoints are loaded by ``load_weights``.
+for a number of classes and input channels. Checkpoints are loaded by ``load_weights``; ``torch_file_problem``
+says, without torch, why a file is not one ``torch.load`` can read (``kdbench validate`` uses it).
 
 Importing this module is torch-free: names and taps come from ``kdbench.models.catalog``; torch, timm and
 torchvision are imported when a model is built, or to check a name only their library knows.
@@ -155,14 +156,21 @@ def load_tensor_file(path: Path, sha256: str | None, what: str, remedy: str, rea
     """``(content, sha256)`` of a torch file a user could have placed on disk: read with ``weights_only=True``
     (tensors and plain containers only: a pickled object, which could run code, is refused naming the file);
     with ``sha256`` (the hash a finished run recorded for it) a file whose hash differs is refused before it is
-    read at all (``remedy`` says what to do then). ``reader(path)`` replaces ``torch.load`` for a model that reads
-    its own checkpoint layout (it must load with ``weights_only=True`` too: mmdet's runner checkpoints)."""
+    read at all (``remedy`` says what to do then). Without it, the file is first checked as
+    :func:`torch_file_problem` does (a folder, an empty, unreadable, truncated or damaged file, or a file of
+    another kind under the name is refused in one line naming it: ``torch.load`` reads a zip archive with
+    damaged tensor bytes without complaint). ``reader(path)`` replaces ``torch.load`` for a model that reads its
+    own checkpoint layout (it must load with ``weights_only=True`` too: mmdet's runner checkpoints)."""
     from kdbench.results import file_sha256
 
+    problem = torch_file_problem(path, crc=sha256 is None)
+    if problem is not None and (sha256 is None or _unreadable(path)):
+        raise ValueError(f"cannot read {what} {path}: {problem}; expected {TORCH_FILE}")
     got = file_sha256(path)
     if sha256 is not None and got != sha256:
+        now = f"; {problem}" if problem is not None else ""
         raise ValueError(f"{path}: the file changed after its run recorded it (sha256 {sha256[:12]}... recorded, "
-                         f"{got[:12]}... now): {remedy}")
+                         f"{got[:12]}... now{now}): {remedy}")
     import torch
 
     try:
@@ -172,6 +180,126 @@ def load_tensor_file(path: Path, sha256: str | None, what: str, remedy: str, rea
             return torch.load(path, map_location="cpu", weights_only=True), got
     except Exception as e:
         raise ValueError(f"cannot read {what} {path}: {_load_error(e)}") from None
+
+
+#: what a torch file is, for the errors: what ``torch.save`` writes
+TORCH_FILE = "a file written by torch.save (a zip archive holding <name>/data.pkl and the tensors)"
+#: how a legacy torch file (not a zip archive: torch < 1.6, or ``_use_new_zipfile_serialization=False``)
+#: starts: torch's magic number, pickled with protocol 2
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+
+
+def torch_file_problem(path: str | Path, crc: bool = True) -> str | None:
+    """Why ``torch.load`` cannot read ``path`` as a file ``torch.save`` wrote, without torch, else None: the path
+    is missing, a folder or unreadable; the file is empty; a zip archive that is truncated or damaged, or that
+    is not a torch archive (one folder holding ``data.pkl``); a plain pickle (no torch magic number); a file of
+    another kind (text, JSON, NumPy, HDF5, safetensors). With ``crc`` every member of a zip archive is checked
+    against its CRC-32 (reads the whole file; an archive saved without CRCs, all zero, is not checked). A legacy
+    (non-zip) torch file is only recognised by its start: ``torch.load`` finds a truncated one. The answer is a
+    phrase (``it is empty (0 bytes)``) to follow the file's name."""
+    path = Path(path)
+    if not path.exists():
+        return "it does not exist"
+    if path.is_dir():
+        return "it is a folder, not a file"
+    if not path.is_file():
+        return "it is not a regular file"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or type(e).__name__})"
+    if not head:
+        return "it is empty (0 bytes)"
+    if head.startswith(b"PK"):
+        return _zip_problem(path, crc)
+    if head.startswith(LEGACY_TORCH_MAGIC):
+        return None
+    if head[:1] == b"\x80":  # pickle protocol >= 2
+        return _pickle_problem(path)
+    return f"it is {_file_kind(head)}"
+
+
+def _unreadable(path: Path) -> bool:
+    """The path is not a file that can be opened (nothing of it can be read, not even to hash it)."""
+    try:
+        with open(path, "rb"):
+            return not Path(path).is_file()
+    except OSError:
+        return True
+
+
+def _zip_problem(path: Path, crc: bool) -> str | None:
+    import zipfile
+
+    errors = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError)
+    try:
+        z = zipfile.ZipFile(path)
+    except errors:  # the zip directory is the archive's end: what a cut-off copy or download loses
+        return "it is a truncated or damaged zip archive (its zip directory, at the end, is missing or unreadable)"
+    with z:
+        infos = z.infolist()
+        names = [i.filename for i in infos]
+        if not any(n.count("/") == 1 and n.endswith("/data.pkl") for n in names) or any("/" not in n for n in names):
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else "nothing"
+            return f"it is a zip archive but not a torch file (no <name>/data.pkl; it holds {shown})"
+        if not crc or not any(i.CRC for i in infos if i.file_size):  # saved without CRCs: nothing to check
+            return None
+        try:
+            bad = z.testzip()
+        except errors as e:
+            return f"it is a damaged zip archive ({type(e).__name__}: {_first_line(e)})"
+    return f"it is damaged: {bad} in the archive fails its CRC-32 check" if bad else None
+
+
+def _pickle_problem(path: Path) -> str:
+    """A pickle without torch's magic number: what ``torch.load`` would refuse it for, from its opcodes (read,
+    never executed): the classes it would import, if any."""
+    import pickletools
+
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for n, (op, arg, _) in enumerate(pickletools.genops(f)):
+                if op.name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    found.append(".".join(strings[-2:]))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+                if len(found) >= 3 or n > 100_000:
+                    break
+    except Exception:  # a truncated or damaged pickle: what was read so far
+        pass
+    if found:
+        return (f"it is a pickle that torch.save did not write, and it holds objects other than tensors and plain "
+                f"containers ({', '.join(dict.fromkeys(found))}), which kdbench does not unpickle (they could run "
+                "code)")
+    return "it is a pickle that torch.save did not write (no torch magic number at its start)"
+
+
+def _file_kind(head: bytes) -> str:
+    """What a file that is neither a zip archive nor a pickle is, from its first bytes."""
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy .npy file"
+    if head.startswith(b"\x89HDF"):
+        return "an HDF5 file"
+    if len(head) > 9 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "a safetensors file"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # cut inside a character at the end of the head: still text
+        text = head[:e.start].decode("utf-8") if e.start >= len(head) - 3 else None
+    if text is not None and "\x00" not in text and all(c.isprintable() or c in "\t\n\r" for c in text):
+        kind = "a JSON/text file" if text.lstrip()[:1] in ("{", "[") else "a text file"
+        return f"{kind} (it starts with {text[:40]!r})"
+    return f"not a torch file (it starts with the bytes {head[:8].hex(' ')})"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else ""
 
 
 def _safe_checkpoint_globals():
@@ -227,14 +355,16 @@ def load_weights(model: "TapModel", path: str | Path, sha256: str | None = None)
     """Load a checkpoint into ``model.net`` (a plain state dict, or one wrapped as :func:`unwrap_state_dict`
     reads: ``model``/``state_dict`` (mdistiller, torchvision), ``state_dict_ema`` preferred when present (timm's
     trainer, as timm loads it), DDP's ``module.`` or ``torch.compile``'s ``_orig_mod.`` prefixes removed);
-    returns its sha256. Missing or unexpected keys, or a tensor of another shape, are an error naming the file.
+    returns its sha256. Missing or unexpected keys, a value that is not a tensor, a tensor of another shape, or
+    of another kind of dtype (integers or bools where the model has floating-point numbers, or the reverse; a
+    float16 checkpoint of a float32 model loads) are an error naming the file.
 
     Only tensors and plain containers are read (``weights_only=True``): a file holding anything else (a
     pickled object, which could run code) is refused, naming the file. With ``sha256`` (the hash a finished run
     recorded for it), a file whose hash differs is refused before it is read at all.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"teacher weights not found: {path}; the suites in suites/ read checkpoints under "
                                 "${KDBENCH_CKPT:-download_ckpts}: point KDBENCH_CKPT at the folder that holds them "
                                 "(export KDBENCH_CKPT=/path/to/checkpoints)")
@@ -245,16 +375,73 @@ def load_weights(model: "TapModel", path: str | Path, sha256: str | None = None)
     state = unwrap_state_dict(state, own)
     if not isinstance(state, dict):
         raise ValueError(f"cannot read checkpoint {path}: it holds a {type(state).__name__}, not a state dict")
+    check_tensors(state, own, path, f"checkpoint does not fit {model.name}")
     wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
              if k in own and hasattr(v, "shape") and hasattr(own[k], "shape") and tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
         raise ValueError(f"{path}: checkpoint does not fit {model.name}: {len(wrong)} tensor(s) of another shape, "
                          f"e.g. {', '.join(wrong[:3])} (another architecture or number of classes?)")
-    missing, unexpected = model.net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a model's own rule (its _load_from_state_dict): one line naming the file
+        raise ValueError(f"{path}: checkpoint does not fit {model.name}: {' '.join(str(e).split())[:300]}") from None
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not fit {model.name}: missing {list(missing)[:5]}, "
-                         f"unexpected {list(unexpected)[:5]}")
+        raise ValueError(f"{path}: checkpoint does not fit {model.name}: {len(missing)} of the model's key(s) "
+                         f"missing {list(missing)[:5]}, {len(unexpected)} unexpected {list(unexpected)[:5]}")
     return got
+
+
+def _dtype_kind(t) -> str:
+    if t.is_complex():
+        return "complex"
+    return "floating-point" if t.is_floating_point() else "integer/bool"
+
+
+def check_tensors(state: dict, own: dict, path, what: str) -> None:
+    """Raise a ValueError naming ``path`` (``{path}: {what}: ...``) when an entry of ``state`` that ``own``
+    (the model's state dict) has too is not a tensor, or a tensor of another kind of dtype (see
+    :func:`load_weights`): ``load_state_dict`` would fail on the first with a multi-line error, and silently
+    cast the second (integers read as weights)."""
+    import torch
+
+    not_tensor = [f"{k} ({type(v).__name__})" for k, v in state.items()
+                  if k in own and isinstance(own[k], torch.Tensor) and not isinstance(v, torch.Tensor)]
+    if not_tensor:
+        raise ValueError(f"{path}: {what}: {len(not_tensor)} value(s) that are not tensors, e.g. "
+                         f"{', '.join(not_tensor[:3])}; expected a state dict of tensors")
+    wrong = [f"{k} {str(v.dtype).replace('torch.', '')} (model: {str(own[k].dtype).replace('torch.', '')})"
+             for k, v in state.items()
+             if k in own and isinstance(own[k], torch.Tensor) and _dtype_kind(v) != _dtype_kind(own[k])]
+    if wrong:
+        raise ValueError(f"{path}: {what}: {len(wrong)} tensor(s) of another kind of dtype, e.g. "
+                         f"{', '.join(wrong[:3])}")
+
+
+def check_tensor_dict(state, path, what: str, shapes: dict | None = None) -> dict:
+    """``state`` (what ``path`` held) as a dict of named tensors (a stage file), else a ValueError naming the file:
+    a dict whose values are all tensors; with ``shapes`` (``{name: shape}``, what the run that wrote the file
+    recorded) exactly those names, each of that shape."""
+    import torch
+
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: a {what} holds a dict of tensors, not a {type(state).__name__}")
+    not_tensor = [f"{k} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensor:
+        raise ValueError(f"{path}: {what}: {len(not_tensor)} value(s) that are not tensors, e.g. "
+                         f"{', '.join(not_tensor[:3])}; expected a dict of tensors")
+    if shapes is None:
+        return state
+    missing = [k for k in shapes if k not in state]
+    unexpected = [k for k in state if k not in shapes]
+    if missing or unexpected:
+        raise ValueError(f"{path}: {what} does not hold the tensors its run recorded: {len(missing)} missing "
+                         f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}")
+    wrong = [f"{k} {tuple(v.shape)} (recorded: {tuple(shapes[k])})" for k, v in state.items()
+             if tuple(v.shape) != tuple(shapes[k])]
+    if wrong:
+        raise ValueError(f"{path}: {what} does not hold the tensors its run recorded: {len(wrong)} of another "
+                         f"shape, e.g. {', '.join(wrong[:3])}")
+    return state
 
 
 def _load_error(e: BaseException) -> str:
