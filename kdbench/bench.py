@@ -393,8 +393,9 @@ def run_cli(a: argparse.Namespace) -> int:
     md, text_csv = format_md(rows, facts), format_csv(rows)
     print(md if a.format == "md" else text_csv, end="" if a.format == "csv" else "\n")
     if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        from kdbench.results import prepare_output
+
+        out = prepare_output(a.out)
         out.write_text(md + "\n" if out.suffix != ".csv" else text_csv)
         out.with_suffix(".csv").write_text(text_csv)
     return 0

@@ -197,8 +197,9 @@ def cmd_table(a) -> int:
     out = make_table(Path(a.results_dir), metric=a.metric, select=a.select, eval=a.eval, fmt=a.format,
                      suite_version=a.suite_version, layout=a.layout, **extra)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(out + ("" if out.endswith("\n") else "\n"))
+        from kdbench.results import prepare_output
+
+        prepare_output(a.out).write_text(out + ("" if out.endswith("\n") else "\n"))
         print(f"wrote {a.out}")
     else:
         print(out)
@@ -402,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (kdbench.scheduler.Stopped: the signal's name)
         what = f"stopped by {e.args[0]}" if e.args else "interrupted"
-        print(f"kdbench: {what}: finished runs are recorded; `kdbench run` again resumes the rest", file=sys.stderr)
+        again = ("`kdbench robustness` again resumes the rest (finished cells are kept)" if args.cmd == "robustness"
+                 else "`kdbench run` again resumes the rest")
+        print(f"kdbench: {what}: finished runs are recorded; {again}", file=sys.stderr)
         import signal
 
         sig = getattr(signal, str(e.args[0]), None) if e.args else None

@@ -164,6 +164,21 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         os.close(dfd)
 
 
+def prepare_output(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Make the folder of an output file (``kdbench table --out``, ``bench --out``); a path through an existing
+    file, or naming a folder, is refused in one line naming the flag and the offending path."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: a folder; name a file (e.g. {path / 'table.md'})")
+    for p in path.parents:
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{flag} {path}: {p} is a file, not a folder; name a file in a folder")
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def validate_record(record: Mapping, where: str = "record") -> None:
     """Raise :class:`RecordError` naming every problem if ``record`` does not follow schema 1."""
     if not isinstance(record, Mapping):

@@ -507,7 +507,9 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
                 ex.update_parameters(timeout_min=timeout * len(batch), gpus_per_node=len(gpus),
                                      **({"visible_gpus": list(gpus)} if gpus else {}))
                 threads = max(1, (os.cpu_count() or 1) // cap)
-                running.append((ex.submit(run_many, batch, str(results), threads), batch, cap, gpus))
+                with _controller_signals():
+                    job = ex.submit(run_many, batch, str(results), threads)
+                running.append((job, batch, cap, gpus))
                 for s in batch:
                     waiting.remove(s)
                     ready.remove(s)
@@ -531,6 +533,25 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
     finally:
         live.close()
     return out
+
+
+@contextlib.contextmanager
+def _controller_signals():
+    """While a local job starts, SIGINT is ignored here, so that submitit's job controller inherits that: a Ctrl-C
+    at the terminal reaches the job's task (the run stops without a record, to resume) but not the controller,
+    which would print a traceback of its own on the terminal; it ends by itself once its task has. The task takes
+    Python's SIGINT handler back (:func:`run_many`); :func:`stop_jobs` stops a controller without a task."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _ppid(pid: int) -> int | None:
@@ -578,9 +599,9 @@ def _stop(jobs: list, grace_s: float) -> None:
         for pid in tasks[p.pid]:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGINT)
-        if not tasks[p.pid]:  # not started its tasks yet
+        if not tasks[p.pid]:  # not started its task yet: no run to stop cleanly (it ignores SIGINT)
             with contextlib.suppress(OSError):
-                p.send_signal(signal.SIGINT)
+                p.kill()
     deadline = time.time() + grace_s
     while time.time() < deadline and any(p.poll() is None for p in procs):
         time.sleep(0.1)

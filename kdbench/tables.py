@@ -745,17 +745,27 @@ def status_table(suite_dir: str | os.PathLike, jobs: dict[str, dict] | None = No
     dirs = {d.name: d for d in run_dirs(suite_dir)}
     if not dirs and not jobs:
         raise no_records_error(suite_dir)
+    read: dict[str, dict | RecordError | None] = {}
+    for name, d in dirs.items():
+        try:
+            read[name] = read_record(d)
+        except RecordError as e:
+            read[name] = e
+    suites = Counter(r["suite"] for r in read.values() if isinstance(r, dict))
+    own = suite_dir.name if suite_dir.name in suites or not suites else suites.most_common(1)[0][0]
     rows = []
     for name in sorted(set(dirs) | set(jobs)):
         d = dirs.get(name)
         rec, status, err, full = None, "no record", "", ""
-        if d is not None:
-            try:
-                rec = read_record(d)
-                if rec:
-                    status, full = rec["status"], rec.get("error") or ""
-            except RecordError as e:
-                rec, status, full = None, "corrupt", str(e)
+        got = read.get(name)
+        if isinstance(got, RecordError):
+            status, full = "corrupt", str(got)
+        elif got is not None and got["suite"] != own:  # copied or moved here from another suite's folder
+            status, full = "foreign", (f"{d / 'record.json'}: a record of suite {got['suite']!r}, not of {own!r}: "
+                                       "copied or moved here; move it to its own suite's folder or delete it")
+        elif got is not None:
+            rec = got
+            status, full = rec["status"], rec.get("error") or ""
         job = jobs.get(name)
         job_cell = ""
         if job:
@@ -769,7 +779,7 @@ def status_table(suite_dir: str | os.PathLike, jobs: dict[str, dict] | None = No
             elif job.get("status") in ("cancelled", "timeout", "failed") and not (mine or newer):
                 status, full = job["status"], job.get("error") or ""
         err = error_line(full, 100)
-        info = rec
+        info = rec if rec is not None else (got if isinstance(got, dict) else None)
         if info is None:
             try:
                 info = json.loads((d / "spec.json").read_text()) if d is not None else dict(job or {})
@@ -793,7 +803,8 @@ def status_table(suite_dir: str | os.PathLike, jobs: dict[str, dict] | None = No
                 tails.append(f"- {c[0]} {c[2]} {c[3]} seed {c[4]} ({r['status']}):")
                 tails += ["    " + ln for ln in lines[-tail:]]
     counts = Counter(r["status"] for r in rows)
-    order = ["ok", "running", "pending", "failed", "diverged", "timeout", "cancelled", "corrupt", "no record"]
+    order = ["ok", "running", "pending", "failed", "diverged", "timeout", "cancelled", "corrupt", "foreign",
+             "no record"]
     summary = ", ".join(f"{counts[s]} {s}" for s in sorted(counts, key=lambda s: (order.index(s)
                                                                                    if s in order else 99, s)))
     middle = ("\n\nerrors (last lines):\n" + "\n".join(tails)) if tails else ""

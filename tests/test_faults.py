@@ -349,11 +349,14 @@ def _ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell does for `cmd &` in a script
 
 
-@pytest.mark.parametrize("sig,background", [(signal.SIGTERM, False), (signal.SIGHUP, False), (signal.SIGTERM, True)],
-                         ids=["SIGTERM", "SIGHUP", "SIGTERM-background"])
+@pytest.mark.parametrize("sig,background", [(signal.SIGTERM, False), (signal.SIGHUP, False), (signal.SIGTERM, True),
+                                            (signal.SIGINT, "terminal")],
+                         ids=["SIGTERM", "SIGHUP", "SIGTERM-background", "Ctrl-C"])
 def test_stop_signal_leaves_no_worker_and_a_rerun_resumes(write_suite, tmp_path, sig, background):
     """Stopped by a signal, kdbench stops its workers (Ctrl-C to each job, even when it was started in the
-    background by a script and so has SIGINT ignored) and a rerun resumes the interrupted runs."""
+    background by a script and so has SIGINT ignored) and a rerun resumes the interrupted runs. A Ctrl-C at a
+    terminal reaches every process of the foreground group (kdbench, submitit's job controllers, the runs): one
+    line, no traceback from any of them."""
     d = tiny_suite(methods=["baseline"])
     d["recipe"]["epochs"] = 4
     d["pairs"][0]["teacher"]["train"]["recipe"]["epochs"] = 6  # far longer than the stop's 15 s grace
@@ -362,7 +365,8 @@ def test_stop_signal_leaves_no_worker_and_a_rerun_resumes(write_suite, tmp_path,
     env = _env(tmp_path, KDBENCH_STEP_SLEEP_S="0.2")
     proc = subprocess.Popen([sys.executable, "-m", "kdbench.cli", "run", str(path), "--results", str(results),
                              "--no-table", "--parallel", "2"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_ignore_sigint if background else None)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ignore_sigint if background is True else None,
+                            start_new_session=background == "terminal")
     deadline = time.time() + 300
     workers: set[int] = set()
     while time.time() < deadline:  # wait until a worker is training (a log line written)
@@ -373,12 +377,16 @@ def test_stop_signal_leaves_no_worker_and_a_rerun_resumes(write_suite, tmp_path,
         time.sleep(0.1)
     workers |= _descendants(proc.pid)
     assert workers, "no worker process was seen"
-    proc.send_signal(sig)
+    if background == "terminal":
+        os.killpg(proc.pid, sig)  # what the terminal does on Ctrl-C: the whole foreground process group
+    else:
+        proc.send_signal(sig)
     t0 = time.time()
     out, err = proc.communicate(timeout=120)
     assert time.time() - t0 < 12, "the workers were not stopped by the Ctrl-C but by the grace period's kill"
     assert proc.returncode == 128 + sig, err[-2000:]
-    assert "Traceback" not in err and f"stopped by {sig.name}" in err
+    assert "Traceback" not in err, err[-2000:]
+    assert (f"stopped by {sig.name}" if sig != signal.SIGINT else "kdbench: interrupted") in err
     time.sleep(1.0)
     assert [p for p in workers if _alive(p)] == [], "a worker outlived kdbench run"
     assert [r for r in by_label(results).values()] == [] or all(r["status"] == "ok" for r in by_label(results).values())

@@ -194,3 +194,69 @@ def test_distill_runs_of_a_replaced_teacher_are_flagged_listed_and_rerun_on_requ
     aside = list(b_dir.glob("replaced-*/record.json"))
     assert len(aside) == 1 and json.loads(aside[0].read_text())["teacher"]["sha256"] != new_sha
     assert "trained with another teacher file" not in make_table(res / "rob")
+
+
+def test_a_temp_cell_left_by_a_killed_eval_is_cleaned(res):
+    """A cell file a killed eval run was writing (its atomic write's temporary) is removed when the chunk runs."""
+    import os
+    import time
+
+    _, res = res
+    t_dir = _run_of(res, "teacher")
+    tmp = t_dir / "evals" / ".fog_s1.json.k3j2h1.tmp"
+    tmp.write_text("{")
+    old = time.time() - 7200
+    os.utime(tmp, (old, old))
+    for d, r in _records(res).items():
+        if r["kind"] == "eval" and r["target"] == t_dir.name:
+            (d / "record.json").unlink()
+    assert _sweep(res) == 0
+    assert not tmp.exists()
+
+
+def test_an_interrupted_sweep_says_how_to_resume_it(res, capsys, monkeypatch):
+    import kdbench.scheduler as S
+
+    _, res = res
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(S, "launch", stop)
+    assert _sweep(res) == 130
+    err = capsys.readouterr().err
+    assert "`kdbench robustness` again resumes the rest" in err and "`kdbench run`" not in err
+
+
+def test_status_marks_a_record_of_another_suite(tmp_path):
+    from test_results_tables import make_record, save
+
+    from kdbench.tables import status_table
+
+    mine, other = make_record("kd", 0, 0, 70.0, suite="s"), make_record("dkd", 0, 0, 71.0, suite="other")
+    save(tmp_path / "s", mine, other)
+    text = status_table(tmp_path / "s")
+    line = next(ln for ln in text.splitlines() if ln.startswith(other["run_id"][:8]))
+    assert "foreign" in line and " ok " not in line
+    assert "1 ok, 1 foreign" in text
+
+
+def test_table_out_through_a_file_names_it(tmp_path, capsys):
+    from test_results_tables import make_record, save
+
+    save(tmp_path / "s", make_record("baseline", 0, 0, 70.0))
+    (tmp_path / "afile").write_text("x")
+    assert main(["table", str(tmp_path / "s"), "--out", str(tmp_path / "afile" / "t.md")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in err and "--out" in err
+
+
+@pytest.mark.parametrize("key, value, expect", [
+    ("recipe.optimizer.lr", "abc", "recipe.optimizer.lr: expected a number, got 'abc'"),
+    ("recipe.optimizer.momentum", "[1]", "recipe.optimizer.momentum: expected a number"),
+    ("recipe.schedule.warmup_epochs", "x", "recipe.schedule.warmup_epochs: expected a number, got 'x'"),
+])
+def test_optimizer_and_schedule_values_are_checked_at_validate(capsys, key, value, expect):
+    quickstart = Path(__file__).parent.parent / "suites" / "quickstart.yaml"
+    assert main(["validate", str(quickstart), "--no-data", "--set", f"{key}={value}"]) != 0
+    assert expect in capsys.readouterr().err
