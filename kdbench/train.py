@@ -154,7 +154,12 @@ def _read_checkpoint(path: Path, run_id: str | None, device: torch.device, res: 
     never deleted, with a warning, and the run restarts. A readable checkpoint of another run (its ``run_id``
     differs: copied from another run folder) is refused: resuming it would record that run's numbers here.
     """
+    from kdbench.models.sources import torch_file_problem
+
     try:
+        problem = torch_file_problem(path)  # a damaged byte in a tensor would load silently: CRCs first
+        if problem is not None:
+            raise ValueError(f"not a kdbench training checkpoint: {problem}")
         ck = torch.load(path, map_location=device, weights_only=True)
         if not isinstance(ck, dict) or any(k not in ck for k in CHECKPOINT_KEYS):
             raise ValueError("not a kdbench training checkpoint")

@@ -139,19 +139,33 @@ def test_missing_or_corrupt_teacher_file_is_rebuilt(copy, damage, capsys):
     assert got["kd"]["status"] == "ok" and got["kd"]["metrics"] == kd["metrics"]
 
 
-def test_truncated_checkpoint_is_set_aside_and_the_run_restarts(copy, capsys):
+@pytest.mark.parametrize("damage", ["truncated", "one byte of a tensor"])
+def test_truncated_checkpoint_is_set_aside_and_the_run_restarts(copy, capsys, damage):
+    """A truncated checkpoint, or one with a damaged byte inside a tensor (torch.load reads it without a word: the
+    zip's CRCs catch it), is set aside and the run restarts from nothing: no resume from damaged weights."""
     path, res, ref = copy
     kd = ref["kd"]
     kdir = folder(res, kd)
     ck = (kdir / "checkpoint.pt").read_bytes()
     (kdir / "record.json").unlink()
     (kdir / "model.pt").unlink()
-    (kdir / "checkpoint.pt").write_bytes(ck[: len(ck) // 3])
+    if damage == "truncated":
+        bad = ck[: len(ck) // 3]
+    else:
+        import struct
+        import zipfile
+
+        with zipfile.ZipFile(kdir / "checkpoint.pt") as z:
+            info = max(z.infolist(), key=lambda i: i.file_size)  # the largest tensor's storage
+        name_len, extra_len = struct.unpack("<HH", ck[info.header_offset + 26: info.header_offset + 30])
+        at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2  # mid-tensor (local header)
+        bad = ck[:at] + bytes([ck[at] ^ 0x40]) + ck[at + 1:]
+    (kdir / "checkpoint.pt").write_bytes(bad)
     got = rerun(path, res)
     rec = got["kd"]
     assert rec["status"] == "ok" and rec["metrics"] == kd["metrics"] and rec["scheduler"]["resumes"] == 0
     aside = list(kdir.glob("checkpoint.pt.unreadable-*"))
-    assert len(aside) == 1 and aside[0].stat().st_size == len(ck) // 3  # kept, not deleted
+    assert len(aside) == 1 and aside[0].read_bytes() == bad  # kept, not deleted
     assert "unreadable checkpoint" in capsys.readouterr().err and "set aside" in rec["warnings"][0]
 
 
