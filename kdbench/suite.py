@@ -274,6 +274,34 @@ def _check_keys(path: Path, where: str, mapping: Any, valid: set[str] | dict, re
             raise _err(path, f"{where}.{r}" if where else r, "required key is missing")
 
 
+def _is_real(v: Any) -> bool:
+    """A number as the training loop reads it (``float(v)``): int or float, or a string such as ``"5e-4"`` (YAML
+    reads an exponent without a dot as a string)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, (int, float)):
+        return True
+    try:
+        float(str(v).strip().replace("_", ""))
+    except ValueError:
+        return False
+    return isinstance(v, str)
+
+
+def _check_values(path: Path, where: str, mapping: dict) -> None:
+    """The values of a recipe's ``optimizer:`` / ``schedule:`` keys, as the training loop reads them."""
+    for k, v in mapping.items():
+        if k in ("lr", "momentum", "weight_decay", "gamma", "min_lr", "warmup_epochs") and not _is_real(v):
+            raise _err(path, f"{where}.{k}", f"expected a number, got {v!r}")
+        if k == "nesterov" and not isinstance(v, bool):
+            raise _err(path, f"{where}.{k}", f"expected true or false, got {v!r}")
+        if k == "betas" and not (isinstance(v, list) and len(v) == 2 and all(_is_real(b) for b in v)):
+            raise _err(path, f"{where}.{k}", f"expected a list of two numbers, got {v!r}")
+        if k == "milestones" and not (isinstance(v, list) and all(isinstance(m, int) and not isinstance(m, bool)
+                                                                  for m in v)):
+            raise _err(path, f"{where}.{k}", f"expected a list of epochs (integers), got {v!r}")
+
+
 def _check_recipe(path: Path, where: str, recipe: dict, partial: bool = False) -> dict:
     _check_keys(path, where, recipe, RECIPE_KEYS, () if partial else ("epochs", "batch_size", "optimizer", "schedule"))
     for k, typ in RECIPE_KEYS.items():
@@ -295,6 +323,7 @@ def _check_recipe(path: Path, where: str, recipe: dict, partial: bool = False) -
             if opt["name"] not in OPTIMIZERS:
                 raise _err(path, f"{where}.optimizer.name", f"unknown optimizer {opt['name']!r}; valid: {', '.join(OPTIMIZERS)}")
             _check_keys(path, f"{where}.optimizer", opt, {"name"} | OPTIMIZERS[opt["name"]])
+        _check_values(path, f"{where}.optimizer", opt)
     if "schedule" in recipe:
         sch = recipe["schedule"]
         _check_keys(path, f"{where}.schedule", sch, {"name"} | set().union(*SCHEDULES.values()), ("name",) if not partial else ())
@@ -304,6 +333,7 @@ def _check_recipe(path: Path, where: str, recipe: dict, partial: bool = False) -
             _check_keys(path, f"{where}.schedule", sch, {"name"} | SCHEDULES[sch["name"]])
             if sch["name"] == "multistep" and "milestones" not in sch:
                 raise _err(path, f"{where}.schedule.milestones", "required for the multistep schedule")
+        _check_values(path, f"{where}.schedule", sch)
     return recipe
 
 
@@ -455,6 +485,17 @@ def validate_and_expand(path: Path, raw: dict, notes: list[str] | None = None) -
             checked_evals.append(check_eval(ev, TASK_FACTS[task]["evals"], task))
         except EvalEntryError as e:
             raise _err(path, f"evals[{i}]" + (f".{e.key}" if e.key else ""), str(e)) from None
+    generated = [i for i, ev in enumerate(checked_evals) if ev["name"] == "corruptions" and not ev.get("root")]
+    if generated:  # corrupted on the fly: every evaluated image must be large enough for the corruption library
+        from kdbench.data.plugin import corruption_size_problem
+        from kdbench.robustness import MIN_SIDE
+
+        try:
+            problem = corruption_size_problem(raw["data"], MIN_SIDE)
+        except (ImportError, ValueError, TypeError):  # the data check reports bad options and missing packages
+            problem = None
+        if problem:
+            raise _err(path, f"evals[{generated[0]}]", problem)
     point = corruption_point(raw["data"]) if any(ev["name"] == "corruptions" for ev in checked_evals) else "decoded"
     eval_chunks = [c for ev in checked_evals for c in chunks(ev, point)]
     recipe = _check_recipe(path, "recipe", raw["recipe"])
@@ -728,9 +769,12 @@ def _model_files(model: dict) -> list[tuple[str, str]]:
 
 def check_data_available(suite: Suite) -> None:
     """Check that every dataset the suite reads is where it says, in the expected layout, and that every
-    checkpoint it loads (teacher weights, backbone weights) is there. All problems are reported at once, one line
-    each (every pair with a missing teacher checkpoint), with how to point KDBENCH_DATA / KDBENCH_CKPT at them."""
+    checkpoint it loads (teacher weights, backbone weights) is there and is a file torch.load can read (checked
+    without torch: a folder, an empty, truncated or unreadable file, or a file of another kind under the name is
+    refused; ``models.sources.torch_file_problem``). All problems are reported at once, one line each (every pair
+    with a missing teacher checkpoint), with how to point KDBENCH_DATA / KDBENCH_CKPT at them."""
     from kdbench.data.plugin import NOT_FOUND_HINT, check_data  # torch-free (the Task classes import torch)
+    from kdbench.models.sources import TORCH_FILE, torch_file_problem  # torch-free
 
     problems: list[str] = []
     seen = set()
@@ -745,11 +789,24 @@ def check_data_available(suite: Suite) -> None:
             problems.append(f"{suite.path}: data: {str(e).replace(NOT_FOUND_HINT, '')}")
     data_bad = bool(problems)
     missing: dict[tuple, str] = {}  # (pair, side, what, path) -> line, in the order of the pairs
+    released_checked: set[tuple] = set()  # (root, corruption) of the released files read
+    not_found = False
+    checked: dict[str, str | None] = {}  # path -> its problem, each file read once
     for spec in suite.specs:
         root = (spec.eval or {}).get("root")  # released corruption files (CIFAR-100-C layout)
         if root and not Path(root).is_dir() and f"evals: root: {root}" not in " ".join(problems):
             problems.append(f"{suite.path}: evals: root: no folder {root} (the released <corruption>.npy files)")
             data_bad = True
+        elif (root and (root, spec.eval["corruption"]) not in released_checked
+              and (Path(root) / f"{spec.eval['corruption']}.npy").exists()):  # the file's layout and labels.npy
+            released_checked.add((root, spec.eval["corruption"]))
+            from kdbench.data.cifar import cifar100c_slice
+
+            try:
+                cifar100c_slice(root, spec.eval["corruption"], spec.eval["severities"][0])
+            except (OSError, ValueError) as e:
+                problems.append(f"{suite.path}: evals: root: {e}")
+                data_bad = True
         sides = [("teacher", spec.teacher), ("student", spec.student)]
         for side, model in sides:
             if not model:
@@ -758,15 +815,24 @@ def check_data_available(suite: Suite) -> None:
                 side = "teacher"
             for what, f in _model_files(model):
                 k = (spec.pair_index, side, what, f)
-                if k not in missing and not Path(f).is_file():
+                if k in missing:
+                    continue
+                if not Path(f).exists():
+                    not_found = True
                     missing[k] = (f"{suite.path}: pairs[{spec.pair_index}] ({spec.pair}): {side} {what} not found: "
                                   f"{f}")
+                    continue
+                if f not in checked:
+                    checked[f] = torch_file_problem(f, crc=False)
+                if (problem := checked[f]) is not None:
+                    missing[k] = (f"{suite.path}: pairs[{spec.pair_index}] ({spec.pair}): {side} {what} {f}: "
+                                  f"{problem}; expected {TORCH_FILE}")
     problems += [missing[k] for k in sorted(missing, key=lambda k: (k[0], k[1] != "teacher", k[2], k[3]))]
     if not problems:
         return
     hints = []
     if data_bad:
         hints.append(env_hint(suite, "KDBENCH_DATA", "datasets"))
-    if missing:
+    if not_found:
         hints.append(env_hint(suite, "KDBENCH_CKPT", "checkpoints"))
     raise SuiteError("\n".join(problems + [f"hint: {h}" for h in hints]))

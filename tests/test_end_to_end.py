@@ -189,9 +189,10 @@ def test_eval_runs_evaluate_saved_models_and_resume(write_suite, tmp_path, monke
 
     import types, sys as _sys
     monkeypatch.setitem(_sys.modules, "kdbench.robustness",
-                        types.SimpleNamespace(evaluate_corruptions=fake_corruptions))
+                        types.SimpleNamespace(evaluate_corruptions=fake_corruptions, MIN_SIDE=32))
     d = tiny_suite(methods=["baseline"], evals=["val", {"name": "corruptions", "set": ["fog", "snow"],
-                                                        "severities": [1, 3]}])
+                                                        "severities": [1, 3]}],
+                   data={"name": "digits", "train_fraction": 0.2, "image_size": 32})
     results = tmp_path / "res"
     recs = launch(load_suite(write_suite(d)), results, executor="debug", log=lambda s: None)
     assert [r["kind"] for r in recs] == ["teacher", "distill", "eval", "eval", "eval", "eval"]

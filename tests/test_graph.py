@@ -10,9 +10,11 @@ from kdb_util import tiny_suite
 
 FREEKD = {"name": "freekd", "params": {"stage_iters": 3}}
 CORR = {"name": "corruptions", "set": ["fog", "snow"], "severities": [1, 3]}
+DATA32 = {"name": "digits", "train_fraction": 0.2, "image_size": 32}  # large enough to be corrupted
 
 
 def _suite(write_suite, overrides=(), **kw):
+    kw.setdefault("data", DATA32)
     return load_suite(write_suite(tiny_suite(**kw)), list(overrides))
 
 
@@ -64,7 +66,7 @@ def test_run_ids_hash_needs_and_not_evals(write_suite):
 
 
 def test_checkpoint_teacher_is_evaluated_without_needs(write_suite, tmp_path):
-    d = tiny_suite(methods=["baseline"], evals=[CORR])
+    d = tiny_suite(methods=["baseline"], evals=[CORR], data=DATA32)
     d["pairs"][0]["teacher"] = {"model": "kdbench:resnet8", "weights": str(tmp_path / "t.pt")}
     s = load_suite(write_suite(d))
     t_evals = [e for e in by_kind(s, "eval") if e.label == "teacher"]

@@ -224,7 +224,7 @@ def test_imagefolder_corruption_chunks_carry_their_point(write_suite, tmp_path):
     ev = {"name": "corruptions", "set": ["fog"], "severities": [1]}
     folder = load_suite(write_suite(tiny_suite(data={"name": "imagefolder", "root": str(tmp_path / "in"),
                                                      "image_size": 32}, evals=["val", ev])))
-    digits = load_suite(write_suite(tiny_suite(evals=["val", ev])))
+    digits = load_suite(write_suite(tiny_suite(evals=["val", ev], data={"name": "digits", "image_size": 32})))
     f_evals = [s for s in folder.specs if s.kind == "eval"]
     d_evals = [s for s in digits.specs if s.kind == "eval"]
     assert f_evals and all(s.eval.get("point") == "center_crop" for s in f_evals)

@@ -1,6 +1,10 @@
 """CIFAR-100 from its official python pickles (``cifar-100-python/{train,test,meta}``), no download.
 
-``root`` may be the folder that holds ``cifar-100-python/`` or that folder itself. ``write_cifar100`` writes a
+``root`` may be the folder that holds ``cifar-100-python/`` or that folder itself. The pickles are read as
+torchvision reads them (``encoding='latin1'``), with their keys as ``bytes`` (the official Python 2 files) or
+``str`` (a dict pickled by Python 3); only numpy arrays, lists, strings and numbers are unpickled. ``check`` (run
+by ``validate``) refuses an empty file, a file that is not a pickle (text, json) and a truncated one (a pickle
+ends with its STOP byte); ``build`` checks the content (keys, shapes, dtypes, labels). ``write_cifar100`` writes a
 small dataset in exactly this format (for tests and for trying suites without the real data); it is read back
 through the same loader.
 """
@@ -29,6 +33,10 @@ def _folder(root: str | os.PathLike) -> Path:
     for cand in (root / "cifar-100-python", root):
         if all((cand / f).is_file() for f in ("train", "test", "meta")):
             return cand
+    for cand in (root / "cifar-100-python", root):
+        if all((cand / f).exists() for f in ("train", "test", "meta")):
+            folder = next(cand / f for f in ("train", "test", "meta") if not (cand / f).is_file())
+            raise DataLayoutError(f"{folder} is a folder; expected a CIFAR-100 pickle file. Expected layout: {LAYOUT}")
     missing = [f for f in ("train", "test", "meta") if not (root / "cifar-100-python" / f).is_file()]
     raise DataLayoutError(f"CIFAR-100 not found at {root}: missing {', '.join(missing)} in "
                           f"{root / 'cifar-100-python'}. Expected layout: {LAYOUT}{NOT_FOUND_HINT}")
@@ -51,28 +59,56 @@ class _DataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR pickle never holds (not loaded)")
 
 
+#: the first byte of a pickled dict: PROTO (protocol 2 and later), MARK (protocol 0), EMPTY_DICT (protocol 1)
+_PICKLE_FIRST = (b"\x80", b"(", b"}")
+
+
+def _check_pickle_file(path: Path) -> None:
+    """The cheap part of reading a CIFAR pickle, for ``check``: the file can be opened, is not empty, starts as a
+    pickled dict and ends with the pickle STOP byte (``.``), so that an empty, text, json or truncated file is
+    named before anything is built."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            first = f.read(1)
+            f.seek(max(0, size - 1))
+            last = f.read(1)
+    except OSError as e:
+        raise DataFileError(f"cannot read {path}: {e.strerror or e}; expected a CIFAR-100 pickle. {_FIX}") from None
+    if size == 0:
+        raise DataFileError(f"{path} is empty; expected a CIFAR-100 pickle; {_FIX}")
+    if first not in _PICKLE_FIRST:
+        raise DataFileError(f"{path} is not a pickle (it starts with {first!r}: text, json?); expected a CIFAR-100 "
+                            f"pickle; {_FIX}")
+    if last != b".":
+        raise DataFileError(f"{path} is truncated (a pickle ends with its STOP byte '.', this one with {last!r}); "
+                            f"{_FIX}")
+
+
 def _load(path: Path) -> dict:
-    """Unpickle one CIFAR file (numpy arrays, lists, bytes only); any failure is one line naming the file."""
+    """Unpickle one CIFAR file (numpy arrays, lists, strings, numbers only) as torchvision does
+    (``encoding='latin1'``); its keys are returned as ``str`` whether they were pickled as ``bytes`` (the official
+    Python 2 files) or ``str``. Any failure is one line naming the file."""
     try:
         with open(path, "rb") as f:
-            d = _DataUnpickler(f, encoding="bytes").load()
+            d = _DataUnpickler(f, encoding="latin1").load()
     except OSError as e:
         raise DataFileError(f"cannot read {path}: {e.strerror or e}") from None
     except Exception as e:  # noqa: BLE001 - whatever a damaged pickle raises, the message names the file
         raise DataFileError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e}); {_FIX}") from None
     if not isinstance(d, dict):
         raise DataFileError(f"{path} holds a {type(d).__name__}, not the dict of a CIFAR pickle; {_FIX}")
-    return d
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
 def _keys(d: dict) -> str:
-    return ", ".join(sorted(k.decode(errors="replace") if isinstance(k, bytes) else str(k) for k in d)) or "none"
+    return ", ".join(sorted(str(k) for k in d)) or "none"
 
 
 def _require(d: dict, path: Path, keys: tuple[str, ...]) -> None:
-    missing = [k for k in keys if k.encode() not in d]
+    missing = [k for k in keys if k not in d]
     if missing:
-        hint = " (a CIFAR-10 batch? it has 'labels')" if b"labels" in d else ""
+        hint = " (a CIFAR-10 batch? it has 'labels')" if "labels" in d else ""
         raise DataFileError(f"{path}: keys found {_keys(d)}; expected {', '.join(keys)}{hint}; {_FIX}")
 
 
@@ -81,8 +117,8 @@ def _split_arrays(d: dict, path: Path, num_classes: int = 100) -> tuple[np.ndarr
     image, every label in ``[0, num_classes)``."""
     _require(d, path, ("data", "fine_labels"))
     try:
-        data = np.asarray(d[b"data"])
-        labels = np.asarray(d[b"fine_labels"])
+        data = np.asarray(d["data"])
+        labels = np.asarray(d["fine_labels"])
     except (ValueError, TypeError) as e:
         raise DataFileError(f"{path}: 'data'/'fine_labels' are not arrays ({e}); {_FIX}") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
@@ -102,7 +138,7 @@ def _split_arrays(d: dict, path: Path, num_classes: int = 100) -> tuple[np.ndarr
 
 def _class_names(d: dict, path: Path, num_classes: int = 100) -> list[str]:
     _require(d, path, ("fine_label_names",))
-    names = list(d[b"fine_label_names"])
+    names = list(d["fine_label_names"])
     if len(names) != num_classes:
         raise DataFileError(f"{path}: {len(names)} fine_label_names, CIFAR-100 has {num_classes}; {_FIX}")
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
@@ -115,7 +151,13 @@ class CIFAR100(DatasetPlugin):
     def check(self, root, **options):
         if root is None:
             raise DataLayoutError(f"data.root is required for cifar100. Expected layout: {LAYOUT}")
-        _folder(root)
+        folder = _folder(root)
+        for name in ("train", "test", "meta"):
+            _check_pickle_file(folder / name)
+
+    def corruption_min_side(self, root, **options) -> int:
+        """32: the stored 32×32 images are corrupted before any resizing (``image_size``)."""
+        return 32
 
     def build(self, root=None, *, train_fraction: float = 1.0, augment: bool = True, fraction_seed: int = 0,
               image_size: int = 32) -> ClassificationData:
@@ -195,9 +237,61 @@ def cifar100c_generated(folder: str | os.PathLike) -> bool:
     return (Path(folder) / GENERATED_MARK).is_file()
 
 
-def cifar100c_slice(folder: str | os.PathLike, corruption: str, severity: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images (uint8 ``n×32×32×3``, memory-mapped) and labels of one (corruption, severity) of a CIFAR-100-C
-    folder: rows ``(severity - 1) n`` to ``severity n`` of ``<corruption>.npy``."""
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _read_npy(path: Path, expected: str) -> np.ndarray:
+    """The array of a ``.npy`` file, memory-mapped. A file that cannot be opened, is not a ``.npy`` file (text,
+    json, a pickle), holds Python objects or is shorter than its header says (truncated) is one line naming the
+    file and ``expected``; nothing is unpickled."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+            except ValueError:
+                f.seek(0)
+                head = f.read(12)
+                what = "empty" if not head else f"not a .npy file (it starts with {head!r}, not the .npy magic)"
+                raise DataFileError(f"{path} is {what}; expected {expected}") from None
+            header = _NPY_HEADERS.get(version)
+            if header is not None:
+                try:
+                    shape, _, dtype = header(f)
+                except ValueError as e:
+                    raise DataFileError(f"{path}: unreadable .npy header, the file is truncated or corrupt ({e}); "
+                                        f"expected {expected}") from None
+                if dtype.hasobject:
+                    raise DataFileError(f"{path} holds Python objects (dtype {dtype}), which are not loaded; "
+                                        f"expected {expected}")
+                need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if size - f.tell() < need:
+                    raise DataFileError(f"{path} is truncated: its header says {dtype} {tuple(shape)} ({need} bytes "
+                                        f"of data), the file holds {size - f.tell()}; expected {expected}")
+    except OSError as e:
+        raise DataFileError(f"cannot read {path}: {e.strerror or e}; expected {expected}") from None
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataFileError(f"{path} is not a readable .npy array ({type(e).__name__}: {e}); expected "
+                            f"{expected}") from None
+
+
+def _c_rows(n_clean: int | None) -> str:
+    return (f"N = 5 × {n_clean} (the {n_clean} clean test images at severities 1-5)" if n_clean is not None
+            else "N a multiple of 5 (severities 1-5 stacked)")
+
+
+def cifar100c_slice(folder: str | os.PathLike, corruption: str, severity: int,
+                    n_clean: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images (uint8 ``n×32×32×3``, memory-mapped) and labels (int64 ``n``) of one (corruption, severity) of a
+    CIFAR-100-C folder: rows ``(severity - 1) n`` to ``severity n`` of ``<corruption>.npy``.
+
+    The files are checked against :data:`C_LAYOUT` before any row is read: ``<corruption>.npy`` uint8
+    ``N×32×32×3`` with ``N`` a multiple of 5 (``5 n_clean`` when ``n_clean``, the size of the clean test set, is
+    given), ``labels.npy`` one integer per row (1-D); the slice's labels in ``[0, 100)``. Anything else (another
+    shape, dtype or row count, a truncated or non-``.npy`` file) is one line naming the file, what was expected
+    and what was found."""
     from kdbench.robustness import ALL, check_severities
 
     folder = Path(folder)
@@ -207,22 +301,40 @@ def cifar100c_slice(folder: str | os.PathLike, corruption: str, severity: int) -
     path, lpath = folder / f"{corruption}.npy", folder / "labels.npy"
     for p in (path, lpath):
         if not p.is_file():
-            raise DataLayoutError(f"CIFAR-100-C: no file {p}. Expected layout: {C_LAYOUT}")
-    images = np.load(path, mmap_mode="r")
-    labels = np.load(lpath, mmap_mode="r")
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or len(images) % 5:
-        raise DataLayoutError(f"{path}: expected uint8 N×H×W×3 with N a multiple of 5, got {images.dtype} "
-                              f"{tuple(images.shape)}")
-    if len(labels) != len(images):
-        raise DataLayoutError(f"{lpath} has {len(labels)} labels for {len(images)} images in {path}")
+            what = f"{p} is a folder, expected a file" if p.is_dir() else f"no file {p}"
+            raise DataLayoutError(f"CIFAR-100-C: {what}. Expected layout: {C_LAYOUT}")
+    want = f"uint8 N×32×32×3 with {_c_rows(n_clean)}"
+    images = _read_npy(path, want + f" ({C_LAYOUT})")
+    rows_ok = len(images) > 0 and len(images) % 5 == 0 and (n_clean is None or len(images) == 5 * int(n_clean))
+    if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (32, 32, 3) or not rows_ok:
+        raise DataFileError(f"{path}: expected {want}, found {images.dtype} {tuple(images.shape)}. Expected layout: "
+                            f"{C_LAYOUT}")
+    lwant = f"integer labels of shape ({len(images)},), one per row of {path.name}"
+    labels = _read_npy(lpath, lwant)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) != len(images):
+        raise DataFileError(f"{lpath}: expected {lwant}, found {labels.dtype} {tuple(labels.shape)}")
     n = len(images) // 5
-    return images[(s - 1) * n: s * n], np.asarray(labels[(s - 1) * n: s * n], dtype=np.int64)
+    lab = np.asarray(labels[(s - 1) * n: s * n], dtype=np.int64)
+    bad = np.flatnonzero((lab < 0) | (lab >= 100))
+    if len(bad):
+        raise DataFileError(f"{lpath}: label {int(lab[bad[0]])} at row {(s - 1) * n + int(bad[0])} is outside "
+                            f"[0, 100) (CIFAR-100's classes)")
+    return images[(s - 1) * n: s * n], lab
 
 
 def cifar100c_dataset(folder: str | os.PathLike, corruption: str, severity: int, like: TensorImages) -> TensorImages:
     """One (corruption, severity) of a CIFAR-100-C folder as a dataset normalised (and resized) as ``like``
-    (the clean CIFAR-100 validation set)."""
-    images, labels = cifar100c_slice(folder, corruption, severity)
+    (the clean CIFAR-100 validation set). The folder's rows must be 5 × ``len(like)`` and each severity's labels
+    the clean test labels, in their order (:func:`cifar100c_slice`; the released files are the test set at each
+    severity, in order)."""
+    images, labels = cifar100c_slice(folder, corruption, severity, n_clean=len(like))
+    clean = np.asarray(like.labels)
+    if len(clean) == len(labels) and not np.array_equal(labels, clean):
+        k = int(np.flatnonzero(labels != clean)[0])
+        lpath = Path(folder) / "labels.npy"
+        raise DataFileError(f"{lpath}: the labels of severity {int(severity)} differ from the clean test labels "
+                            f"(row {(int(severity) - 1) * len(clean) + k}: {int(labels[k])}, the test set's image "
+                            f"{k}: {int(clean[k])}); expected the test labels repeated for severities 1-5, in order")
     x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()
     return TensorImages(x, torch.from_numpy(labels), like.mean.flatten().tolist(), like.std.flatten().tolist(),
                         like.transform)
@@ -244,9 +356,9 @@ def write_cifar100_c(cifar_root: str | os.PathLike, out: str | os.PathLike, corr
     to mark it."""
     from kdbench.robustness import SEVERITIES, corrupt, resolve_corruptions
 
-    te = _load(_folder(cifar_root) / "test")
-    data = np.asarray(te[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    labels = np.asarray(te[b"fine_labels"], dtype=np.int64)
+    test = _folder(cifar_root) / "test"
+    x, labels = _split_arrays(_load(test), test)
+    data = x.transpose(0, 2, 3, 1)
     if max_images is not None:
         data, labels = data[: int(max_images)], labels[: int(max_images)]
     out = Path(out)
@@ -258,8 +370,11 @@ def write_cifar100_c(cifar_root: str | os.PathLike, out: str | os.PathLike, corr
         "note": "not Hendrycks' released CIFAR-100-C: not comparable with published CIFAR-100-C numbers"}, indent=1))
     for name in resolve_corruptions(corruptions):
         path = out / f"{name}.npy"
-        if path.is_file() and np.load(path, mmap_mode="r").shape == (5 * n, 32, 32, 3):
-            continue
+        try:
+            if path.is_file() and _read_npy(path, "").shape == (5 * n, 32, 32, 3):
+                continue
+        except DataFileError:  # unreadable or truncated: written again
+            pass
         arr = np.empty((5 * n, 32, 32, 3), dtype=np.uint8)
         for s in SEVERITIES:
             for i in range(n):

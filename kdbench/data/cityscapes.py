@@ -7,9 +7,15 @@ Layout (what the official ``leftImg8bit_trainvaltest.zip`` and ``gtFine_trainval
 
 Labels are read from the ``*_gtFine_labelIds.png`` files (ids 0..33) and mapped to the 19 train ids with the
 official table of the ``cityscapesscripts`` package (``cityscapesscripts.helpers.labels``, read at import
-into :data:`LABEL_ID_TO_TRAIN_ID`); every other id (void classes, parking, rail track, guard rail, bridge, tunnel,
-polegroup, caravan, trailer, and any id > 33) becomes 255, the ignore index. ``*_gtFine_labelTrainIds.png``
-files (made by ``createTrainIdLabelImgs``) are not needed.
+into :data:`LABEL_ID_TO_TRAIN_ID`); every other official id (void classes, parking, rail track, guard rail,
+bridge, tunnel, polegroup, caravan, trailer) becomes 255, the ignore index. A label file holding a value above
+the official ids (> 33: a ``*_labelTrainIds.png`` or ``*_instanceIds.png`` under the labelIds name) is refused
+with an error naming it. ``*_gtFine_labelTrainIds.png`` files (made by ``createTrainIdLabelImgs``) are not
+needed.
+
+Checks: ``check`` (run by ``validate``) lists both splits: every image has its annotation, and every image and
+annotation is a non-empty file (a folder or an empty file under such a name is named); a file that cannot be
+decoded, an RGB labelIds file or an image and annotation of different sizes is named when it is read.
 
 Training pipeline (the mmsegmentation Cityscapes pipeline that the FreeKD/CWD segmentation results use):
 
@@ -38,6 +44,7 @@ a ``kdbench_synthetic.json`` marker in ROOT records the arguments and a mismatch
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -119,7 +126,21 @@ class SegmentationData:
 
 
 # ------------------------------------------------------------------------------------------------ layout
+def _check_png_file(path: Path) -> None:
+    """``path`` is a non-empty file (a folder or an empty file under an image's name is refused)."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise DataFileError(f"cannot read {path}: {e.strerror or e}; expected a PNG file") from None
+    if not path.is_file():
+        raise DataFileError(f"{path} is a folder; expected a PNG file. Expected layout: {LAYOUT}")
+    if st.st_size == 0:
+        raise DataFileError(f"{path} is empty; expected a PNG file: replace it with a good copy from the official zip")
+
+
 def _pair_files(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """``(image, labelIds)`` paths of a split, sorted; each image has its annotation and both are non-empty
+    files."""
     img_dir, gt_dir = root / "leftImg8bit" / split, root / "gtFine" / split
     if not img_dir.is_dir():
         raise DataLayoutError(f"no folder {img_dir}. Expected layout: {LAYOUT}")
@@ -129,8 +150,10 @@ def _pair_files(root: Path, split: str) -> list[tuple[Path, Path]]:
     for img in sorted(img_dir.glob(f"*/*{IMG_SUFFIX}")):
         stem = img.name[: -len(IMG_SUFFIX)]
         label = gt_dir / img.parent.name / f"{stem}{LABEL_SUFFIX}"
-        if not label.is_file():
+        if not label.exists():
             raise DataLayoutError(f"{img} has no annotation {label}. Expected layout: {LAYOUT}")
+        _check_png_file(img)
+        _check_png_file(label)
         pairs.append((img, label))
     if not pairs:
         raise DataLayoutError(f"no *{IMG_SUFFIX} images under {img_dir}/<city>/. Expected layout: {LAYOUT}")
@@ -161,8 +184,6 @@ def _check_options(crop_size=512, scale_range=(0.5, 2.0), flip=True, cat_max_rat
     if synthetic is not None:
         if not isinstance(synthetic, dict):
             raise ValueError(f"data.synthetic must be a mapping of write_cityscapes arguments, got {synthetic!r}")
-        import inspect
-
         valid = [n for n in inspect.signature(write_cityscapes).parameters if n != "root"]
         unknown = sorted(set(synthetic) - set(valid))
         if unknown:
@@ -312,6 +333,22 @@ class Cityscapes(DatasetPlugin):
             for top in ("leftImg8bit", "gtFine"):
                 if not (root / top / split).is_dir():
                     raise DataLayoutError(f"no folder {root / top / split}. Expected layout: {LAYOUT}{NOT_FOUND_HINT}")
+        for split in ("train", "val"):
+            _pair_files(root, split)
+
+    def corruption_min_side(self, root, *, synthetic: dict | None = None, **options) -> int | None:
+        """Images are corrupted as decoded, at their own size: with ``synthetic``, the generated
+        ``height × width``; otherwise only the files know (None)."""
+        if synthetic is None:
+            return None
+        args = {**_WRITER_SIZE, **synthetic}
+        return min(int(args["height"]), int(args["width"]))
+
+    def corruption_size_option(self, min_side, *, synthetic: dict | None = None, **options):
+        if synthetic is None:
+            return None
+        args = {**_WRITER_SIZE, **synthetic}
+        return ("synthetic.height" if int(args["height"]) <= int(args["width"]) else "synthetic.width"), int(min_side)
 
     def build(self, root=None, *, crop_size: int | list = 512, scale_range: list = (0.5, 2.0), flip: bool = True,
               cat_max_ratio: float = 0.75, synthetic: dict | None = None) -> SegmentationData:
@@ -441,6 +478,10 @@ def write_cityscapes(root: str | os.PathLike, n_train: int = 8, n_val: int = 4, 
             Image.fromarray(ids, mode="L").save(root / "gtFine" / split / city / f"{stem}{LABEL_SUFFIX}")
             Image.fromarray(palette[ids], mode="RGB").save(root / "gtFine" / split / city / f"{stem}{COLOR_SUFFIX}")
     return root
+
+
+#: the image size :func:`write_cityscapes` writes by default
+_WRITER_SIZE = {k: inspect.signature(write_cityscapes).parameters[k].default for k in ("height", "width")}
 
 
 def ensure_synthetic(root: str | os.PathLike, args: dict) -> Path:

@@ -20,6 +20,13 @@ Pipeline (decisions not settled by docs/architecture.md or docs/methods.md):
   background, the model has K+1 classes. ``label_mode: category_id``: label = COCO category id, the model has
   ``max id + 1`` classes (91 for COCO): what torchvision's COCO checkpoints predict, so they load as teachers.
 * **Subsets**: ``max_train_images`` / ``max_val_images`` keep the first N images by id (deterministic).
+* **Checks**: ``check`` (run by ``validate``) reads each annotation file's first bytes and, up to
+  :data:`CHECK_JSON_BYTES`, parses it and checks the top-level ``images``, ``annotations`` and ``categories``
+  lists; ``build`` checks every image entry (file name, positive integer size), category (integer id, name) and
+  annotation (integer ids, ``bbox`` of 4 finite numbers with non-negative size, numeric ``area``). Annotations
+  that name an image id missing from ``images`` or a category id missing from ``categories`` are ignored, with
+  one warning per file giving their count. An image that cannot be decoded, or whose size differs from the
+  annotation, is an error naming the file when it is read.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,23 +55,112 @@ SIZE_DIVISIBLE = 32
 LAYOUT = ("ROOT/annotations/instances_<split>.json and ROOT/<split>/<file_name> for the train and val splits "
           "(COCO 2017: train2017, val2017)")
 LABEL_MODES = ("contiguous", "category_id")
+#: ``check`` parses an annotation file up to this size (COCO's val2017, 25 MB, included; train2017, 448 MB, is
+#: parsed by ``build`` only)
+CHECK_JSON_BYTES = 64 << 20
+_EXPECTED_JSON = ("a COCO instances json (a mapping with the lists images, annotations and categories, as the "
+                  "official instances_<split>.json)")
+_JSON_TOP = ("images", "annotations", "categories")
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_top_level(ds, ann_file: Path) -> None:
+    """The top level of a parsed annotation file: a mapping with the lists ``images``, ``annotations`` and
+    ``categories``, at least one category, each an integer ``id`` with a ``name``."""
+    if not isinstance(ds, dict):
+        raise DataFileError(f"{ann_file} holds a json {type(ds).__name__}; expected {_EXPECTED_JSON}")
+    for key in _JSON_TOP:
+        if not isinstance(ds.get(key), list):
+            found = "missing" if key not in ds else f"a {type(ds[key]).__name__}"
+            raise DataFileError(f"{ann_file}: top-level key '{key}' is {found}, expected a list; expected "
+                                f"{_EXPECTED_JSON}")
+    if not ds["categories"]:
+        raise DataFileError(f"{ann_file}: 'categories' is empty; expected at least one {{id, name}} category")
+    for k, cat in enumerate(ds["categories"]):
+        if not isinstance(cat, dict) or not _int(cat.get("id")) or not isinstance(cat.get("name"), str):
+            raise DataFileError(f"{ann_file}: categories[{k}] is {cat!r}; expected {{id: integer, name: string}}")
+
+
+def _check_annotation_file(ann_file: Path) -> None:
+    """``check``'s look at an annotation file: readable, not empty, a json object; parsed and its top level
+    checked when it is at most :data:`CHECK_JSON_BYTES`."""
+    try:
+        size = ann_file.stat().st_size
+        with open(ann_file, "rb") as f:
+            head = f.read(64).lstrip()
+            f.seek(0)
+            ds = json.load(f) if size <= CHECK_JSON_BYTES else None
+    except OSError as e:
+        raise DataFileError(f"cannot read {ann_file}: {e.strerror or e}; expected {_EXPECTED_JSON}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        what = "empty" if size == 0 else f"not valid json ({type(e).__name__}: {e})"
+        raise DataFileError(f"{ann_file} is {what}; expected {_EXPECTED_JSON}") from None
+    if not head.startswith(b"{"):
+        what = "empty" if size == 0 else f"not a json object (it starts with {head[:12]!r})"
+        raise DataFileError(f"{ann_file} is {what}; expected {_EXPECTED_JSON}")
+    if ds is not None:
+        _check_top_level(ds, ann_file)
+
+
+def _check_entries(coco, ann_file: Path) -> None:
+    """Every image entry (file name, positive integer size) and annotation (integer ids, 4-number ``bbox`` of
+    non-negative size, numeric ``area``) of a loaded file; annotations naming an image or category the file does
+    not declare are counted and ignored, with one warning."""
+    for img_id, info in coco.imgs.items():
+        sizes_ok = all(_int(info.get(k)) and info[k] > 0 for k in ("height", "width"))
+        if not isinstance(info.get("file_name"), str) or not sizes_ok:
+            got = {k: info.get(k) for k in ("file_name", "height", "width")}
+            raise DataFileError(f"{ann_file}: image {img_id} needs file_name and positive integer height and width, "
+                                f"got {got}")
+    no_image, no_cat = [], []
+    for a in coco.dataset["annotations"]:
+        box = a.get("bbox")
+        ok = (_int(a.get("image_id")) and _int(a.get("category_id")) and _number(a.get("area"))
+              and isinstance(box, (list, tuple)) and len(box) == 4 and all(_number(v) for v in box)
+              and box[2] >= 0 and box[3] >= 0)
+        if not ok:
+            got = {k: a.get(k) for k in ("image_id", "category_id", "bbox", "area")}
+            raise DataFileError(f"{ann_file}: annotation {a.get('id')!r} has {got}; expected integer image_id and "
+                                "category_id, bbox [x, y, width, height] of 4 numbers (width, height >= 0) and a "
+                                "numeric area")
+        if a["image_id"] not in coco.imgs:
+            no_image.append(a)
+        elif a["category_id"] not in coco.cats:
+            no_cat.append(a)
+    if no_image or no_cat:
+        parts = []
+        if no_image:
+            parts.append(f"{len(no_image)} name an image id missing from 'images' (first: annotation "
+                         f"{no_image[0].get('id')!r}, image_id {no_image[0]['image_id']})")
+        if no_cat:
+            parts.append(f"{len(no_cat)} a category id missing from 'categories' (first: annotation "
+                         f"{no_cat[0].get('id')!r}, category_id {no_cat[0]['category_id']})")
+        warnings.warn(f"{ann_file}: {len(no_image) + len(no_cat)} of {len(coco.dataset['annotations'])} annotations "
+                      f"are ignored: {'; '.join(parts)}", stacklevel=3)
 
 
 def _quiet_coco(ann_file: Path):
+    """The pycocotools ``COCO`` index of ``ann_file``, its content checked (:func:`_check_top_level`,
+    :func:`_check_entries`); any problem is one line naming the file."""
     from pycocotools.coco import COCO
 
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             coco = COCO(str(ann_file))
+    except OSError as e:
+        raise DataFileError(f"cannot read {ann_file}: {e.strerror or e}; expected {_EXPECTED_JSON}") from None
     except (ValueError, AssertionError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise DataFileError(f"{ann_file} is not a COCO annotation file ({type(e).__name__}: {e}); "
-                            f"expected the json of the official instances_<split>.json") from None
-    for img_id, info in coco.imgs.items():
-        sizes_ok = all(isinstance(info.get(k), int) and info[k] > 0 for k in ("height", "width"))
-        if "file_name" not in info or not sizes_ok:
-            got = {k: info.get(k) for k in ("file_name", "height", "width")}
-            raise DataFileError(f"{ann_file}: image {img_id} needs file_name and positive integer height and width, "
-                                f"got {got}")
+                            f"expected {_EXPECTED_JSON}") from None
+    _check_top_level(coco.dataset, ann_file)
+    _check_entries(coco, ann_file)
     return coco
 
 
@@ -88,6 +186,11 @@ def _read_image(path: Path, expected_hw: tuple[int, int] | None = None, ann_file
     except FileNotFoundError:
         raise DataFileError(f"image {path} listed in {ann_file or 'the annotation file'} does not exist: restore it "
                             "or remove the image from the annotation file") from None
+    except IsADirectoryError:
+        raise DataFileError(f"image {path} listed in {ann_file or 'the annotation file'} is a folder; expected an "
+                            "image file") from None
+    except PermissionError as e:
+        raise DataFileError(f"cannot read image {path}: {e.strerror or e}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataFileError(f"cannot decode image {path} ({type(e).__name__}: {e}): the file is truncated or "
                             "corrupt; replace it with a good copy") from None
@@ -219,19 +322,24 @@ def _check_options(min_size, max_size, flip_prob, label_mode, max_train_images, 
             raise ValueError(f"data.{k} must be a positive integer or null, got {v}")
 
 
-def _check_layout(root, train_split: str, val_split: str) -> Path:
+def _check_layout(root, train_split: str, val_split: str, files: bool = False) -> Path:
+    """The layout under ``root``; with ``files``, each annotation file's look (:func:`_check_annotation_file`)."""
     if root is None:
         raise DataLayoutError(f"data.root is required for coco. Expected layout: {LAYOUT}")
     root = Path(root)
     missing = []
     for split in (train_split, val_split):
-        if not (root / "annotations" / f"instances_{split}.json").is_file():
-            missing.append(str(root / "annotations" / f"instances_{split}.json"))
+        ann = root / "annotations" / f"instances_{split}.json"
+        if not ann.is_file():
+            missing.append(str(ann) + (" (a folder, expected a json file)" if ann.is_dir() else ""))
         if not (root / split).is_dir():
             missing.append(str(root / split) + "/")
     if missing:
         raise DataLayoutError(f"COCO not found at {root}: missing {', '.join(missing)}. Expected layout: {LAYOUT}"
                               f"{NOT_FOUND_HINT}")
+    if files:
+        for split in dict.fromkeys((train_split, val_split)):
+            _check_annotation_file(root / "annotations" / f"instances_{split}.json")
     return root
 
 
@@ -244,7 +352,7 @@ class Coco(DatasetPlugin):
         opts = {**self.option_defaults(), **options}
         _check_options(opts["min_size"], opts["max_size"], opts["flip_prob"], opts["label_mode"],
                        opts["max_train_images"], opts["max_val_images"])
-        _check_layout(root, opts["train_split"], opts["val_split"])
+        _check_layout(root, opts["train_split"], opts["val_split"], files=True)
 
     def build(self, root=None, *, train_split: str = "train2017", val_split: str = "val2017", min_size: int = 800,
               max_size: int = 1333, flip_prob: float = 0.5, label_mode: str = "contiguous",
@@ -393,6 +501,7 @@ class CocoShapes(Coco):
     layout = "(generated on first use under ROOT/shapes-<n_train>-<n_val>-<image_size>-<seed>/ in the COCO layout)"
 
     def check(self, root, **options):
+        """The options; and, once the dataset has been generated, its annotation files (as ``coco``'s check)."""
         opts = {**self.option_defaults(), **options}
         _check_options(opts["min_size"], opts["max_size"], opts["flip_prob"], opts["label_mode"],
                        opts["max_train_images"], opts["max_val_images"])
@@ -400,6 +509,25 @@ class CocoShapes(Coco):
             raise ValueError(f"data.n_train and data.n_val must be >= 1, got {opts['n_train']}, {opts['n_val']}")
         if int(opts["image_size"]) < 32:
             raise ValueError(f"data.image_size must be >= 32, got {opts['image_size']}")
+        folder = self.folder(root, **opts)
+        if (folder / "annotations" / "instances_val2017.json").is_file():
+            _check_layout(folder, "train2017", "val2017", files=True)
+
+    @staticmethod
+    def folder(root, *, n_train: int = 64, n_val: int = 16, seed: int = 0, image_size: int = 256, **options) -> Path:
+        """Where the dataset of these options is generated: ``root/shapes-<n_train>-<n_val>-<image_size>-<seed>``
+        (root ``data/coco_shapes`` when None)."""
+        return (Path(root if root is not None else "data/coco_shapes")
+                / f"shapes-{int(n_train)}-{int(n_val)}-{int(image_size)}-{int(seed)}")
+
+    def corruption_min_side(self, root, *, image_size: int = 256, **options) -> int:
+        """``image_size`` S generates images of ``[0.75·S, S] × [0.9·S, 1.25·S]`` (h × w, see :meth:`build`),
+        corrupted as decoded (before the ``min_size``/``max_size`` resize): the smallest side an image can have is
+        the smallest height, ``S * 3 // 4``."""
+        return int(image_size) * 3 // 4
+
+    def corruption_size_option(self, min_side: int, **options):
+        return "image_size", -(-4 * int(min_side) // 3)  # the smallest S with S * 3 // 4 >= min_side
 
     def build(self, root=None, *, n_train: int = 64, n_val: int = 16, seed: int = 0, image_size: int = 256,
               min_size: int = 128, max_size: int = 224, flip_prob: float = 0.5, label_mode: str = "contiguous",
@@ -410,8 +538,7 @@ class CocoShapes(Coco):
                    max_size=max_size, flip_prob=flip_prob, label_mode=label_mode, max_train_images=max_train_images,
                    max_val_images=max_val_images)
         s = int(image_size)
-        folder = (Path(root if root is not None else "data/coco_shapes")
-                  / f"shapes-{int(n_train)}-{int(n_val)}-{s}-{int(seed)}")
+        folder = self.folder(root, n_train=n_train, n_val=n_val, seed=seed, image_size=s)
         if not (folder / "annotations" / "instances_val2017.json").is_file():
             import fcntl
 

@@ -18,6 +18,14 @@ class Digits(DatasetPlugin):
     def check(self, root, **options):
         self.option_check(**options)
 
+    def corruption_min_side(self, root, *, image_size=8, **options) -> int:
+        """The stored images are ``image_size`` pixels square (upsampled from 8×8 at build) and are corrupted as
+        stored."""
+        return int(image_size)
+
+    def corruption_size_option(self, min_side, **options):
+        return "image_size", int(min_side)
+
     @staticmethod
     def option_check(*, train_fraction=1.0, image_size=8, augment=False, fraction_seed=0):
         if not 0 < float(train_fraction) <= 1:

@@ -5,6 +5,7 @@ ImageNet's flat validation folder as Kaggle ships it (``val/<ImageId>.JPEG`` lab
 columns ``ImageId,PredictionString``, the first token of ``PredictionString`` being the synset; class names are
 the train folders' synsets). ``check`` (run by ``validate`` and ``build``) verifies the layout, that every class
 folder holds an image and that every validation label names a train class, each error naming the folder or file.
+Images are decoded when read; one that cannot be (truncated, empty, not an image) is an error naming its file.
 
 Corruptions (the datasets' ``image_fn`` hook) are applied as ImageNet-C applies them: to the resized,
 center-cropped image (the eval transform's ``Resize`` + ``CenterCrop``: 256 then 224 at ``image_size`` 224),
@@ -55,13 +56,34 @@ def _split_transform(transform) -> tuple[list, list]:
     return list(steps[:k]), list(steps[k:])
 
 
+def _decode(loader, path):
+    """``loader(path)`` (torchvision's: the decoded RGB image); a missing, unreadable or undecodable file is a
+    :class:`DataFileError` naming it."""
+    from PIL import Image
+
+    try:
+        return loader(str(path))
+    except FileNotFoundError:
+        raise DataFileError(f"image {path} disappeared after the dataset was listed: restore it (or rerun to "
+                            "relist)") from None
+    except IsADirectoryError:
+        raise DataFileError(f"image {path} is a folder; expected an image file") from None
+    except PermissionError as e:
+        raise DataFileError(f"cannot read image {path}: {e.strerror or e}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        what = "the file is empty" if empty else "the file is truncated, corrupt or not an image"
+        raise DataFileError(f"cannot decode image {path} ({type(e).__name__}: {e}): {what}; replace it with a good "
+                            "copy") from None
+
+
 def _load(loader, path, transform, image_fn, i: int):
     """The sample at ``path`` through ``transform``; with ``image_fn`` (a corruption) set, the image is corrupted
     (``image_fn(H×W×3 uint8, index)``, same size kept) between the transform's geometric part and its tensor
     conversion: the resized, center-cropped image of the eval transform (Resize(256) + CenterCrop(224) at 224
     px), as ImageNet-C corrupts it (Hendrycks & Dietterich 2019); the decoded image itself when the transform has
     no geometric part (or is not a ``Compose``)."""
-    img = loader(str(path))
+    img = _decode(loader, path)
     if image_fn is None:
         return transform(img) if transform is not None else img
     from PIL import Image
@@ -140,6 +162,13 @@ class ImageFolderData(DatasetPlugin):
         if root is None:
             raise DataLayoutError(f"data.root is required for imagefolder. Accepted layouts: {LAYOUT}")
         _scan(Path(root))
+
+    def corruption_min_side(self, root, *, image_size: int = 224, **options) -> int:
+        """Corrupted after the eval transform's resize and center crop: ``image_size`` pixels square."""
+        return int(image_size)
+
+    def corruption_size_option(self, min_side, **options):
+        return "image_size", int(min_side)
 
     def build(self, root=None, *, image_size: int = 224, train_fraction: float = 1.0, augment: bool = True,
               fraction_seed: int = 0, resize: int | None = None) -> ClassificationData:
@@ -234,7 +263,10 @@ def _val_layout(root: Path) -> tuple[str, Path | None]:
     """``("folders", None)``, ``("tiny", annotations file)`` or ``("flat", csv file)``; anything else is an error
     that lists every accepted layout."""
     val = root / "val"
-    if (val / "images").is_dir() and (val / "val_annotations.txt").is_file():
+    if (val / "images").is_dir() and (val / "val_annotations.txt").exists():
+        if not (val / "val_annotations.txt").is_file():
+            raise DataFileError(f"{val / 'val_annotations.txt'} is a folder; expected Tiny-ImageNet's annotation file "
+                                f"(<image> TAB <class> ... per line)")
         return "tiny", val / "val_annotations.txt"
     entries = list(os.scandir(val))
     if any(e.is_file() and _is_image(e.name) for e in entries):

@@ -43,6 +43,19 @@ class DatasetPlugin:
     def build(self, root: str | None, **options: Any) -> ClassificationData:
         raise NotImplementedError
 
+    def corruption_min_side(self, root: str | None, **options: Any) -> int | None:
+        """The smallest side, in pixels, that an evaluated (validation) image can have where this dataset applies a
+        corruption (its :attr:`corruption_point`), known from the options without reading every file; None when
+        only the files know. Torch-free: ``kdbench validate`` compares it with the corruption library's limit
+        (``kdbench.robustness.MIN_SIDE``)."""
+        return None
+
+    def corruption_size_option(self, min_side: int, **options: Any) -> tuple[str, Any] | None:
+        """``(option, value)``: the ``data:`` option (dotted below a mapping option: ``synthetic.height``) and the
+        smallest value of it that makes :meth:`corruption_min_side` at least ``min_side``; None when no option
+        sets the size."""
+        return None
+
     def synthetic_shape(self, **options: Any) -> tuple[int, int, int] | None:
         """``(num_classes, in_chans, image_size)`` of what ``build(root, **options)`` would give, known without
         the data (``kdbench bench`` times steps on random batches of this shape); None when only the data
@@ -58,6 +71,23 @@ class DatasetPlugin:
     def option_defaults(cls) -> dict[str, Any]:
         sig = inspect.signature(cls.build)
         return {n: p.default for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def corruption_size_problem(data: dict[str, Any], min_side: int) -> str | None:
+    """Why the dataset of a suite's ``data:`` mapping cannot be corrupted (an image side under ``min_side`` pixels
+    where it is corrupted), naming the option to change and the value needed; None when it can, or when only the
+    files know. Imports the plugin's module (torch-free for ``digits``)."""
+    from kdbench.registry import DATASETS
+
+    opts = {k: v for k, v in data.items() if k not in ("name", "root")}
+    plugin = DATASETS.get(data["name"])()
+    side = plugin.corruption_min_side(data.get("root"), **opts)
+    if side is None or side >= min_side:
+        return None
+    fix = plugin.corruption_size_option(min_side, **opts)
+    how = f"; set data.{fix[0]} to {fix[1]} or more" if fix else ""
+    return (f"dataset {data['name']!r} gives images of {side} px on their smallest side where they are corrupted, "
+            f"and the corruption library needs at least {min_side}×{min_side}{how}")
 
 
 def check_data(data: dict[str, Any]) -> None:
