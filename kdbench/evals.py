@@ -224,6 +224,14 @@ def plan_sweep(suite_dir, corruptions: str | list | None = None, severities: lis
         checked = check_eval(entry, ("val", "corruptions"), task)
     except EvalEntryError as e:
         raise ValueError(f"--{e.key.replace('_', '-') or 'corruptions'}: {e}") from None
+    if root is None:  # corrupted on the fly: the images must be large enough for the corruption library
+        from kdbench.data.plugin import corruption_size_problem
+        from kdbench.robustness import MIN_SIDE
+
+        problem = corruption_size_problem(base.data, MIN_SIDE)
+        if problem:
+            raise ValueError(f"{suite_dir}: {problem} (its models were trained on this data: train the suite again "
+                             "with that setting to evaluate them on corrupted images)")
     if root is not None:
         from kdbench.data.cifar import cifar100c_slice
 

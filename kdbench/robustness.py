@@ -140,8 +140,9 @@ def corrupt(image: np.ndarray, name: str, severity: int, key: Any) -> np.ndarray
     h, w = image.shape[:2]
     if min(h, w) < MIN_SIDE:
         raise ValueError(f"image of {h}×{w} pixels is too small to corrupt: imagecorruptions needs at least "
-                         f"{MIN_SIDE}×{MIN_SIDE} (its corruptions are defined at full-image scale); build the data "
-                         f"at image_size >= {MIN_SIDE} (e.g. digits: data.image_size: 32)")
+                         f"{MIN_SIDE}×{MIN_SIDE} (its corruptions are defined at full-image scale); the suite's data "
+                         f"must give images of at least {MIN_SIDE} px a side where they are corrupted "
+                         "(`kdbench validate SUITE` names the data option to change)")
     gray = image.ndim == 2 or image.shape[2] == 1
     seed = seed_for(key, name, severity)
     kwargs = {"seed": seed} if name in SEEDED else {}

@@ -260,3 +260,20 @@ def test_optimizer_and_schedule_values_are_checked_at_validate(capsys, key, valu
     quickstart = Path(__file__).parent.parent / "suites" / "quickstart.yaml"
     assert main(["validate", str(quickstart), "--no-data", "--set", f"{key}={value}"]) != 0
     assert expect in capsys.readouterr().err
+
+
+def test_a_sweep_over_models_of_images_under_32_px_is_refused_before_any_work(tmp_path, capsys):
+    """Case 6, `kdbench robustness`: the models' data gives 8 px digits: refused in one line naming the option."""
+    import yaml
+
+    d = tiny_suite(suite="small", methods=["baseline"])
+    d["recipe"].update(epochs=1, max_steps_per_epoch=1)
+    d["pairs"][0]["teacher"]["train"]["recipe"] = {"epochs": 1, "max_steps_per_epoch": 1}
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    launch(load_suite(path), tmp_path / "res", executor="debug", log=lambda s: None)
+    assert main(["robustness", str(tmp_path / "res" / "small"), "--corruptions", "fog", "--severities", "1",
+                 "--executor", "debug"]) == 2
+    err = capsys.readouterr().err
+    assert "set data.image_size to 32 or more" in err and len(err.strip().splitlines()) == 1
+    assert not [p for p in (tmp_path / "res" / "small" / "runs").glob("*/evals")]

@@ -83,7 +83,7 @@ def test_global_numpy_rng_is_restored():
 
 
 def test_small_images_are_refused_clearly():
-    with pytest.raises(ValueError, match=r"8×8 pixels is too small.*at least 32×32.*image_size"):
+    with pytest.raises(ValueError, match=r"8×8 pixels is too small.*at least 32×32.*kdbench validate SUITE. names the data option"):
         RB.corrupt(_image(8, 8), "fog", 1, key=0)
     with pytest.raises(ValueError, match="uint8"):
         RB.corrupt(_image().astype(np.float32), "fog", 1, key=0)
@@ -389,7 +389,7 @@ def test_sweep_with_the_real_classification_task_on_digits(tmp_path):
 
     task = ClassificationTask()
     small = Digits().build(image_size=8).val
-    with pytest.raises(ValueError, match="8×8 pixels is too small.*digits: data.image_size: 32"):
+    with pytest.raises(ValueError, match="8×8 pixels is too small.*names the data option to change"):
         RB.with_image_fn(small, RB.Corruptor("fog", 1))[0]
     val = torch.utils.data.Subset(Digits().build(image_size=32).val, list(range(24)))
     rows = RB.evaluate_corruptions(Linear(), task, val, "cpu", corruptions=["gaussian_noise"], severities=[1, 5],
