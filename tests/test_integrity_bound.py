@@ -277,3 +277,27 @@ def test_a_sweep_over_models_of_images_under_32_px_is_refused_before_any_work(tm
     err = capsys.readouterr().err
     assert "set data.image_size to 32 or more" in err and len(err.strip().splitlines()) == 1
     assert not [p for p in (tmp_path / "res" / "small" / "runs").glob("*/evals")]
+
+
+def test_binding_of_stage_and_checkpoint_records(tmp_path):
+    """A stage record is bound to its teacher's file like a distill record, and a checkpoint teacher's file (no run)
+    is read from its path: overwritten under the same path, every record made with it is of another model."""
+    from types import SimpleNamespace
+
+    weights = tmp_path / "t.pt"
+    weights.write_bytes(b"first")
+    first = R.file_sha256(weights)
+    stage = SimpleNamespace(kind="stage", suite="s", teacher={"model": "m", "weights": str(weights)},
+                            teacher_run=None, needs=(), target=None, student={"model": "s"})
+    ev = SimpleNamespace(kind="eval", suite="s", teacher=None, teacher_run=None, needs=(), target="x",
+                         student={"model": "m", "weights": str(weights)})
+    assert R.binding_problem(tmp_path, stage, {"teacher": {"sha256": first}}) is None
+    assert R.binding_problem(tmp_path, ev, {"student": {"sha256": first}}) is None
+    import os
+    import time
+
+    weights.write_bytes(b"second")
+    os.utime(weights, (time.time() + 5, time.time() + 5))  # another mtime: the cached hash is not reused
+    assert "replaced since" in R.binding_problem(tmp_path, stage, {"teacher": {"sha256": first}})
+    assert "replaced since" in R.binding_problem(tmp_path, ev, {"student": {"sha256": first}})
+    assert "replaced since" in R.binding_problem(tmp_path, ev, {"student": {}})  # none recorded: not bound
