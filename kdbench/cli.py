@@ -44,7 +44,7 @@ def _matrix(specs) -> str:
     """The run graph, in topological order: run_id, kind, label, pair, seed, needs (short ids), resources."""
     from tabulate import tabulate
 
-    from kdbench.scheduler import levels, topological
+    from kdbench.graph import levels, topological
 
     depth = levels(specs)
     rows = []
@@ -59,7 +59,8 @@ def _matrix(specs) -> str:
 
 
 def cmd_run(a) -> int:
-    from kdbench.scheduler import launch, select_specs
+    from kdbench.scheduler import launch
+    from kdbench.graph import select_specs
     from kdbench.suite import check_data_available, find_suite, load_suite
 
     suite = load_suite(find_suite(a.suite), a.overrides)  # a bare name: ./suites/<name>.yaml, then the package's
@@ -228,7 +229,7 @@ def _severities_arg(values: list[str] | None) -> list[int] | None:
 
 def cmd_robustness(a) -> int:
     """The corruption sweep over a suite's finished models (no training), then the robustness table."""
-    from kdbench.evals import plan_sweep
+    from kdbench.sweep import plan_sweep
     from kdbench.scheduler import launch
 
     sweep = plan_sweep(Path(a.results_dir), _list_arg(a.corruptions), _severities_arg(a.severities),

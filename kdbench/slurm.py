@@ -47,7 +47,7 @@ import submitit
 import submitit.helpers
 
 from kdbench.results import run_dir_for, write_spec
-from kdbench.scheduler import crash_record, job_folder, levels, runs_per_gpu, summary
+from kdbench.graph import crash_record, job_folder, levels, runs_per_gpu, summary
 from kdbench.suite import RunSpec, Suite
 
 GENERIC_RESOURCES = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes", "tasks_per_node")

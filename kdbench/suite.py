@@ -52,7 +52,7 @@ RECIPE_KEYS = {
     "amp": (bool, str), "eval_every": int, "eval_batch_size": int, "num_workers": (int, str),
     "max_steps_per_epoch": (int, type(None)), "compile": bool, "teacher_bf16": bool,
 }
-#: string values a recipe key takes besides its typed ones (kdbench/train.py: amp_dtype, loader_options)
+#: string values a recipe key takes besides its typed ones (kdbench/recipe.py: amp_dtype, loader_options)
 RECIPE_CHOICES = {"amp": ("bf16", "fp16"), "num_workers": ("auto",)}
 RECIPE_DEFAULTS = {"grad_clip": None, "amp": True, "eval_every": 1, "eval_batch_size": 256, "num_workers": 0,
                    "max_steps_per_epoch": None}
@@ -488,7 +488,7 @@ def validate_and_expand(path: Path, raw: dict, notes: list[str] | None = None) -
     generated = [i for i, ev in enumerate(checked_evals) if ev["name"] == "corruptions" and not ev.get("root")]
     if generated:  # corrupted on the fly: every evaluated image must be large enough for the corruption library
         from kdbench.data.plugin import corruption_size_problem
-        from kdbench.robustness import MIN_SIDE
+        from kdbench.corruptions import MIN_SIDE
 
         try:
             problem = corruption_size_problem(raw["data"], MIN_SIDE)

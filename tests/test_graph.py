@@ -3,7 +3,8 @@ eval validation, pair checks, and the local scheduler's order and failure propag
 
 import pytest
 
-from kdbench.scheduler import launch, levels, select_specs, topological
+from kdbench.scheduler import launch
+from kdbench.graph import levels, select_specs, topological
 from kdbench.suite import SuiteError, load_suite
 
 from kdb_util import tiny_suite

@@ -13,7 +13,8 @@ import pytest
 from kdb_util import tiny_suite
 from kdbench import results as R
 from kdbench.cli import main
-from kdbench.scheduler import launch, summary
+from kdbench.scheduler import launch
+from kdbench.graph import summary
 from kdbench.suite import load_suite
 
 

@@ -78,7 +78,7 @@ def test_sweep_runs_once_and_resumes_only_what_is_missing(res, count_cells, caps
 
     # the eval runs are the suite's own: adding the same corruptions to evals: gives the same run_ids
     suite = load_suite(path, ["evals=[{name: corruptions, set: [fog, snow], severities: [1, 2]}]"])
-    from kdbench.evals import plan_sweep
+    from kdbench.sweep import plan_sweep
 
     assert {s.run_id for s in plan_sweep(res / "rob", ["fog", "snow"], [1, 2]).specs} == \
         {s.run_id for s in suite.specs if s.kind == "eval"}
@@ -182,13 +182,13 @@ def test_one_list_of_corruption_names():
     from kdbench import evals as E
     from kdbench import robustness as RB
 
-    assert E.BENCHMARK_CORRUPTIONS is RB.BENCHMARK and E.EXTRA_CORRUPTIONS is RB.EXTRA
+    assert E.corruption_names("benchmark") is RB.BENCHMARK and E.corruption_names("extra") is RB.EXTRA
     assert E.corruption_names("noise") == ("gaussian_noise", "shot_noise", "impulse_noise")
     assert E.corruption_names("all") == RB.ALL
     with pytest.raises(ValueError, match="valid: benchmark, extra, all, noise, blur, weather, digital"):
         E.corruption_names("most")
     entry = E.check_eval({"name": "corruptions", "set": "weather", "severities": [5, 1]}, ("val", "corruptions"))
-    assert entry == {"name": "corruptions", "corruptions": list(RB.WEATHER), "severities": [1, 5]}
+    assert entry == {"name": "corruptions", "corruptions": list(RB.FAMILIES["weather"]), "severities": [1, 5]}
     with pytest.raises(E.EvalEntryError, match="classification only"):
         E.check_eval({"name": "corruptions", "root": "x"}, ("val", "corruptions"), "detection")
     assert E.check_eval({"name": "corruptions", "root": "c100c"}, ("val", "corruptions"),

@@ -108,7 +108,7 @@ def test_robustness_table_classification_mce_vs_reference(tmp_path):
 def test_robustness_table_notes_unfinished_sweep_and_refuses_without_evals(tmp_path):
     a, b = make_record("baseline", 0, 0, 70.0), make_record("kd", 0, 0, 72.0)
     full = {(c, s): 50.0 for c in RB.BENCHMARK for s in (1, 2)}
-    half = {k: v for k, v in full.items() if k[0] in RB.NOISE}
+    half = {k: v for k, v in full.items() if k[0] in RB.FAMILIES["noise"]}
     save(tmp_path / "s", a, b, eval_record(a, full), eval_record(b, half))
     md = make_table(tmp_path / "s", layout="robustness")
     assert "kd, " + P0 + ": 1 model(s) with 6 of 30 benchmark corrupted sets evaluated" in md

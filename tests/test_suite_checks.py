@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from kdbench.cli import main
-from kdbench.scheduler import select_specs
+from kdbench.graph import select_specs
 from kdbench.suite import SuiteError, check_data_available, find_suite, load_suite, package_suites_dir
 
 from kdb_util import tiny_suite

@@ -292,7 +292,7 @@ def cifar100c_slice(folder: str | os.PathLike, corruption: str, severity: int,
     given), ``labels.npy`` one integer per row (1-D); the slice's labels in ``[0, 100)``. Anything else (another
     shape, dtype or row count, a truncated or non-``.npy`` file) is one line naming the file, what was expected
     and what was found."""
-    from kdbench.robustness import ALL, check_severities
+    from kdbench.corruptions import ALL, check_severities
 
     folder = Path(folder)
     s = check_severities([severity])[0]
@@ -354,7 +354,7 @@ def write_cifar100_c(cifar_root: str | os.PathLike, out: str | os.PathLike, corr
     read back as an eval ``root:``, its results are recorded as ``generated``, never as released files. A folder
     written before the mark existed reads as released: run this again on it (existing ``.npy`` files are kept)
     to mark it."""
-    from kdbench.robustness import SEVERITIES, corrupt, resolve_corruptions
+    from kdbench.corruptions import SEVERITIES, corrupt, resolve_corruptions
 
     test = _folder(cifar_root) / "test"
     x, labels = _split_arrays(_load(test), test)

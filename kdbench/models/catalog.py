@@ -10,6 +10,7 @@ library knows (``timm:`` names and torchvision classifiers: ``timm``/``torchvisi
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 #: ``kdbench:`` CIFAR nets (``kdbench.models.cifar.CIFAR_MODELS``).
 KDBENCH_NAMES = ("mobilenetv2", "resnet110", "resnet14", "resnet18", "resnet20", "resnet32", "resnet32x4",
@@ -99,3 +100,25 @@ def tap_providers(tap: str) -> str:
     if tap in DETECTOR_TAPS:
         who.append("torchvision: detectors")
     return ", ".join(who) or "no kdbench model"
+
+
+class Source:
+    """A model source (``<prefix>:<name>``): its names, a check of a name, the semantic taps a model provides
+    (known without building it) and the build (the subclasses in ``kdbench.models`` import torch there)."""
+
+    prefix = ""
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def check(self, name: str) -> None:
+        if name not in self.names():
+            raise unknown_model(self.prefix, name, self.names())
+
+    def build(self, name: str, num_classes: int, in_chans: int, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def semantic_taps(self, name: str) -> tuple[str, ...]:
+        """The semantic taps (``kdbench.method``) the model ``name`` provides, known without building it;
+        ``module:<path>`` taps come on top."""
+        return ("logits",)

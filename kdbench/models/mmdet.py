@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from kdbench.method import Outputs
 from kdbench.models.detection import forward_inputs
-from kdbench.models.sources import Source
+from kdbench.models.catalog import Source
 from kdbench.models.tap import TapModel, capture_module_taps, tensor_list
 from kdbench.registry import MODELS
 

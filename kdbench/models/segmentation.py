@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench.method import Outputs
-from kdbench.models.sources import Source, _unknown
+from kdbench.models.catalog import Source
+from kdbench.models.catalog import unknown_model as _unknown
 from kdbench.models.tap import TapModel, capture_module_taps
 from kdbench.registry import MODELS
 

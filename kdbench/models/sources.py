@@ -15,30 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdbench.models import catalog
-from kdbench.models.catalog import unknown_model as _unknown  # noqa: F401  (also used by the smp source)
+from kdbench.models.catalog import Source
+from kdbench.models.catalog import unknown_model as _unknown
 from kdbench.registry import MODELS
 
 if TYPE_CHECKING:
     from kdbench.models.tap import TapModel
-
-
-class Source:
-    prefix = ""
-
-    def names(self) -> list[str]:
-        raise NotImplementedError
-
-    def check(self, name: str) -> None:
-        if name not in self.names():
-            raise _unknown(self.prefix, name, self.names())
-
-    def build(self, name: str, num_classes: int, in_chans: int, **kwargs: Any) -> TapModel:
-        raise NotImplementedError
-
-    def semantic_taps(self, name: str) -> tuple[str, ...]:
-        """The semantic taps (``kdbench.method``) the model ``name`` provides, known without building it;
-        ``module:<path>`` taps come on top."""
-        return ("logits",)
 
 
 @MODELS.register("kdbench")
