@@ -68,7 +68,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from kdbench.method import Outputs
+from kdbench.outputs import Outputs
 from kdbench.models.tap import MODULE_PREFIX, TapModel, capture_module_taps, record_outputs
 
 DETECTORS = ("fasterrcnn", "retinanet", "fcos")

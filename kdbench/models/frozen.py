@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdbench.method import Outputs
+from kdbench.outputs import Outputs
 
 ENV = "KDBENCH_TEACHER_GRAPH"
 _FAILED = object()  # a tap set whose graph could not be made

@@ -55,7 +55,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from kdbench.method import Outputs
+from kdbench.outputs import Outputs
 from kdbench.models.detection import forward_inputs
 from kdbench.models.catalog import Source
 from kdbench.models.tap import TapModel, capture_module_taps, tensor_list

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdbench.method import Outputs
+from kdbench.outputs import Outputs
 from kdbench.models.catalog import Source
 from kdbench.models.catalog import unknown_model as _unknown
 from kdbench.models.tap import TapModel, capture_module_taps

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from kdbench.method import Outputs
+from kdbench.outputs import Outputs
 
 SEMANTIC_TAPS = ("stages", "stages_preact", "stages_raw", "final", "pooled", "cam", "logits")
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.method import Outputs
+from kdbench.outputs import Outputs
 from kdbench.registry import TASKS
 from kdbench.tasks import TASK_FACTS
 from kdbench.tasks.base import Task

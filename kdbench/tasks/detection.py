@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdbench.method import Outputs
+from kdbench.outputs import Outputs
 from kdbench.registry import TASKS
 from kdbench.tasks import TASK_FACTS
 from kdbench.tasks.base import Task
