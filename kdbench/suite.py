@@ -464,40 +464,72 @@ def _pair_params(path: Path, where: str, pair_params: Any, labels: list[str], na
 def validate_and_expand(path: Path, raw: dict, notes: list[str] | None = None) -> list[RunSpec]:
     """Validate the suite and expand it into its run graph. ``notes`` (when given) collects what was accepted but
     ignored, for ``validate`` and ``run --dry-run`` to print."""
+    checked = _validate(path, raw)
+    specs = _Graph()
+    pair_names: list[str] = []
+    for p_i, pair in enumerate(raw["pairs"]):
+        where = f"pairs[{p_i}]"
+        teacher, student, pname, pair_params = _check_pair_entry(path, where, pair, checked, pair_names, notes)
+        pair_names.append(pname)
+        teacher_run = _expand_teacher(path, where, teacher, pname, p_i, checked, specs)
+        for m_i, method in enumerate(checked.methods):
+            _expand_method(path, where, m_i, method, teacher, student, teacher_run, pname, p_i, pair_params,
+                           checked, specs)
+    _check_references(path, checked.refs, pair_names, checked.labels)
+    return specs.specs
+
+
+@dataclass
+class _Checked:
+    """The suite-wide parts of a suite, validated: what every pair's runs are built from."""
+
+    task: str
+    data: dict
+    eval_chunks: list[dict]
+    recipe: dict
+    seeds: list[int]
+    methods: list[tuple]  # (class or MethodInfo, method name, label, params)
+    labels: list[str]
+    refs: list[dict]
+    common: dict  # suite, suite_version, task, resources
+
+
+class _Graph:
+    """The runs of a suite in the order they are added; a run added twice (the same teacher, stage or eval for
+    several pairs or methods) is kept once."""
+
+    def __init__(self) -> None:
+        self.specs: list[RunSpec] = []
+        self.seen: set[str] = set()
+
+    def add(self, spec: RunSpec) -> str:
+        if spec.run_id not in self.seen:
+            self.seen.add(spec.run_id)
+            self.specs.append(spec)
+        return spec.run_id
+
+    def add_evals(self, model: dict, target: str, needs: tuple, of: dict, checked: _Checked) -> None:
+        """One eval run per chunk of the suite's evals for the finished model ``model``."""
+        for e in eval_specs(model, target, needs, of, checked.eval_chunks, data=checked.data, recipe=checked.recipe,
+                            **checked.common):
+            self.add(e)
+
+
+def _validate(path: Path, raw: dict) -> _Checked:
+    """Everything of a suite but its pairs: top-level keys, task, data, evals, recipe, seeds, resources, methods,
+    the references' keys."""
+    from kdbench.tasks import TASK_NAMES
+
     _check_keys(path, "", raw, TOP_KEYS, REQUIRED_TOP)
     if raw["suite"] != path.stem:
         raise _err(path, "suite", f"must equal the file stem {path.stem!r}, got {raw['suite']!r}")
     if not isinstance(raw["version"], int) or isinstance(raw["version"], bool):
         raise _err(path, "version", f"must be an integer, got {raw['version']!r}")
     task = raw["task"]
-    from kdbench.evals import EvalEntryError, check_eval, chunks, corruption_point
-    from kdbench.tasks import TASK_FACTS, TASK_NAMES
-
     if task not in TASK_NAMES:
         raise _err(path, "task", f"unknown task {task!r}; valid: {', '.join(TASK_NAMES)}")
     _check_data(path, "data", raw["data"], task)
-    evals = raw.get("evals") or [{"name": "val"}]
-    if not isinstance(evals, list):
-        raise _err(path, "evals", "expected a list of names or {name: ...}")
-    checked_evals = []
-    for i, ev in enumerate(evals):
-        try:
-            checked_evals.append(check_eval(ev, TASK_FACTS[task]["evals"], task))
-        except EvalEntryError as e:
-            raise _err(path, f"evals[{i}]" + (f".{e.key}" if e.key else ""), str(e)) from None
-    generated = [i for i, ev in enumerate(checked_evals) if ev["name"] == "corruptions" and not ev.get("root")]
-    if generated:  # corrupted on the fly: every evaluated image must be large enough for the corruption library
-        from kdbench.data.plugin import corruption_size_problem
-        from kdbench.corruptions import MIN_SIDE
-
-        try:
-            problem = corruption_size_problem(raw["data"], MIN_SIDE)
-        except (ImportError, ValueError, TypeError):  # the data check reports bad options and missing packages
-            problem = None
-        if problem:
-            raise _err(path, f"evals[{generated[0]}]", problem)
-    point = corruption_point(raw["data"]) if any(ev["name"] == "corruptions" for ev in checked_evals) else "decoded"
-    eval_chunks = [c for ev in checked_evals for c in chunks(ev, point)]
+    eval_chunks = _check_evals(path, raw, task)
     recipe = _check_recipe(path, "recipe", raw["recipe"])
     recipe = {**RECIPE_DEFAULTS, **recipe}
     seeds = raw["seeds"]
@@ -516,112 +548,140 @@ def validate_and_expand(path: Path, raw: dict, notes: list[str] | None = None) -
     labels = [m[2] for m in methods]
     if "teacher" in labels:
         raise _err(path, "methods", "'teacher' is reserved for the teacher row of tables; choose another label")
-    dup = sorted({l for l in labels if labels.count(l) > 1})
+    dup = sorted({lab for lab in labels if labels.count(lab) > 1})
     if dup:
         raise _err(path, "methods", f"duplicate label(s) {dup}: give each entry its own 'label:'")
     refs = raw.get("reference") or []
     for i, r in enumerate(refs):
         _check_keys(path, f"reference[{i}]", r, REFERENCE_KEYS, ("method", "pair", "metric", "value"))
+    return _Checked(task=task, data=_jsonable(raw["data"]), eval_chunks=eval_chunks, recipe=recipe, seeds=seeds,
+                    methods=methods, labels=labels, refs=refs,
+                    common=dict(suite=raw["suite"], suite_version=raw["version"], task=task,
+                                resources=_jsonable(resources)))
 
-    data = _jsonable(raw["data"])
-    specs: list[RunSpec] = []
-    seen: set[str] = set()
 
-    def add(spec: RunSpec) -> str:
-        if spec.run_id not in seen:  # the same teacher / stage / eval for several pairs or methods: once
-            seen.add(spec.run_id)
-            specs.append(spec)
-        return spec.run_id
+def _check_evals(path: Path, raw: dict, task: str) -> list[dict]:
+    """The suite's ``evals:`` checked, as the chunks its eval runs evaluate (``val`` has none)."""
+    from kdbench.evals import EvalEntryError, check_eval, chunks, corruption_point
+    from kdbench.tasks import TASK_FACTS
 
-    common = dict(suite=raw["suite"], suite_version=raw["version"], task=task, resources=_jsonable(resources))
+    evals = raw.get("evals") or [{"name": "val"}]
+    if not isinstance(evals, list):
+        raise _err(path, "evals", "expected a list of names or {name: ...}")
+    checked_evals = []
+    for i, ev in enumerate(evals):
+        try:
+            checked_evals.append(check_eval(ev, TASK_FACTS[task]["evals"], task))
+        except EvalEntryError as e:
+            raise _err(path, f"evals[{i}]" + (f".{e.key}" if e.key else ""), str(e)) from None
+    generated = [i for i, ev in enumerate(checked_evals) if ev["name"] == "corruptions" and not ev.get("root")]
+    if generated:  # corrupted on the fly: every evaluated image must be large enough for the corruption library
+        from kdbench.corruptions import MIN_SIDE
+        from kdbench.data.plugin import corruption_size_problem
 
-    def add_evals(model: dict, target: str, needs: tuple, of: dict) -> None:
-        """One eval run per chunk of the suite's evals for the finished model ``model``."""
-        for e in eval_specs(model, target, needs, of, eval_chunks, data=data, recipe=recipe, **common):
-            add(e)
+        try:
+            problem = corruption_size_problem(raw["data"], MIN_SIDE)
+        except (ImportError, ValueError, TypeError):  # the data check reports bad options and missing packages
+            problem = None
+        if problem:
+            raise _err(path, f"evals[{generated[0]}]", problem)
+    point = corruption_point(raw["data"]) if any(ev["name"] == "corruptions" for ev in checked_evals) else "decoded"
+    return [c for ev in checked_evals for c in chunks(ev, point)]
 
-    pair_names: list[str] = []
-    for p_i, pair in enumerate(raw["pairs"]):
-        where = f"pairs[{p_i}]"
-        _check_keys(path, where, pair, PAIR_KEYS, ("teacher", "student"))
-        teacher = _model_spec(path, f"{where}.teacher", pair["teacher"], teacher=True, task=task)
-        student = _model_spec(path, f"{where}.student", pair["student"], teacher=False, task=task)
-        pname = pair.get("name") or f"{short_model(teacher['model'])}→{short_model(student['model'])}"
-        if pname in pair_names:
-            raise _err(path, f"{where}.name", f"duplicate pair name {pname!r}")
-        pair_names.append(pname)
-        pair_params = _pair_params(path, f"{where}.params", pair.get("params") or {}, labels,
-                                   [m[1] for m in methods], notes)
 
-        from kdbench.methodinfo import method_info
+def _check_pair_entry(path: Path, where: str, pair: Any, checked: _Checked, pair_names: list[str],
+                      notes: list[str] | None) -> tuple[dict, dict, str, dict]:
+    """One ``pairs:`` entry checked: its teacher and student specs, its name and its per-method params."""
+    _check_keys(path, where, pair, PAIR_KEYS, ("teacher", "student"))
+    teacher = _model_spec(path, f"{where}.teacher", pair["teacher"], teacher=True, task=checked.task)
+    student = _model_spec(path, f"{where}.student", pair["student"], teacher=False, task=checked.task)
+    pname = pair.get("name") or f"{short_model(teacher['model'])}→{short_model(student['model'])}"
+    if pname in pair_names:
+        raise _err(path, f"{where}.name", f"duplicate pair name {pname!r}")
+    pair_params = _pair_params(path, f"{where}.params", pair.get("params") or {}, checked.labels,
+                               [m[1] for m in checked.methods], notes)
+    return teacher, student, pname, pair_params
 
-        teacher_run = None
-        t_for_runs = {k: v for k, v in teacher.items() if k != "train"}
-        t_facts = teacher_facts(pname, p_i)
-        if "train" in teacher:
-            tr = teacher["train"]
-            t_recipe = _check_recipe(path, f"{where}.teacher.train.recipe", tr.get("recipe") or {}, partial=True)
-            t_data = tr.get("data") or {}
-            _check_data(path, f"{where}.teacher.train.data", t_data, task, partial=True)
-            t_ref = tuple(_jsonable({k: v for k, v in r.items() if k not in ("method", "pair")})
-                          for r in refs if r["method"] == "teacher" and r["pair"] == pname)
-            tspec = RunSpec(kind="teacher", reference=t_ref, data=deep_merge(data, _jsonable(t_data)),
-                            recipe=deep_merge(recipe, _jsonable(t_recipe)), student=_jsonable(t_for_runs),
-                            teacher=None, teacher_run=None, seed=int(tr.get("seed", 0)), **t_facts,
-                            **{**common, "resources": {**common["resources"],
-                                                       **_jsonable(tr.get("resources") or {})}})
-            teacher_run = add(tspec)
-            add_evals(t_for_runs, teacher_run, (teacher_run,), {**t_facts, "seed": tspec.seed})
-        else:
-            add_evals(t_for_runs, model_id(t_for_runs), (), {**t_facts, "seed": 0})
-        for m_i, (cls, mname, label, params) in enumerate(methods):
-            over = {**(pair_params.get(mname) or {}), **(pair_params.get(label) or {})} if mname != label else (pair_params.get(mname) or {})
-            merged = {**params, **over}
-            try:
-                resolved = cls.check_params(merged)
-            except ValueError as e:
-                raise _err(path, f"{where}.params.{label}", str(e)) from None
-            if cls.needs_teacher:
-                try:
-                    cls.check_pair(resolved, teacher["model"], student["model"])
-                except ValueError as e:
-                    raise _err(path, f"methods[{m_i}] ({label}) on {where} ({pname})", str(e)) from None
-            ref = tuple(_jsonable({k: v for k, v in r.items() if k not in ("method", "pair")})
-                        for r in refs if r["method"] == label and r["pair"] == pname)
-            t_needs = (teacher_run,) if (cls.needs_teacher and teacher_run) else ()
-            stage_run = None
-            stage_params = tuple(getattr(cls, "stage_params", ()) or ())
-            unknown_stage = [k for k in stage_params if k not in resolved]
-            if unknown_stage:  # a method's own mistake, said before anything runs
-                raise _err(path, f"methods[{m_i}].name", f"method {mname!r} declares stage_params "
-                                                         f"{unknown_stage} that are not among its parameters")
-            if stage_params and cls.needs_teacher:
-                sspec = RunSpec(kind="stage", data=data, recipe=_jsonable(recipe), student=_jsonable(student),
-                                teacher=_jsonable(t_for_runs), teacher_run=teacher_run, needs=t_needs,
-                                method=mname, method_version=cls.version,
-                                params=_jsonable({k: resolved[k] for k in stage_params}),
-                                seed=int(resolved.get("stage_seed") or 0),  # seeds the stage's data order
-                                label=label, pair=pname, pair_index=p_i, method_index=m_i, **common)
-                stage_run = add(sspec)
-            for seed in seeds:
-                dspec = RunSpec(
-                    kind="distill", data=data, recipe=_jsonable(recipe), student=_jsonable(student),
-                    teacher=_jsonable(t_for_runs) if cls.needs_teacher else None,
-                    teacher_run=teacher_run if cls.needs_teacher else None, stage_run=stage_run,
-                    needs=t_needs + ((stage_run,) if stage_run else ()),
-                    method=mname, method_version=cls.version, params=_jsonable(resolved), seed=seed, label=label,
-                    pair=pname, pair_index=p_i, method_index=m_i, reference=ref, **common)
-                rid = add(dspec)
-                add_evals(student, rid, (rid,), dict(method=mname, method_version=cls.version,
-                                                      params=dspec.params, seed=seed, label=label, pair=pname,
-                                                      pair_index=p_i, method_index=m_i))
+
+def _expand_teacher(path: Path, where: str, teacher: dict, pname: str, p_i: int, checked: _Checked,
+                    specs: _Graph) -> str | None:
+    """A pair's teacher: a suite-trained teacher's run (its run_id returned) or a checkpoint (None), and the eval
+    runs of either."""
+    t_for_runs = {k: v for k, v in teacher.items() if k != "train"}
+    t_facts = teacher_facts(pname, p_i)
+    if "train" not in teacher:
+        specs.add_evals(t_for_runs, model_id(t_for_runs), (), {**t_facts, "seed": 0}, checked)
+        return None
+    tr = teacher["train"]
+    t_recipe = _check_recipe(path, f"{where}.teacher.train.recipe", tr.get("recipe") or {}, partial=True)
+    t_data = tr.get("data") or {}
+    _check_data(path, f"{where}.teacher.train.data", t_data, checked.task, partial=True)
+    t_ref = tuple(_jsonable({k: v for k, v in r.items() if k not in ("method", "pair")})
+                  for r in checked.refs if r["method"] == "teacher" and r["pair"] == pname)
+    common = checked.common
+    tspec = RunSpec(kind="teacher", reference=t_ref, data=deep_merge(checked.data, _jsonable(t_data)),
+                    recipe=deep_merge(checked.recipe, _jsonable(t_recipe)), student=_jsonable(t_for_runs),
+                    teacher=None, teacher_run=None, seed=int(tr.get("seed", 0)), **t_facts,
+                    **{**common, "resources": {**common["resources"], **_jsonable(tr.get("resources") or {})}})
+    teacher_run = specs.add(tspec)
+    specs.add_evals(t_for_runs, teacher_run, (teacher_run,), {**t_facts, "seed": tspec.seed}, checked)
+    return teacher_run
+
+
+def _expand_method(path: Path, where: str, m_i: int, method: tuple, teacher: dict, student: dict,
+                   teacher_run: str | None, pname: str, p_i: int, pair_params: dict, checked: _Checked,
+                   specs: _Graph) -> None:
+    """One method on one pair: its parameters and pair checked, then its stage run (a method with
+    ``stage_params``), its distill run per seed and their eval runs."""
+    cls, mname, label, params = method
+    over = ({**(pair_params.get(mname) or {}), **(pair_params.get(label) or {})} if mname != label
+            else (pair_params.get(mname) or {}))
+    try:
+        resolved = cls.check_params({**params, **over})
+    except ValueError as e:
+        raise _err(path, f"{where}.params.{label}", str(e)) from None
+    if cls.needs_teacher:
+        try:
+            cls.check_pair(resolved, teacher["model"], student["model"])
+        except ValueError as e:
+            raise _err(path, f"methods[{m_i}] ({label}) on {where} ({pname})", str(e)) from None
+    ref = tuple(_jsonable({k: v for k, v in r.items() if k not in ("method", "pair")})
+                for r in checked.refs if r["method"] == label and r["pair"] == pname)
+    t_for_runs = {k: v for k, v in teacher.items() if k != "train"}
+    t_needs = (teacher_run,) if (cls.needs_teacher and teacher_run) else ()
+    stage_params = tuple(getattr(cls, "stage_params", ()) or ())
+    unknown_stage = [k for k in stage_params if k not in resolved]
+    if unknown_stage:  # a method's own mistake, said before anything runs
+        raise _err(path, f"methods[{m_i}].name", f"method {mname!r} declares stage_params "
+                                                 f"{unknown_stage} that are not among its parameters")
+    facts = dict(method=mname, method_version=cls.version, label=label, pair=pname, pair_index=p_i, method_index=m_i)
+    data, recipe, common = checked.data, checked.recipe, checked.common
+    stage_run = None
+    if stage_params and cls.needs_teacher:
+        stage_run = specs.add(RunSpec(kind="stage", data=data, recipe=_jsonable(recipe), student=_jsonable(student),
+                                      teacher=_jsonable(t_for_runs), teacher_run=teacher_run, needs=t_needs,
+                                      params=_jsonable({k: resolved[k] for k in stage_params}),
+                                      seed=int(resolved.get("stage_seed") or 0),  # seeds the stage's data order
+                                      **facts, **common))
+    for seed in checked.seeds:
+        dspec = RunSpec(
+            kind="distill", data=data, recipe=_jsonable(recipe), student=_jsonable(student),
+            teacher=_jsonable(t_for_runs) if cls.needs_teacher else None,
+            teacher_run=teacher_run if cls.needs_teacher else None, stage_run=stage_run,
+            needs=t_needs + ((stage_run,) if stage_run else ()), params=_jsonable(resolved), seed=seed,
+            reference=ref, **facts, **common)
+        rid = specs.add(dspec)
+        specs.add_evals(student, rid, (rid,), dict(params=dspec.params, seed=seed, **facts), checked)
+
+
+def _check_references(path: Path, refs: list[dict], pair_names: list[str], labels: list[str]) -> None:
+    """Every ``reference:`` entry names a pair and a method label (or the teacher) of the suite."""
     for i, r in enumerate(refs):
         if r["pair"] not in pair_names:
             raise _err(path, f"reference[{i}].pair", f"unknown pair {r['pair']!r}; pairs: {', '.join(pair_names)}")
         if r["method"] not in labels + ["teacher"]:
             raise _err(path, f"reference[{i}].method",
                        f"unknown method label {r['method']!r}; valid: {', '.join(labels + ['teacher'])}")
-    return specs
 
 
 def teacher_facts(pair: str, pair_index: int) -> dict:
