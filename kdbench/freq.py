@@ -11,6 +11,10 @@ have shape ``N×C×⌈H/2⌉×⌈W/2⌉``. For each 2×2 block ``[[a, b], [c, d]
 Bands and signs are exactly those of ``pytorch_wavelets.DWTForward(J, wave='haar', mode='zero')``:
 ``yl == LL_J`` and ``yh[j-1][:, :, 0], [:, :, 1], [:, :, 2] == LH_j, HL_j, HH_j`` (level 1 finest).
 Implemented with strided slicing and adds (no conv): it is exact, cheap and needs no filter buffers.
+
+A *band set* (the frequency prompts of FreeKD and AFP, §7) is a ``N×C×O×h×w`` tensor: set 0 is ``LL_J``
+(``O=1``), set ``j`` (1..J) stacks the ``(LH_j, HL_j, HH_j)`` bands of level ``j`` (``O=3``, level 1 finest):
+:func:`band_sets` and its inverse :func:`reconstruct_from_sets`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ __all__ = [
     "haar_wavedec2d",
     "haar_waverec2d",
     "haar_high_bands",
+    "check_levels",
+    "clamp_levels",
+    "band_sets",
+    "reconstruct_from_sets",
     "fft_amplitude",
     "autocast_disabled",
 ]
@@ -150,6 +158,38 @@ def haar_high_bands(x: Tensor, levels: int) -> list[Tensor]:
     ``[LH_1, HL_1, HH_1, LH_2, ..., HH_J]`` (finest first). The low band ``LL_J`` is dropped."""
     _, highs = haar_wavedec2d(x, levels)
     return [band for level in highs for band in level]
+
+
+def check_levels(levels: int) -> int:
+    """``levels`` as an int; a ValueError unless it is a positive integer."""
+    if int(levels) != levels or levels < 1:
+        raise ValueError(f"levels must be a positive integer, got {levels!r}")
+    return int(levels)
+
+
+def clamp_levels(levels: int, size: Sequence[int]) -> int:
+    """``J = min(levels, ⌊log2(min(H, W))⌋)``: the DWT depth a ``H×W`` map allows (0 for a 1-pixel side)."""
+    levels = check_levels(levels)
+    m = int(min(size))
+    if m < 1:
+        raise ValueError(f"feature size must be positive, got {tuple(size)}")
+    return min(int(levels), m.bit_length() - 1)
+
+
+def band_sets(x: Tensor, levels: int) -> list[Tensor]:
+    """``J``-level Haar decomposition as band sets: ``[LL_J (N,C,1,h,w), level 1 (N,C,3,h,w), ...]``."""
+    ll, highs = haar_wavedec2d(x, levels)
+    return [ll.unsqueeze(2)] + [torch.stack(level, dim=2) for level in highs]
+
+
+def reconstruct_from_sets(sets: Sequence[Tensor], scales: Sequence[Tensor], size: Sequence[int]) -> Tensor:
+    """IDWT of the band sets, each multiplied by its spatial scale map ``N×h×w`` (shared by the orientations)
+    and cropped to ``size``: ``IDWT(LL·scale_0, {band_{j,o}·scale_j})`` (docs/methods.md §7.2-7)."""
+    if len(sets) != len(scales) or len(sets) < 2:
+        raise ValueError(f"reconstruct_from_sets: need ≥2 band sets and one scale each, got {len(sets)}/{len(scales)}")
+    scaled = [s * m[:, None, None] for s, m in zip(sets, scales)]
+    highs = [tuple(s.unbind(dim=2)) for s in scaled[1:]]
+    return haar_waverec2d(scaled[0][:, :, 0], highs, size=size)
 
 
 def fft_amplitude(x: Tensor, norm: str = "ortho") -> Tensor:

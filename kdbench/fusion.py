@@ -167,6 +167,8 @@ class ReviewFusion(nn.Module):
 
     ``forward(feats)`` takes the student features shallow→deep, runs the deepest ABF first (no fusion), then
     each shallower one with the residual of the previous, and returns the outputs shallow→deep.
+    ``forward(feats, out_shapes)`` runs the same cascade at the sizes of this call (AFP's detectors, whose
+    maps change size with the image): each map is fused at its own size and output at ``out_shapes[i]``.
     """
 
     def __init__(
@@ -193,11 +195,21 @@ class ReviewFusion(nn.Module):
             for i, (c_in, c_out) in enumerate(zip(in_channels, out_channels))
         )
 
-    def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
+    def forward(self, feats: Sequence[Tensor], out_shapes: Sequence[int | Sequence[int]] | None = None
+                ) -> list[Tensor]:
+        """The cascade over ``feats`` (shallow→deep). Without ``out_shapes``: at the built ``shapes`` (each
+        input checked against its own) and ``out_shapes``; with them: at the inputs' own sizes, outputs at
+        ``out_shapes[i]``."""
         if len(feats) != len(self.abfs):
             raise ValueError(f"ReviewFusion: expected {len(self.abfs)} features, got {len(feats)}")
+        if out_shapes is None:
+            shapes, out_sizes = self.shapes, self.out_shapes
+        elif len(out_shapes) != len(self.abfs):
+            raise ValueError(f"ReviewFusion: expected {len(self.abfs)} output sizes, got {len(out_shapes)}")
+        else:
+            shapes, out_sizes = [None] * len(feats), [_size2(s) for s in out_shapes]
         outs: list[Tensor] = [None] * len(feats)  # type: ignore[list-item]
         residual = None
         for i in reversed(range(len(feats))):
-            outs[i], residual = self.abfs[i](feats[i], residual, self.shapes[i], self.out_shapes[i])
+            outs[i], residual = self.abfs[i](feats[i], residual, shapes[i], out_sizes[i])
         return outs

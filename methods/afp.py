@@ -9,7 +9,11 @@ AFP = FreeKD-P (§7.3, §7.5) with
   token masks, ``m = Σ_τ π_τ σ(M_τ)`` (FreeKD's unused ``MaskModule.prob`` branch, switched on);
 * ``LL_J`` distilled too, ``J = min(levels, ⌊log2(min(H,W))⌋)`` per map.
 
-The bands, masks, gates and stage 1 are the frequency-prompt machinery of :mod:`kdbench.prompts`.
+The loss, :func:`afp_loss`, is here; the machinery shared with FreeKD is in kdbench: the Haar DWT and band
+sets (:mod:`kdbench.freq`), the prompts (:mod:`kdbench.prompts`), the masked band L1 and the stage-1
+dissimilarities (:mod:`kdbench.prompt_losses`), the gates (:mod:`kdbench.channel_gates`), the base class with
+the stage (:mod:`kdbench.prompt_distiller`, :mod:`kdbench.prompt_stage`) and the ABF cascade
+(:mod:`kdbench.fusion`).
 """
 
 from __future__ import annotations
@@ -20,12 +24,43 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from kdbench.freq import autocast_disabled
+from kdbench.channel_gates import next_level_context
+from kdbench.freq import autocast_disabled, band_sets
 from kdbench.fusion import ReviewFusion
 from kdbench.method import Batch, Outputs, register_method
-from kdbench.prompts import PromptDistiller, PromptSet, next_level_context
+from kdbench.prompt_distiller import PromptDistiller
+from kdbench.prompt_losses import masked_band_l1
+from kdbench.prompts import PromptSet, TokenMix, mixed_mask, prompt_masks
 
-__all__ = ["AdaptivePromptSet", "AFP"]
+__all__ = ["afp_loss", "AdaptivePromptSet", "AFP"]
+
+
+def afp_loss(feat_s: Tensor, feat_t: Tensor, prompts: Sequence[Tensor], levels: int, token_mix: TokenMix, *,
+             channel_weights: Tensor | None = None) -> Tensor:
+    """AFP's adaptively masked frequency L1 for one feature map (§9), in fp32.
+
+    ``feat_s`` = ``HFF(F^s)`` and ``feat_t`` = ``F^t`` (same ``N×C×H×W``); ``prompts``: ``levels + 1`` token
+    tensors ``(T, C)``, set 0 for ``LL_J``. For every band set ``k = 0..J`` (``LL_J``, then the high bands of
+    each level) with teacher guide ``R_k``, the mask is ``m_k = Σ_τ π_τ σ(P_k·R_k)_τ`` with ``π =
+    token_mix(k, R_k)`` (``N×T``), and::
+
+        L = Σ_k mean_{n,c,o,y,x} ω[n,c]·m_k·|S_{k,o} − T_{k,o}|
+
+    ``channel_weights`` ω (``N×C``) are the §7.5 gates ω^(r) (1 when None).
+    """
+    if feat_s.shape != feat_t.shape or feat_s.dim() != 4:
+        raise ValueError(f"afp_loss: student {tuple(feat_s.shape)} and teacher {tuple(feat_t.shape)} must be "
+                         "equal N×C×H×W")
+    if len(prompts) != levels + 1:
+        raise ValueError(f"afp_loss: {len(prompts)} prompt sets for {levels} levels (need LL + {levels})")
+    with autocast_disabled(feat_t.device):
+        sets_s, sets_t = band_sets(feat_s, levels), band_sets(feat_t, levels)
+        total = feat_s.new_zeros((), dtype=torch.float32)
+        for k, prompt in enumerate(prompts):
+            guide = sets_t[k].sum(dim=2)
+            mask = mixed_mask(prompt_masks(prompt, guide), token_mix(k, guide), keepdim=True)
+            total = total + masked_band_l1(sets_s[k], sets_t[k], mask, channel_weights)
+    return total
 
 
 class AdaptivePromptSet(PromptSet):
@@ -80,9 +115,6 @@ class AFP(PromptDistiller):
     """
 
     tasks = frozenset({"classification", "detection"})
-    #: the constructor params that determine the stage-1 prompts (the harness runs the stage once per value)
-    stage_params = ("num_tokens", "levels", "tap", "stage_iters", "stage_lr", "stage_optimizer", "stage_seed",
-                    "dissimilarity", "dis_weight")
     heterogeneous = True
     citation = ("Zhang et al., Knowledge distillation with adaptive frequency prompting, Computer Journal 2025 "
                 "(docs/methods.md §9)")
@@ -121,25 +153,14 @@ class AFP(PromptDistiller):
         )
         self.gates = self.relational_gates()
 
-    def fuse(self, feats: Sequence[Tensor], out_sizes: Sequence[Sequence[int]]) -> list[Tensor]:
-        """HFF: the ABF cascade of ``self.hff`` run deep→shallow at the run-time sizes (each map fused at its own
-        resolution, output at ``out_sizes[i]``); returns the outputs shallow→deep."""
-        abfs = self.hff.abfs
-        if len(feats) != len(abfs) or len(out_sizes) != len(abfs):
-            raise ValueError(f"afp: expected {len(abfs)} maps and sizes, got {len(feats)} and {len(out_sizes)}")
-        outs: list[Tensor] = [None] * len(feats)  # type: ignore[list-item]
-        residual = None
-        for i in reversed(range(len(feats))):
-            outs[i], residual = abfs[i](feats[i], residual, None, tuple(int(v) for v in out_sizes[i]))
-        return outs
-
     def forward(self, s: Outputs, t: Outputs, batch: Batch) -> dict[str, Tensor]:
         self.check_stage()
         feats_s, ft = s[self.tap], self.teacher_maps(t)
-        outs = [o.float() for o in self.fuse([feats_s[i] for i in self.s_index], [f.shape[-2:] for f in ft])]
+        outs = [o.float() for o in self.hff([feats_s[i] for i in self.s_index], [f.shape[-2:] for f in ft])]
         ctx_s, ctx_t = next_level_context(outs), next_level_context(ft)
         total = outs[0].new_zeros((), dtype=torch.float32)
         for i, k in self.prompted:
             w = self.gates[k](outs[i], ft[i], ctx_s[i], ctx_t[i])
-            total = total + self.prompts[k].band_loss(outs[i], ft[i], channel_weights=w, include_low=True)
+            ps = self.prompts[k]
+            total = total + afp_loss(outs[i], ft[i], list(ps.tokens), ps.levels, ps.token_mix, channel_weights=w)
         return {"loss_afp": self.mu * total, **self.reg_terms(s, t)}

@@ -1,7 +1,10 @@
 """FreeKD: Zhang et al., "FreeKD: Knowledge Distillation via Semantic Frequency Prompt", CVPR 2024.
 
-Spec: docs/methods.md §7 (the Haar DWT of §6 comes from :mod:`kdbench.freq`, the prompts, masks,
-gates and stage 1 from :mod:`kdbench.prompts`). Two variants (§7.3):
+Spec: docs/methods.md §7. The loss, :func:`freekd_loss`, is here; the machinery it shares with AFP is in
+kdbench: the Haar DWT and band sets of §6 (:mod:`kdbench.freq`), the prompts and their masks
+(:mod:`kdbench.prompts`), the masked band L1 and the stage-1 dissimilarities (:mod:`kdbench.prompt_losses`),
+the §7.5 gates (:mod:`kdbench.channel_gates`), and the base class with the stage (:mod:`kdbench.prompt_distiller`,
+:mod:`kdbench.prompt_stage`). Two variants (§7.3):
 
 * ``variant="code"`` (FreeKD-C, default): the released code: prompt-masked L1 on the high DWT bands of
   ``φ(F^s)`` vs ``F^t`` (LL not distilled) + ``μ``·MSE(``φ(F^s)``, ``F^t``) (+ RegKD for detectors).
@@ -13,13 +16,49 @@ inserted into its forward, teacher task loss + dissimilarity) and then frozen fo
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdbench.channel_gates import next_level_context
 from kdbench.featuremap import resize_to
+from kdbench.freq import autocast_disabled, band_sets
 from kdbench.method import Batch, Outputs, register_method
-from kdbench.prompts import PromptDistiller, next_level_context
+from kdbench.prompt_distiller import PromptDistiller
+from kdbench.prompt_losses import masked_band_l1
+from kdbench.prompts import prompt_masks
+
+
+def freekd_loss(feat_s: Tensor, feat_t: Tensor, prompts: Sequence[Tensor], levels: int, *,
+                channel_weights: Tensor | None = None, low_prompt: Tensor | None = None) -> Tensor:
+    """FreeKD's masked frequency L1 for one feature map (§7.2-5), in fp32.
+
+    ``feat_s`` = ``φ(F^s)`` and ``feat_t`` = ``F^t`` (same ``N×C×H×W``); ``prompts``: one ``(T, C)`` token
+    tensor per DWT level ``j = 1..levels``. With ``R_j = LH_j+HL_j+HH_j`` of the teacher and
+    ``M_j = sigmoid(P_j·R_j)`` (shared by the three orientations)::
+
+        L = Σ_j mean_{n,τ,c,o,y,x} |M_j·(S_{j,o} − T_{j,o})|
+
+    ``LL_J`` is not distilled unless ``low_prompt`` (the set-0 tokens) is given, which adds the same term
+    for ``LL_J`` with ``M_0 = sigmoid(P_0·LL_J)`` (FreeKD-P ``include_low``). ``channel_weights`` (``N×C``) are
+    the §7.5 gates ω^(r).
+    """
+    if feat_s.shape != feat_t.shape or feat_s.dim() != 4:
+        raise ValueError(f"freekd_loss: student {tuple(feat_s.shape)} and teacher {tuple(feat_t.shape)} must be "
+                         "equal N×C×H×W")
+    if len(prompts) != levels:
+        raise ValueError(f"freekd_loss: {len(prompts)} prompt sets for {levels} levels")
+    with autocast_disabled(feat_t.device):
+        sets_s, sets_t = band_sets(feat_s, levels), band_sets(feat_t, levels)
+        tokens = [(0, low_prompt)] if low_prompt is not None else []
+        total = feat_s.new_zeros((), dtype=torch.float32)
+        for k, prompt in tokens + list(enumerate(prompts, start=1)):
+            mask = prompt_masks(prompt, sets_t[k].sum(dim=2))
+            total = total + masked_band_l1(sets_s[k], sets_t[k], mask, channel_weights)
+    return total
+
 
 _FREEKD_MU = {"detection": 5.0, "segmentation": 5.0, "classification": 1.0}
 
@@ -100,7 +139,8 @@ class FreeKD(PromptDistiller):
         proj = [resize_to(phi(feats_s[i]).float(), f.shape[-2:]) for phi, i, f in zip(self.phi, self.s_index, ft)]
         out: dict[str, Tensor] = {}
         if self.variant == "code":
-            mask = sum(self.prompts[k].band_loss(proj[i], ft[i]) for i, k in self.prompted)
+            mask = sum(freekd_loss(proj[i], ft[i], self.prompts[k].level_prompts(), self.prompts[k].levels)
+                       for i, k in self.prompted)
             out["loss_freekd"] = self.mask_weight * mask
             out["loss_mse"] = self.mu * sum(F.mse_loss(p, f) for p, f in zip(proj, ft))
         else:
@@ -108,6 +148,8 @@ class FreeKD(PromptDistiller):
             total = proj[0].new_zeros((), dtype=torch.float32)
             for i, k in self.prompted:
                 w = self.gates[k](proj[i], ft[i], ctx_s[i], ctx_t[i])
-                total = total + self.prompts[k].band_loss(proj[i], ft[i], w, include_low=self.include_low)
+                ps = self.prompts[k]
+                total = total + freekd_loss(proj[i], ft[i], ps.level_prompts(), ps.levels, channel_weights=w,
+                                            low_prompt=ps.low_prompt if self.include_low else None)
             out["loss_freekd"] = self.mu * total
         return {**out, **self.reg_terms(s, t)}

@@ -10,28 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.freq import haar_wavedec2d, haar_waverec2d
-from kdbench.method import Batch, Context, Outputs
-from kdbench.methods.afp import AFP, AdaptivePromptSet
-from kdbench.featuremap import reg_kd_loss
-from kdbench.methods.freekd import FreeKD
-from kdbench.prompts import (
+from kdbench.channel_gates import (
     ChannelGate,
-    PromptSet,
     RelationalGates,
-    band_sets,
-    clamp_levels,
-    dice_dissimilarity,
-    freekd_loss,
-    jaccard_dissimilarity,
-    masked_band_l1,
     next_level_context,
-    prompt_masks,
-    prompted_reconstruction,
-    reconstruct_from_sets,
     relational_attention,
     renormalise_gates,
 )
+from kdbench.featuremap import reg_kd_loss
+from kdbench.freq import band_sets, clamp_levels, haar_wavedec2d, haar_waverec2d, reconstruct_from_sets
+from kdbench.method import Batch, Context, Outputs
+from kdbench.methods.afp import AFP, AdaptivePromptSet, afp_loss
+from kdbench.methods.freekd import FreeKD, freekd_loss
+from kdbench.prompt_losses import dice_dissimilarity, jaccard_dissimilarity, masked_band_l1
+from kdbench.prompts import PromptSet, prompt_masks, prompted_reconstruction
 
 torch.set_num_threads(2)
 
@@ -572,14 +564,12 @@ def test_adaptive_prompt_set_mix_and_identity():
         one.tokens.copy_(aps.tokens[:, :1])
     fs, ft = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     w = renormalise_gates(torch.rand(2, 3) + 0.1)
-    assert aps.band_loss(fs, ft, w, include_low=True).item() == pytest.approx(
-        one.band_loss(fs, ft, w, include_low=True).item(), rel=1e-5)
-    # the uniform PromptSet's band loss is FreeKD's loss (+ the LL term with include_low)
-    ps = PromptSet(3, 2, 2)
-    base = ps.band_loss(fs, ft)
-    assert base.item() == pytest.approx(freekd_loss(fs, ft, ps.level_prompts(), 2).item(), rel=1e-6)
-    assert ps.band_loss(fs, ft, include_low=True).item() == pytest.approx(
-        freekd_loss(fs, ft, ps.level_prompts(), 2, low_prompt=ps.low_prompt).item(), rel=1e-6)
+    assert afp_loss(fs, ft, list(aps.tokens), 2, aps.token_mix, channel_weights=w).item() == pytest.approx(
+        freekd_loss(fs, ft, one.level_prompts(), 2, channel_weights=w, low_prompt=one.low_prompt).item(), rel=1e-5)
+    # π uniform -> the token mean: FreeKD's loss with the LL term
+    nn.init.zeros_(aps.prob[2].bias)
+    assert afp_loss(fs, ft, list(aps.tokens), 2, aps.token_mix, channel_weights=w).item() == pytest.approx(
+        freekd_loss(fs, ft, aps.level_prompts(), 2, channel_weights=w, low_prompt=aps.low_prompt).item(), rel=1e-6)
     # reconstruction uses the π-weighted mask Σ_τ π_τ σ(M_τ): zero tokens -> ½·F
     with torch.no_grad():
         aps.tokens.zero_()
@@ -602,13 +592,15 @@ def test_afp_loss_value_gradients_and_params():
     out = m(s, t, _batch())
     assert set(out) == {"loss_afp"} and out["loss_afp"].dim() == 0 and torch.isfinite(out["loss_afp"])
     # HFF: run-time cascade == ReviewFusion's own forward at the probed sizes, teacher-shaped outputs
-    fused = m.fuse(s["stages"], [f.shape[-2:] for f in t["stages"]])
+    fused = m.hff(s["stages"], [f.shape[-2:] for f in t["stages"]])
     assert [tuple(o.shape[1:]) for o in fused] == T_ST
     assert all(torch.allclose(a, b) for a, b in zip(fused, m.hff(s["stages"])))
-    # value: mu · Σ_l band_loss(HFF_l, T_l, ω_l, include LL)
+    with pytest.raises(ValueError, match="output sizes"):
+        m.hff(s["stages"], [(16, 16)])
+    # value: mu · Σ_l afp_loss(HFF_l, T_l, ω_l), LL included
     cs, ct = next_level_context(fused), next_level_context(t["stages"])
-    ref = sum(ps.band_loss(fused[int(k)], t["stages"][int(k)], m.gates[k](fused[int(k)], t["stages"][int(k)],
-                                                                         cs[int(k)], ct[int(k)]), include_low=True)
+    ref = sum(afp_loss(fused[int(k)], t["stages"][int(k)], list(ps.tokens), ps.levels, ps.token_mix,
+                       channel_weights=m.gates[k](fused[int(k)], t["stages"][int(k)], cs[int(k)], ct[int(k)]))
               for k, ps in m.prompts.items())
     assert out["loss_afp"].item() == pytest.approx(ref.item(), rel=1e-5)
     out["loss_afp"].backward()
@@ -624,8 +616,8 @@ def test_afp_loss_value_gradients_and_params():
     ll, highs = haar_wavedec2d(ft, 3)
     shifted = haar_waverec2d(ll + 1.0, highs)
     ps = m.prompts["1"]
-    assert ps.band_loss(shifted, ft, include_low=True).item() > 1e-3
-    assert ps.band_loss(shifted, ft, include_low=False).item() == pytest.approx(0.0, abs=1e-6)
+    assert afp_loss(shifted, ft, list(ps.tokens), ps.levels, ps.token_mix).item() > 1e-3
+    assert freekd_loss(shifted, ft, ps.level_prompts(), ps.levels).item() == pytest.approx(0.0, abs=1e-6)
     det = AFP(_ctx({("student", "fpn"): S_ST, ("teacher", "fpn"): [(4, 16, 16), (4, 8, 8)]}, task="detection"))
     assert det.mu == 10.0 and det.tap == "fpn"
 
