@@ -255,7 +255,7 @@ class Registry:
             self._load_plugins()
             self._scanned = {}
             return self._scanned
-        scan, found = self._scan_spec, {}
+        found: dict = {}
         for pkg_name in self._discover:
             pkg = importlib.import_module(pkg_name)  # the plugin packages' own modules are torch-free
             for mi in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):

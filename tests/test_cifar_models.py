@@ -364,7 +364,6 @@ def test_checkpoint_layouts_of_real_trainers_load(tmp_path):
     }
     if not hasattr(torch.serialization, "add_safe_globals"):  # torch < 2.4 cannot allow timm's Namespace
         del layouts["timm"]
-    x = torch.randn(2, 3, 32, 32)
     for name, (content, expect) in layouts.items():
         path = tmp_path / f"{name}.pth"
         torch.save(content, path)

@@ -9,7 +9,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 
 import kdbench.methods
 from kdb_util import tiny_suite
