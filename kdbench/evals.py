@@ -104,7 +104,7 @@ def chunks(entry: dict, point: str = "decoded") -> list[dict]:
     """The eval runs of one checked entry (``val`` has none: training evaluates it): one per corruption. A
     corruption chunk of a dataset corrupted elsewhere than the decoded image (``point``, see
     :func:`corruption_point`: ImageFolder's ``center_crop``) says so, which makes it part of the eval run's id: a
-    record from before ImageFolder corruptions moved after the crop is another run, redone."""
+    record of the same images corrupted at another point is another run."""
     if entry["name"] == "val":
         return []
     if entry["name"] == "corruptions":

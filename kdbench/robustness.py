@@ -13,7 +13,7 @@ released CIFAR-100-C layout; a folder :func:`kdbench.data.cifar.write_cifar100_c
 which it is, pixel for pixel). A cell or metric row without ``source`` was generated (a released eval record
 also names its folder: ``root`` in its ``eval``). A generated cell also records ``point``, where the images were
 corrupted (:func:`corruption_point`: ``center_crop`` for ImageFolder datasets, ``decoded`` otherwise); a resumed
-sweep redoes a cell of another point (ImageFolder cells written before corruptions moved after the crop).
+sweep redoes a cell of another point.
 
 **Metrics** (torch-free). Detection / segmentation (Michaelis et al. 2019; Kamann & Rother 2020): P = clean
 value, mPC = mean over the benchmark corruptions × severities, rPC = mPC / P, per-family means. Classification
@@ -130,8 +130,8 @@ def cell_rows(cell: Mapping, metrics: Mapping[str, bool]) -> list[dict]:
 
 def record_source(record: Mapping) -> tuple[str, str | None]:
     """``(source, root)`` of an eval record of corruptions: ``("released", its root folder)`` or
-    ``("generated", None)``. Read from its metric rows' ``source``, else from its ``eval`` chunk's ``root``
-    (records written before rows carried a source: a chunk without ``root`` was generated)."""
+    ``("generated", None)``. Read from its metric rows' ``source``; rows without one are generated unless the
+    record's ``eval`` chunk names a ``root``."""
     chunk = record.get("eval") if isinstance(record.get("eval"), Mapping) else {}
     root = chunk.get("root")
     srcs = {m.get("source") for m in record.get("metrics") or [] if isinstance(m, Mapping)

@@ -118,7 +118,7 @@ class AFP(PromptDistiller):
     heterogeneous = True
     citation = ("Zhang et al., Knowledge distillation with adaptive frequency prompting, Computer Journal 2025 "
                 "(docs/methods.md §9)")
-    version = 2  # 2: dissimilarity='jaccard' is (1/T²)·Σ_i Σ_j, the diagonal included (§7.1)
+    version = 2
     default_taps = {"classification": "stages", "detection": "fpn"}
     prompt_set = AdaptivePromptSet
     cap_levels = True  # J_l = min(levels, ⌊log2(min(H, W))⌋): classifier maps are small (§9)

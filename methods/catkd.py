@@ -65,7 +65,7 @@ class CATKD(Distiller):
     tasks = frozenset({"classification"})
     heterogeneous = True
     citation = "Guo et al., Class Attention Transfer Based Knowledge Distillation, CVPR 2023 (docs/methods.md §5)"
-    version = 2  # 2: the student's CE on bias-free logits by default (student_bias=False)
+    version = 2
 
     def __init__(
         self,

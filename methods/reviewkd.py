@@ -76,7 +76,7 @@ class ReviewKD(Distiller):
     tasks = frozenset({"classification"})
     heterogeneous = False
     citation = "Chen et al., Distilling Knowledge via Knowledge Review, CVPR 2021 (docs/methods.md §4)"
-    version = 2  # 2: student taps "stages_raw" (WRN students: raw residual sums, as mdistiller)
+    version = 2
     # pre-ReLU stage taps exist only where the model has them (kdbench: CIFAR nets); checked at validate time
     requires_taps = {"teacher_preact": ("teacher", "stages_preact"), "student_preact": ("student", "stages_preact")}
 

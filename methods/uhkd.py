@@ -210,7 +210,7 @@ class UHKD(Distiller):
     tasks = frozenset({"classification"})
     heterogeneous = True
     citation = "Yu et al., Unified framework for heterogeneous KD via frequency-domain representations, arXiv 2510.24116, 2025 (docs/methods.md §10)"
-    version = 2  # 2: plain (non-residual) SRA MLP by default
+    version = 2
 
     def __init__(
         self,

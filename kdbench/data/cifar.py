@@ -352,8 +352,7 @@ def write_cifar100_c(cifar_root: str | os.PathLike, out: str | os.PathLike, corr
     not comparable with published CIFAR-100-C numbers (methods compared against the same baseline are). They
     are the on-the-fly ``generated`` images, pixel for pixel, and the folder says so (:data:`GENERATED_MARK`):
     read back as an eval ``root:``, its results are recorded as ``generated``, never as released files. A folder
-    written before the mark existed reads as released: run this again on it (existing ``.npy`` files are kept)
-    to mark it."""
+    without the mark reads as released: run this again on it (existing ``.npy`` files are kept) to mark it."""
     from kdbench.corruptions import SEVERITIES, corrupt, resolve_corruptions
 
     test = _folder(cifar_root) / "test"
