@@ -147,8 +147,8 @@ def cmd_ls(a) -> int:
             info = method_info(name)
             defaults = ", ".join(f"{k}={v}" for k, v in info.param_defaults().items())
             first_doc = (info.doc.strip().splitlines() or [""])[0]
-            rows.append([name, ",".join(sorted(info.tasks)), info.citation or first_doc, defaults if a.verbose else ""])
-        headers = ["method", "tasks", "citation", "params" if a.verbose else ""]
+            rows.append([name, ",".join(sorted(info.tasks)), info.citation or first_doc] + ([defaults] if a.verbose else []))
+        headers = ["method", "tasks", "citation"] + (["params"] if a.verbose else [])
         print(tabulate(rows, headers=headers, tablefmt="simple"))
     elif a.what == "suites":
         from kdbench.suite import load_raw
@@ -158,7 +158,8 @@ def cmd_ls(a) -> int:
         for p in sorted(folder.glob("*.yaml")):
             try:  # the loader the runs use: an include: (e.g. coco_spatial_vs_dwt) brings the task
                 d = load_raw(p)
-                rows.append([p.name, d.get("version", "?"), d.get("task", "?"), (d.get("description") or "").strip()[:70]])
+                rows.append([p.name, d.get("version", "?"), d.get("task", "?"),
+                             _shorten(" ".join(str(d.get("description") or "").split()), 70)])
             except Exception as e:
                 rows.append([p.name, "?", "?", f"(unreadable: {e})"])
         print(tabulate(rows, headers=["suite", "version", "task", "description"], tablefmt="simple"))
@@ -170,6 +171,10 @@ def cmd_ls(a) -> int:
 
         for prefix in MODELS.names():
             names = list(catalog.LISTED.get(prefix) or MODELS.get(prefix)().names())
+            if not names and prefix == "mmdet":  # the optional backend: no mmdet, no configs
+                print("mmdet: not installed (pip install -e \".[mmdet]\" then python3 scripts/install_mmcv.py; "
+                      "README, \"mmdet backend\")")
+                continue
             if a.pattern:
                 names = [n for n in names if fnmatch.fnmatch(n, a.pattern)]
             shown = names if (a.verbose or len(names) <= 40) else names[:40] + [f"... {len(names)} in all (-v)"]
@@ -186,6 +191,14 @@ def cmd_ls(a) -> int:
                 task, options, layout = plugin.task, plugin.option_names(), plugin.layout
             print(f"{name} ({task}): options {', '.join(options)}; layout {layout}")
     return 0
+
+
+def _shorten(text: str, width: int) -> str:
+    """``text`` cut at a word boundary to at most ``width`` characters, with "…" when cut."""
+    if len(text) <= width:
+        return text
+    cut = text[:width - 1].rsplit(" ", 1)[0] if " " in text[:width - 1] else text[:width - 1]
+    return cut.rstrip(" ,;:(") + "…"
 
 
 def cmd_table(a) -> int:

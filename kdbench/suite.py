@@ -737,10 +737,20 @@ def spec_from_dict(d: dict) -> RunSpec:
 
 
 def load_suite(path: str | os.PathLike, overrides: list[str] = ()) -> Suite:
+    """The suite at ``path`` with the ``--set key=value`` ``overrides`` applied, validated and expanded. An error
+    about a key an override set says so (the value came from the command line, not the file)."""
     path = Path(path)
     raw = load_raw(path, list(overrides))
     notes: list[str] = []
-    specs = validate_and_expand(path, raw, notes)
+    try:
+        specs = validate_and_expand(path, raw, notes)
+    except SuiteError as e:
+        msg = str(e)
+        for o in overrides:
+            key = o.split("=", 1)[0].strip()
+            if msg.startswith(f"{path}: {key}:") or msg.startswith(f"{path}: {key}."):
+                raise SuiteError(f"{msg} (set by --set {o})") from None
+        raise
     return Suite(path=path, raw=raw, specs=specs, notes=notes)
 
 

@@ -30,3 +30,13 @@ def test_run_ids_are_unchanged(name):
     lost = sorted(set(golden[name]) - set(ids))
     assert not lost, f"{name}: {len(lost)} run_id(s) of the golden file are gone, e.g. {lost[:3]}"
     assert ids == golden[name], f"{name}: new runs not in {GOLDEN}: KDBENCH_REGEN_GOLDEN=1 adds them"
+
+
+def test_the_suites_readme_gives_each_suite_its_number_of_runs():
+    import re
+
+    text = (ROOT / "suites" / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([a-z0-9_]+\.yaml)` \|.*\| (\d+) \|$", text, flags=re.M)
+    assert sorted(name for name, _ in rows) == SUITES
+    for name, runs in rows:
+        assert int(runs) == len(load_suite(ROOT / "suites" / name).specs), f"suites/README.md: {name}"

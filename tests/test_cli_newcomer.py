@@ -1,0 +1,42 @@
+"""Small things a newcomer meets first: `kdbench ls` output, and where a bad value came from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdbench.cli import _shorten, main
+
+QUICKSTART = Path(__file__).parent.parent / "suites" / "quickstart.yaml"
+
+
+def test_ls_methods_has_three_columns_unless_verbose(capsys):
+    assert main(["ls", "methods"]) == 0
+    head, rule = capsys.readouterr().out.splitlines()[:2]
+    assert head.split() == ["method", "tasks", "citation"] and len(rule.split()) == 3
+    assert main(["ls", "methods", "-v"]) == 0
+    head, rule = capsys.readouterr().out.splitlines()[:2]
+    assert head.split() == ["method", "tasks", "citation", "params"] and len(rule.split()) == 4
+
+
+def test_ls_suites_cuts_descriptions_at_a_word():
+    text = "CIFAR-100, same-family teacher/student pairs, the mdistiller/CRD protocol"
+    assert _shorten(text, 200) == text
+    short = _shorten(text, 50)
+    assert len(short) <= 50 and short.endswith("…") and text.startswith(short[:-1])
+    assert text[len(short) - 1] in " ,"  # cut where a word ends
+
+
+def test_ls_models_says_when_the_mmdet_backend_is_missing(capsys):
+    import importlib.util
+
+    assert main(["ls", "models", "resnet8*"]) == 0
+    out = capsys.readouterr().out
+    mmdet_line = next(line for line in out.splitlines() if line.startswith("mmdet:"))
+    if importlib.util.find_spec("mmdet") is None:
+        assert "not installed" in mmdet_line and "[mmdet]" in mmdet_line
+    assert mmdet_line.strip() != "mmdet:"
+
+
+def test_a_bad_value_from_set_says_so(capsys):
+    assert main(["validate", str(QUICKSTART), "--no-data", "--set", "recipe.epochs=abc"]) != 0
+    assert "recipe.epochs: expected int, got 'abc' (set by --set recipe.epochs=abc)" in capsys.readouterr().err
