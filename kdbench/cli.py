@@ -25,6 +25,13 @@ def _add_suite_args(p: argparse.ArgumentParser, many: bool = False) -> None:
                    help="override a suite value, e.g. --set recipe.epochs=2 (repeatable)")
 
 
+def _add_plugins_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugins", action="append", default=[], metavar="DIR",
+                   help="a folder of method plugin files: every *.py not starting with _ (repeatable; also "
+                        "KDBENCH_PLUGINS, os.pathsep-separated; installed packages' kdbench.methods entry points "
+                        "are always found)")
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (``--parallel 0`` or ``-1`` would never start a run)."""
     try:
@@ -149,6 +156,12 @@ def cmd_ls(a) -> int:
             first_doc = (info.doc.strip().splitlines() or [""])[0]
             rows.append([name, ",".join(sorted(info.tasks)), info.citation or first_doc] + ([defaults] if a.verbose else []))
         headers = ["method", "tasks", "citation"] + (["params"] if a.verbose else [])
+        origins = [METHODS.origin(row[0]) for row in rows]  # plugins from outside kdbench: where each comes from
+        if any(o["source"] != "kdbench" for o in origins):
+            for row, o in zip(rows, origins):
+                row.append("kdbench" if o["source"] == "kdbench" else
+                           f"{o['distribution']} {o['version']}" if o["distribution"] else o["file"] or o["module"])
+            headers.append("from")
         print(tabulate(rows, headers=headers, tablefmt="simple"))
     elif a.what == "suites":
         from kdbench.suite import load_raw
@@ -310,12 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder, or another file under the same path); without it they are kept and flagged")
     r.add_argument("--no-wait", action="store_true",
                    help="slurm: submit the whole run graph (needs as job dependencies) and return at once")
+    _add_plugins_arg(r)
     r.set_defaults(fn=cmd_run)
 
     v = sub.add_parser("validate", help="validate suites fully (models, methods, params, data) without running")
     _add_suite_args(v, many=True)
     v.add_argument("--no-data", action="store_true", help="skip the data layout check")
     v.add_argument("-v", "--verbose", action="store_true", help="print the run matrix")
+    _add_plugins_arg(v)
     v.set_defaults(fn=cmd_validate)
 
     ls = sub.add_parser("ls", help="list methods, suites, models or datasets")
@@ -323,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("pattern", nargs="?", help="glob filter (models)")
     ls.add_argument("--dir", default="suites", help="suites folder (default: suites/)")
     ls.add_argument("-v", "--verbose", action="store_true")
+    _add_plugins_arg(ls)
     ls.set_defaults(fn=cmd_ls)
 
     t = sub.add_parser("table", help="paper-style table of a suite's records")
@@ -379,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="step cost of every (pair, method) of a suite on synthetic batches (no data)")
     bench.add_arguments(b)
+    _add_plugins_arg(b)
     b.set_defaults(fn=bench.run_cli)
     return p
 
@@ -411,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "plugins", None):  # in the environment: the runs' processes find them too
+            from kdbench.registry import add_plugin_dirs
+
+            add_plugin_dirs(args.plugins)
         return int(args.fn(args) or 0)
     except BrokenPipeError:  # e.g. `kdbench run S --dry-run | head`
         sys.stderr.close()

@@ -3,11 +3,12 @@ know about a method (tasks, version, citation, needs_teacher, stage_params, requ
 their annotations and defaults), and the hyperparameter type checks.
 
 A method's metadata comes from :meth:`kdbench.registry.Registry.info`, which reads the method's file with
-``ast`` instead of importing it (the method modules import torch); a method whose metadata is not all literal
-(or that overrides ``check_pair``/``check_params``) is imported and read from its class instead. Both paths end
-in a :class:`MethodInfo`, and :class:`kdbench.method.Distiller`'s classmethods use the same functions, so the
-checks and their messages are the same either way. Annotation strings are evaluated in a small torch-free
-namespace (:data:`ANNOTATION_NAMESPACE`).
+``ast`` instead of importing it (the method modules import torch), whether the file is kdbench's own, a
+module of an installed package's ``kdbench.methods`` entry point or a file of a plugin folder; a method whose
+metadata is not all literal (or that overrides ``check_pair``/``check_params``) is imported and read from its
+class instead. Both paths end in a :class:`MethodInfo`, and :class:`kdbench.method.Distiller`'s classmethods use
+the same functions, so the checks and their messages are the same either way. Annotation strings are evaluated
+in a small torch-free namespace (:data:`ANNOTATION_NAMESPACE`).
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ import submitit.helpers
 
 from kdbench.results import run_dir_for, write_spec
 from kdbench.graph import crash_record, job_folder, levels, runs_per_gpu, summary
+from kdbench.registry import PLUGINS_ENV
 from kdbench.suite import RunSpec, Suite
 
 GENERIC_RESOURCES = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes", "tasks_per_node")
@@ -89,11 +90,19 @@ class RunJob(submitit.helpers.Checkpointable):
 
     def __init__(self) -> None:
         self.requeues = 0
+        # the method plugin folders of the submitting process, pickled with the job: also where the cluster
+        # does not export the environment (--export=NONE); no run_id depends on them
+        self.plugins = os.environ.get(PLUGINS_ENV)
+
+    def _use_plugins(self) -> None:
+        if getattr(self, "plugins", None) and not os.environ.get(PLUGINS_ENV):
+            os.environ[PLUGINS_ENV] = self.plugins  # inherited by the processes of a RunPack too
 
     def __call__(self, spec: RunSpec, results: str) -> dict:
         from kdbench.results import error_line
         from kdbench.runner import run_one
 
+        self._use_plugins()
         rec = run_one(spec, results, requeues=self.requeues, threads=spec.resources.get("cpus_per_task"))
         if rec["status"] != "ok":  # the record is written; end the job FAILED so `afterok` dependents never run
             raise RunNotOk(f"{spec.kind} run {spec.run_id} ({spec.label}, {spec.pair}, seed {spec.seed}) ended "
@@ -125,6 +134,7 @@ class RunPack(RunJob):
         from kdbench.results import error_line
 
         threads = max(1, int(specs[0].resources.get("cpus_per_task") or len(specs)) // len(specs))
+        self._use_plugins()
         with mp.get_context("spawn").Pool(len(specs)) as pool:
             recs = pool.starmap(_run_in_process, [(s, results, self.requeues, threads) for s in specs])
         bad = [(s, r) for s, r in zip(specs, recs) if r["status"] != "ok"]

@@ -45,6 +45,7 @@ TOP_KEYS = {
     "seeds": "list of integer seeds",
     "resources": "mapping of scheduler resources",
     "reference": "list of published numbers {method, pair, metric, value, source}",
+    "plugins": "list of folders of method plugin files, relative to the suite file (as --plugins; no run_id changes)",
 }
 REQUIRED_TOP = ("suite", "version", "task", "data", "recipe", "pairs", "methods", "seeds")
 RECIPE_KEYS = {
@@ -251,6 +252,9 @@ def load_raw(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         base = _read_yaml(inc_path)
         if "include" in base:
             raise SuiteError(f"{inc_path}: included files cannot include others (one level only; {path} includes it)")
+        if isinstance(base.get("plugins"), list):  # relative to the file that names them
+            base["plugins"] = [str(inc_path.parent / expand_env(d, f"{inc_path}: plugins")) if isinstance(d, str)
+                               else d for d in base["plugins"]]
         data = deep_merge(base, data)
     for ov in overrides:
         apply_override(data, ov, path)
@@ -429,6 +433,27 @@ def _resolve_method(path: Path, where: str, entry: Any, task: str):
     return cls, entry["name"], entry.get("label") or entry["name"], params
 
 
+def _use_plugins(path: Path, plugins: Any) -> None:
+    """A suite's ``plugins:``: folders of method plugin files, relative to the suite file, added as ``--plugins``
+    adds them (:func:`kdbench.registry.add_plugin_dirs`: the environment the run processes inherit). They are no
+    part of any RunSpec, so no run_id depends on where a method's file is. A bad plugin file (anywhere: kdbench's,
+    an entry point's, a folder's) is reported here, as itself, not as the first method entry's error."""
+    from kdbench.registry import METHODS, RegistryError, add_plugin_dirs
+
+    if plugins is not None:
+        if not isinstance(plugins, list) or not all(isinstance(d, str) and d.strip() for d in plugins):
+            raise _err(path, "plugins", f"expected a list of folders, got {plugins!r}")
+        for i, d in enumerate(plugins):
+            try:
+                add_plugin_dirs([path.parent / d], where=f"{path}: plugins[{i}]")
+            except ValueError as e:
+                raise SuiteError(str(e)) from None
+    try:
+        METHODS.names()  # reads the plugin files (those of the folders just added too)
+    except RegistryError as e:
+        raise SuiteError(str(e)) from None
+
+
 def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
 
@@ -544,6 +569,7 @@ def _validate(path: Path, raw: dict) -> _Checked:
         raise _err(path, "pairs", "expected a non-empty list of {teacher, student}")
     if not isinstance(raw["methods"], list) or not raw["methods"]:
         raise _err(path, "methods", "expected a non-empty list of methods")
+    _use_plugins(path, raw.get("plugins"))
     methods = [_resolve_method(path, f"methods[{i}]", m, task) for i, m in enumerate(raw["methods"])]
     labels = [m[2] for m in methods]
     if "teacher" in labels:
