@@ -7,7 +7,7 @@ For a RetinaNet pair (default: the coco_detection pair, RetinaNet-R101 -> Retina
   post-processing), ``teacher fpn``: backbone + FPN only (what kdbench runs for FPN-only methods), and the
   saving ``1 - fpn / full``;
 * ``student step``: one training step of the student alone (forward with targets, backward, SGD step);
-* per method: one distillation step, ``kdbench.train.train_step`` as ``fit`` runs it (student forward with its
+* per method: one distillation step, ``kdbench.step.train_step`` as ``fit`` runs it (student forward with its
   taps, teacher forward with its taps under no_grad, the method's terms, backward, SGD step), and its ratio to
   ``teacher full + student step`` (the cost of a naive distillation step that runs the whole teacher).
 
@@ -59,7 +59,9 @@ def run(teacher_name: str = "retinanet_resnet101_fpn", student_name: str = "reti
     from kdbench.runner import build_context
     from kdbench.tasks.detection import DetectionTask
     from kdbench.bench import interleaved_times, summarize
-    from kdbench.train import amp_dtype, prepare_models, teacher_dtype, train_step
+    from kdbench.perf import prepare_models
+    from kdbench.recipe import amp_dtype, teacher_dtype
+    from kdbench.step import train_step
 
     dev = torch.device(device)
     amp_dt = amp_dtype(amp, dev)  # None on CPU

@@ -8,7 +8,7 @@ comparison, not taken from that code). Two references:
   (1×1 conv-BN, nearest resize, concat, 1×1 conv + sigmoid attention, 3×3 conv-BN, deep to shallow) and the
   hierarchical context loss against the teacher's pre-ReLU stages + pooled feature, CE + 5·HCL.
 
-The kdbench steps are :func:`kdbench.train.train_step` on models prepared by :func:`kdbench.train.prepare_models`
+The kdbench steps are :func:`kdbench.step.train_step` on models prepared by :func:`kdbench.perf.prepare_models`
 (as ``fit`` runs them). Also timed alone: the student step and the teacher forward of kdbench (their sum is
 kdbench's floor). Interleaved rounds, minimum (median); default: resnet32x4 -> resnet8x4, batch 64, 32 px,
 2 threads.
@@ -90,7 +90,8 @@ def run(teacher_name="kdbench:resnet32x4", student_name="kdbench:resnet8x4", bat
     from kdbench.registry import METHODS
     from kdbench.runner import build_context
     from kdbench.tasks.classification import ClassificationTask
-    from kdbench.train import prepare_models, train_step
+    from kdbench.perf import prepare_models
+    from kdbench.step import train_step
 
     methods = methods or list(TARGETS)
     task = ClassificationTask()

@@ -9,7 +9,7 @@ resnet32x4 → resnet8x4 at batch 64, about a tenth of its time. Asking glibc to
 previous step's pages: no number changes, the resident memory stays at the process' high-water mark (measured
 +16 % for that step, whose peak it reaches every step anyway).
 
-:func:`tune_cpu_allocator` does this once per process; :func:`kdbench.train.prepare_models` calls it for CPU
+:func:`tune_cpu_allocator` does this once per process; :func:`kdbench.perf.prepare_models` calls it for CPU
 training. ``KDBENCH_CPU_MALLOC=default`` in the environment leaves glibc's own settings. Elsewhere (macOS,
 musl, Windows) it does nothing.
 """

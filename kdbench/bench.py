@@ -5,9 +5,9 @@ For each pair it times, in the same process and interleaved round robin over eve
 shared machine, which only ever adds time, then hits every entry alike):
 
 * ``student step``: the student trained alone (the ``baseline`` step: forward, cross-entropy, backward, SGD);
-* ``teacher fwd``: the teacher's plain forward (logits) under ``no_grad``, as :func:`kdbench.train.train_step` runs it;
-* each method's step: :func:`kdbench.train.train_step` exactly as :func:`kdbench.train.fit` runs it, models
-  prepared by :func:`kdbench.train.prepare_models` (memory format, device) as in a real run.
+* ``teacher fwd``: the teacher's plain forward (logits) under ``no_grad``, as :func:`kdbench.step.train_step` runs it;
+* each method's step: :func:`kdbench.step.train_step` exactly as :func:`kdbench.train.fit` runs it, models
+  prepared by :func:`kdbench.perf.prepare_models` (memory format, device) as in a real run.
 
 Reported per entry: the minimum and median step time, ``step / floor`` with ``floor = min(student step) +
 min(teacher fwd)`` (what any distillation step must at least cost), samples/s at the minimum, the peak memory
@@ -33,7 +33,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 COLUMNS = ("pair", "label", "method", "min_ms", "median_ms", "step_over_floor", "samples_per_s", "peak_mem_mb",
@@ -204,7 +203,9 @@ def build_entries(suite, pattern: str | None = None, device=None, log=print) -> 
     from kdbench.models.sources import build_model
     from kdbench.registry import METHODS, TASKS
     from kdbench.runner import build_context
-    from kdbench.train import amp_dtype, build_optimizer, prepare_models, teacher_dtype, train_step
+    from kdbench.perf import prepare_models
+    from kdbench.recipe import amp_dtype, build_optimizer, teacher_dtype
+    from kdbench.step import StepSetup, train_step
 
     device = device or torch.device("cpu")
     runs = [s for s in suite.specs if s.kind == "distill" and _matches(s, pattern)]
@@ -252,16 +253,15 @@ def build_entries(suite, pattern: str | None = None, device=None, log=print) -> 
             opt = build_optimizer(params, recipe["optimizer"])
             batch = Batch(inputs=x, targets=y, epoch=max(1, int(recipe["epochs"]) // 2), step=0,
                           epochs=int(recipe["epochs"]), steps_per_epoch=1)
-            taps = method.taps()
             amp = amp_dtype(recipe.get("amp"), device)  # as fit: AMP, bf16 teacher, compile on GPU per recipe
-            scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-            t_amp = teacher_dtype(recipe, device) if t is not None else None
-            student_fwd = torch.compile(student) if recipe.get("compile") else None
+            setup = StepSetup(optimizer=opt, params=params,
+                              scaler=torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
+                              amp=amp or False, grad_clip=recipe.get("grad_clip"), device=device, taps=method.taps(),
+                              teacher_amp=teacher_dtype(recipe, device) if t is not None else None,
+                              student_forward=torch.compile(student) if recipe.get("compile") else None)
 
             def step():
-                train_step(student, t, method, task, batch, optimizer=opt, params=params, scaler=scaler,
-                           amp=amp or False, grad_clip=recipe.get("grad_clip"), device=device, taps=taps,
-                           teacher_amp=t_amp, student_forward=student_fwd)
+                train_step(student, t, method, task, batch, setup)
 
             return Entry(pair, spec.label if kind == "method" else "(student step)", spec.method if kind == "method"
                          else "baseline", step, method.extra_parameters(), kind)

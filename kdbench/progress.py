@@ -4,7 +4,7 @@ Writer side (a worker): :class:`ProgressFile` keeps ``<run dir>/progress.json`` 
 ``{"kind", "epoch", "epochs", "step", "steps", "metric", "value", "loss", "started", "updated", "pid"}``
 (``epoch`` is the epoch being trained, 1-based; ``step`` the steps of it done; ``metric``/``value`` the last
 evaluated primary metric, ``loss`` the last epoch's mean training loss; times are ``time.time()`` seconds). It is
-written atomically (a temporary file of a unique name, then ``os.replace``) and at most once every
+written atomically (``kdbench.results.write_atomic``) and at most once every
 ``KDBENCH_PROGRESS_S`` seconds (default 1) besides the last epoch, so training does not slow down.
 
 Reader side (the scheduler's wait loop): :func:`read_progress` reads one such file (None when missing or
@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-PROGRESS_FILE = "progress.json"
-_COUNTER = itertools.count()
+from kdbench.results import PROGRESS_FILE, RECORD_FILE, write_atomic
+
 
 
 def _env_float(name: str, default: float) -> float:
@@ -38,17 +38,12 @@ def _env_float(name: str, default: float) -> float:
 
 # ------------------------------------------------------------------------------------------- writer
 def write_progress(run_dir: str | os.PathLike, state: dict) -> None:
-    """Write ``state`` to ``<run_dir>/progress.json`` atomically (never a half-written file for a reader)."""
-    path = Path(run_dir) / PROGRESS_FILE
-    tmp = path.with_name(f"{PROGRESS_FILE}.tmp{os.getpid()}.{next(_COUNTER)}")
+    """Write ``state`` to ``<run_dir>/progress.json`` atomically (never a half-written file for a reader; not
+    fsynced: it is rewritten every second and worthless after a crash)."""
     try:
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, path)
+        write_atomic(Path(run_dir) / PROGRESS_FILE, json.dumps(state).encode(), durable=False)
     except OSError:  # progress is a convenience: a full disk or a vanished folder must not fail the run
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        pass
 
 
 class ProgressFile:
@@ -267,7 +262,7 @@ def current_run(run_dirs: Iterable[str | os.PathLike], since: float) -> int | No
     written since ``since`` (None when every one has its record)."""
     for i, d in enumerate(run_dirs):
         try:
-            if os.stat(Path(d) / "record.json").st_mtime >= since:
+            if os.stat(Path(d) / RECORD_FILE).st_mtime >= since:
                 continue
         except OSError:
             pass

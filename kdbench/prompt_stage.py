@@ -85,7 +85,7 @@ def run_prompt_stage(
     are removed, whatever happens.
     """
     from kdbench.models.tap import edit_tap
-    from kdbench.train import train_step
+    from kdbench.step import train_step
 
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"stage optimizer must be 'adam' or 'sgd', got {optimizer!r}")

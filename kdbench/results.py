@@ -14,20 +14,31 @@ import gc
 import json
 import math
 import os
-import tempfile
-from collections.abc import Iterator, Mapping
+import re
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:  # pandas is imported where frames are built: `kdbench table/status` never need it
     import pandas as pd
 
 RECORD_SCHEMA = 1
-RECORD_FILE = "record.json"
 STATUSES = ("ok", "failed", "diverged", "timeout")
 KINDS = ("teacher", "stage", "distill", "eval")
 LAYOUT = "<results>/<suite>/runs/<run_id>/record.json"
-SPEC_FILE = "spec.json"
+
+# The files of a run folder (``run_dir``); every module asks for them here.
+RECORD_FILE = "record.json"  # the run's record, written once when it ends
+SPEC_FILE = "spec.json"  # the RunSpec as plain data
+MODEL_FILE = "model.pt"  # a teacher or distill run's trained network (state dict)
+STAGE_FILE = "stage.pt"  # a stage run's tensors
+CHECKPOINT_FILE = "checkpoint.pt"  # the training loop's last epoch (kdbench/checkpoint.py)
+LOG_FILE = "log.jsonl"  # one line per trained epoch
+PROGRESS_FILE = "progress.json"  # live progress (kdbench/progress.py)
+EVALS_DIR = "evals"  # corruption cells of the evaluated run (kdbench/robustness.py)
+LOCK_FILE = ".lock"  # held by whoever runs the run (kdbench/runner.py: run_lock)
 
 #: Keys every record carries (schema 1). ``write_record`` refuses a record that lacks one.
 REQUIRED_KEYS = (
@@ -129,31 +140,67 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"{type(x).__name__} is not JSON serialisable: {x!r}")
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically.
+#: A temporary file of :func:`write_atomic`: ``.<name>.<host>-<pid>.<random>.tmp`` next to the file it will
+#: become: its writer's host and pid tell :func:`clean_stale_temps` a dead writer's file from a live one's (a
+#: results folder on a shared filesystem is written from several hosts).
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]*)-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+#: Temporary names of kdbench before the one scheme (``<name>.tmp<pid>[.<n>]``, ``.<name>.<random>.tmp``).
+OLD_TEMP_NAME = re.compile(r"\.tmp\d+(\.\d+)?$|^\..+\.tmp$")
+#: a temporary file of a process that is still alive (or of another host) is left alone until it is this old
+STALE_TMP_S = 3600
 
-    The JSON goes to a temporary file in the same folder, is flushed and fsynced, then ``os.replace``-d over
-    ``path``. If anything fails on the way the temporary file is removed and an existing ``path`` is left
-    untouched. The folder is created if needed.
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """A fresh temporary name for ``path``, in its folder (:data:`TEMP_NAME`)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{_host()}-{os.getpid()}.{os.urandom(4).hex()}.tmp")
+
+
+def write_atomic(path: str | os.PathLike, content: bytes | Callable[[BinaryIO], None], *,
+                 durable: bool = True) -> None:
+    """Write a file atomically: a reader sees the old file or the new one, never a part; the one way kdbench
+    writes the files of a run folder (records, checkpoints, models, logs, progress, eval cells).
+
+    ``content`` (bytes, or a function that writes into the open binary file) goes to a temporary file in the
+    same folder (:func:`temp_path`), flushed and, when ``durable``, fsynced; then ``os.replace``-d over ``path``
+    (and, when ``durable``, the folder fsynced where the filesystem allows it). If anything fails on the way
+    (a full disk, an interrupt) the temporary file is removed, the error raised and an existing ``path`` left
+    untouched. The folder must exist.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    while True:
+        tmp = temp_path(path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:  # pragma: no cover  (4 random bytes of one process: never in practice)
+            continue
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, default=_json_default, ensure_ascii=False)
-            fh.write("\n")
+        with os.fdopen(fd, "wb") as fh:
+            if callable(content):
+                content(fh)
+            else:
+                fh.write(content)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
-    try:  # make the rename itself durable; not possible on every platform/filesystem
-        dfd = os.open(path.parent, os.O_RDONLY)
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable; not possible on every platform/filesystem."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -162,6 +209,68 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented UTF-8 JSON (paths, numpy scalars and sets converted) to ``path`` atomically
+    (:func:`write_atomic`); the folder is created if needed."""
+    text = json.dumps(obj, indent=2, default=_json_default, ensure_ascii=False) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text.encode("utf-8"))
+
+
+def write_torch_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (:func:`write_atomic`; torch is imported here, not with this
+    module). A full disk surfaces as the ``OSError`` it is (torch's own writer reports it as a RuntimeError
+    from its C++ stream)."""
+    import torch
+
+    def save(fh: BinaryIO) -> None:
+        try:
+            torch.save(obj, fh)
+        except RuntimeError as e:
+            cause = e.__cause__ or e.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise OSError(cause.errno, cause.strerror, str(path)) from e
+
+    write_atomic(path, save)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of :func:`write_atomic` in ``folder`` whose writer died (a pid of this host
+    that is gone) or that are older than :data:`STALE_TMP_S`, and those of an older kdbench's names
+    (:data:`OLD_TEMP_NAME`) older than :data:`STALE_TMP_S`; return them. Called by whoever holds the run's
+    lock, so no live writer of this run is interrupted."""
+    folder = Path(folder)
+    removed = []
+    host = _host()
+    for p in folder.iterdir() if folder.is_dir() else ():
+        m = TEMP_NAME.match(p.name)
+        if (m is None and OLD_TEMP_NAME.search(p.name) is None) or not p.is_file():
+            continue
+        try:
+            age = time.time() - p.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        dead = m is not None and m.group("host") == host and not _alive(int(m.group("pid")))
+        if dead or age > STALE_TMP_S:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def prepare_output(path: str | os.PathLike, flag: str = "--out") -> Path:
@@ -325,7 +434,7 @@ def iter_records(suite_dir: str | os.PathLike) -> Iterator[dict]:
 
 # ------------------------------------------------------------------------------------------- artifacts
 #: The file each kind of run leaves for the runs that need it.
-ARTIFACTS = {"teacher": "model.pt", "distill": "model.pt", "stage": "stage.pt"}
+ARTIFACTS = {"teacher": MODEL_FILE, "distill": MODEL_FILE, "stage": STAGE_FILE}
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -518,8 +627,6 @@ def metrics_frame(records: list[Mapping], field: str = "metrics") -> pd.DataFram
                          "select": m["select"], "value": _num(m["value"]),
                          "higher_is_better": bool(m["higher_is_better"]), **joined, "target": rec.get("target"),
                          **{k: m.get(k) for k in METRIC_OPTIONAL_KEYS}})
-    import pandas as pd
-
     return pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
 
 
@@ -542,13 +649,50 @@ def load_records(suite_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFra
 
     Raises FileNotFoundError naming the path and the expected layout when there is no record.
     """
+    return records_to_frames(load_suite_records(suite_dir, paths=True))
+
+
+# ------------------------------------------------------------------------------------------- one suite's records
+def load_suite_records(suite_dir: str | os.PathLike, kinds: tuple[str, ...] = KINDS, *,
+                       paths: bool = False) -> list[dict]:
+    """The records of ``kinds`` under ``suite_dir/runs``, in run-folder order (``paths``: each with its file as
+    ``_path``). Records of another suite among them are refused (:func:`check_one_suite`); none at all raises
+    FileNotFoundError naming the path and the expected layout."""
     records = []
-    with gc_paused():
+    with gc_paused():  # 10,000 records are millions of live containers (see gc_paused)
         for d in run_dirs(suite_dir):
             rec = read_record(d)
-            if rec is not None:
-                records.append({**rec, "_path": str(d / RECORD_FILE)})
+            if rec is not None and rec.get("kind") in kinds:
+                records.append({**rec, "_path": str(d / RECORD_FILE)} if paths else rec)
     if not records:
         raise no_records_error(suite_dir)
     check_one_suite(records, suite_dir)
-    return records_to_frames(records)
+    return records
+
+
+def one_version(records: list[dict], suite_dir: str | os.PathLike, suite_version: int | None) -> list[dict]:
+    """The records of ``suite_version``; with None, all of them when they are of one version (numbers of
+    different versions are not comparable: several versions without a choice are refused)."""
+    versions = sorted({r["suite_version"] for r in records}, key=str)
+    if suite_version is None:
+        if len(versions) > 1:
+            raise ValueError(f"{suite_dir} holds records of suite versions {', '.join(map(str, versions))}; "
+                             "numbers of different versions are not comparable: pass suite_version=N "
+                             "(CLI: --suite-version N)")
+        return records
+    chosen = [r for r in records if r["suite_version"] == suite_version]
+    if not chosen:
+        raise ValueError(f"{suite_dir} has no record of suite version {suite_version}; versions found: "
+                         f"{', '.join(map(str, versions))}")
+    return chosen
+
+
+def higher_is_better(records: list[Mapping], metric: str, eval: str) -> bool:
+    """Whether higher ``metric`` (of evaluation ``eval``) is better, as the records' metric rows and teacher
+    metric rows say (True when none says); records that disagree are refused."""
+    flags = {bool(m["higher_is_better"]) for r in records
+             for m in (r.get("metrics") or []) + (r.get("teacher_metrics") or [])
+             if m["metric"] == metric and m["eval"] == eval}
+    if len(flags) > 1:
+        raise ValueError(f"records disagree on whether higher {metric!r} is better")
+    return flags.pop() if flags else True

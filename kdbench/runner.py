@@ -12,7 +12,7 @@ Integrity: whoever runs a run holds its lock (``run_lock``: ``flock`` on ``<run 
 processes never train it twice; temporary files of dead writers are removed under it (``clean_stale_temps``).
 The record of a run that leaves a file (``model.pt``, ``stage.pt``) keeps its sha256 (``record["artifact"]``);
 the runs that load it refuse a file with another hash, and an ok run whose file is missing or corrupt runs
-again. Checkpoints carry their run_id (``kdbench.train.fit``). A full disk, a quota or a read-only filesystem
+again. Checkpoints carry their run_id (``kdbench/checkpoint.py``). A full disk, a quota or a read-only filesystem
 (``DISK_FAULTS``) writes no record and stops the walk: it is not the run's fault.
 
 What each kind leaves in its run folder: ``teacher`` and ``distill`` a ``model.pt`` (the trained network's
@@ -33,7 +33,6 @@ import errno
 import importlib.metadata
 import os
 import platform
-import re
 import socket
 import subprocess
 import sys
@@ -42,17 +41,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from kdbench.results import artifact_entry, run_dir, run_dir_for
+from kdbench.results import (EVALS_DIR, LOCK_FILE, MODEL_FILE, STAGE_FILE, artifact_entry, clean_stale_temps,
+                             run_dir, run_dir_for, write_torch_atomic)
 from kdbench.suite import RunSpec
 
 TRACEBACK_TAIL = 4000
-STAGE_FILE = "stage.pt"
-MODEL_FILE = "model.pt"
-LOCK_FILE = ".lock"
 #: filesystem faults that stop the whole walk instead of failing one run: full disk, quota, read-only
 DISK_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-#: a temporary file of a process that is still alive is left alone unless it is older than this
-STALE_TMP_S = 3600
 
 __all__ = ["run_one", "run_dir_for", "build_context", "resolved_params"]
 
@@ -119,14 +114,6 @@ def _select_device():
     return torch.device("cpu")
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    """Save through a temporary file renamed over ``path``; a full disk or an interrupt leaves no temporary
-    file behind and raises the ``OSError`` (see ``kdbench.train._atomic_save``)."""
-    from kdbench.train import _atomic_save
-
-    _atomic_save(obj, path)
-
-
 @contextlib.contextmanager
 def run_lock(rdir: Path, enabled: bool = True):
     """Hold the run's lock (``flock`` on ``<run dir>/.lock``) while it runs: whoever runs it (a local job, the
@@ -155,35 +142,6 @@ def run_lock(rdir: Path, enabled: bool = True):
         yield
     finally:
         os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_temps(rdir: Path) -> list[Path]:
-    """Remove temporary files (``*.tmp<pid>``, ``.<name>.<random>.tmp``) left in the run folder by processes
-    that died while writing; called under the run's lock, so no live writer of this run is interrupted."""
-    removed = []
-    for p in rdir.iterdir() if rdir.is_dir() else ():
-        if ".tmp" not in p.name or not p.is_file():
-            continue
-        m = re.search(r"\.tmp(\d+)$", p.name)
-        try:
-            age = time.time() - p.stat().st_mtime
-        except FileNotFoundError:
-            continue
-        if (m and not _alive(int(m.group(1)))) or age > STALE_TMP_S or (not m and age > 60):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-                removed.append(p)
-    return removed
 
 
 def _done(rdir: Path, rec: dict | None, spec: RunSpec, results: Path, warn: bool = True) -> bool:
@@ -245,7 +203,7 @@ def _run_one(spec: RunSpec, results: Path, rdir: Path, requeues: int, dist, thre
         else:  # a full disk / quota / read-only filesystem is not the run's fault and would fail every run
             raise  # no record (none could be written); the run resumes once the disk is fixed
     except Exception as e:  # the record says what went wrong; the other runs go on
-        from kdbench.train import Diverged
+        from kdbench.step import Diverged
 
         record["status"] = "diverged" if isinstance(e, Diverged) else "failed"
         record["error"] = traceback.format_exc()[-TRACEBACK_TAIL:]
@@ -316,7 +274,7 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
     import torch
 
     from kdbench.registry import METHODS
-    from kdbench.train import fit
+    from kdbench.train import RunPlace, fit
 
     device, task, data = _setup(spec, record, dist)
     torch.manual_seed(spec.seed)
@@ -334,6 +292,7 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
                         (spec.teacher or {}).get("model", ""))
     torch.manual_seed(spec.seed)
     method = METHODS.get(spec.method)(ctx, **spec.params)
+    record["method_origin"] = METHODS.origin(spec.method)  # built-in, plugin folder or installed package
     record["params_resolved"] = resolved_params(method, spec.params)
     taps = method.taps()
     student.check_taps(taps.student)
@@ -349,10 +308,9 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
         method.load_stage(_load_stage(s_dir / STAGE_FILE, s_rec))
         record["stage"] = {"run": spec.stage_run, "dir": str(s_dir)}
 
-    res = fit(student=student, teacher=teacher, method=method, task=task, data=data, recipe=spec.recipe,
-              run_dir=rdir, seed=spec.seed, device=device, desc=f"{spec.label} {spec.pair} s{spec.seed}",
-              primary=task.primary_metric, higher_is_better=task.metrics.get(task.primary_metric, True),
-              dist=dist, run_id=spec.run_id, resources=spec.resources)
+    res = fit(student, teacher, method, task, data, spec.recipe, seed=spec.seed,
+              place=RunPlace(rdir, device, run_id=spec.run_id, dist=dist, resources=spec.resources,
+                             desc=f"{spec.label} {spec.pair} s{spec.seed}"))
     record["metrics"] = _metric_rows(res.final, "final", task) + _metric_rows(res.best, "best", task)
     record["best_epoch"] = res.best_epoch
     record["cost"] = {"wall_time_s": round(res.wall_time_s, 3), "step_time_s": res.step_time_s,
@@ -367,7 +325,7 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
     if dist.enabled:
         record["scheduler"]["world_size"] = dist.world
     if dist.is_main:  # a suite-trained teacher is loaded from it; every model is kept for its eval runs
-        _save_atomic(student.net.state_dict(), rdir / MODEL_FILE)
+        write_torch_atomic(rdir / MODEL_FILE, student.net.state_dict())
         record["artifact"] = artifact_entry(rdir / MODEL_FILE)  # its sha256: dependents refuse another file
 
 
@@ -379,7 +337,7 @@ def teacher_forward_time(teacher, taps, task, data, recipe: dict, device, repeat
 
     import torch
 
-    from kdbench.train import channels_last_enabled, to_channels_last
+    from kdbench.perf import channels_last_enabled, to_channels_last
 
     loader = task.loader(data.train, int(recipe["batch_size"]))
     x, y = next(iter(loader))
@@ -413,6 +371,7 @@ def _stage(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
                         spec.teacher["model"])
     torch.manual_seed(spec.seed)
     method = METHODS.get(spec.method)(ctx, **spec.params)
+    record["method_origin"] = METHODS.origin(spec.method)  # built-in, plugin folder or installed package
     bs = int(spec.recipe["batch_size"])
     g = torch.Generator().manual_seed(spec.seed)
     loader = task.loader(data.train, bs, shuffle=True, drop_last=len(data.train) >= bs, generator=g)
@@ -421,7 +380,7 @@ def _stage(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
     record["cost"] = {"wall_time_s": round(time.perf_counter() - t0, 3), "extra_params": 0}
     record["stage"] = {"tensors": {k: list(v.shape) for k, v in state.items()}}
     if dist.is_main:
-        _save_atomic(state, rdir / STAGE_FILE)
+        write_torch_atomic(rdir / STAGE_FILE, state)
         record["artifact"] = artifact_entry(rdir / STAGE_FILE)
 
 
@@ -445,7 +404,7 @@ def _eval(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None:
     net.to(device).eval().requires_grad_(False)
     t0 = time.perf_counter()
     warnings: list[str] = []
-    cell_dir = run_dir(results, spec.suite, spec.target) / "evals"
+    cell_dir = run_dir(results, spec.suite, spec.target) / EVALS_DIR
     clean_stale_temps(cell_dir)  # cells a killed eval run was writing (every cell write takes milliseconds)
     record["metrics"] = run_eval(spec, net, task, data, device, cell_dir, model_sha256=sha, warnings=warnings)
     record["cost"] = {"wall_time_s": round(time.perf_counter() - t0, 3)}
@@ -470,6 +429,7 @@ def build_context(task, data, recipe: dict, student, teacher, device, student_mo
     import torch
 
     from kdbench.method import Context
+    from kdbench.recipe import steps_per_epoch
 
     example = task.example_input(data).to(device)
     nets = {"student": student.to(device), "teacher": teacher}
@@ -485,10 +445,8 @@ def build_context(task, data, recipe: dict, student, teacher, device, student_mo
         net.train(was)
         return [tuple(t.shape[1:]) for t in out[tap]]
 
-    steps = len(data.train) // int(recipe["batch_size"]) or 1
-    if recipe.get("max_steps_per_epoch"):
-        steps = min(steps, int(recipe["max_steps_per_epoch"]))
-    return Context(task=task.name, num_classes=data.num_classes, epochs=int(recipe["epochs"]), steps_per_epoch=steps,
+    return Context(task=task.name, num_classes=data.num_classes, epochs=int(recipe["epochs"]),
+                   steps_per_epoch=steps_per_epoch(recipe, len(data.train)),
                    dataset_size=len(data.train), student_model=student_model, teacher_model=teacher_model,
                    probe=probe, task_loss=task.loss)
 

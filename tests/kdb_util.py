@@ -1,5 +1,20 @@
 """Shared test helpers (importable: tests/ is on sys.path under pytest's default import mode)."""
 
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def slow_steps_env(seconds: float) -> dict:
+    """Environment variables under which every training step of the Python processes started with them (a
+    ``kdbench run`` subprocess, its local or SLURM jobs) sleeps ``seconds`` after it is done and timed: the
+    ``sitecustomize.py`` of ``tests/hooks/slow_steps`` on ``PYTHONPATH``. No number changes."""
+    path = [str(REPO / "tests" / "hooks" / "slow_steps"), str(REPO)]
+    if os.environ.get("PYTHONPATH"):
+        path.append(os.environ["PYTHONPATH"])
+    return {"PYTHONPATH": os.pathsep.join(path), "KDBENCH_TEST_STEP_SLEEP_S": str(seconds)}
+
 
 def tiny_suite(**over) -> dict:
     """A digits suite small enough to run in seconds."""
@@ -25,7 +40,7 @@ def one_classification_step(name: str, *, fold: bool = False, teacher_setup=None
     """One training step (no optimiser step) of method ``name`` on resnet20→resnet8, 8 random 16 px images, the
     same seeds every call: ``(loss terms, student gradients, teacher, prepared inputs)``. The teacher is built
     only for methods that need one; ``teacher_setup(teacher)`` runs before the models are prepared; ``fold``:
-    :func:`kdbench.train.prepare_models` gets the task (the frozen teacher's norms are folded); ``teacher_warmup``:
+    :func:`kdbench.perf.prepare_models` gets the task (the frozen teacher's norms are folded); ``teacher_warmup``:
     one teacher forward with the method's taps before the step (so that the step's teacher forward is the first
     one that can run a graph made by :mod:`kdbench.models.frozen`)."""
     import torch
@@ -35,7 +50,8 @@ def one_classification_step(name: str, *, fold: bool = False, teacher_setup=None
     from kdbench.registry import METHODS
     from kdbench.runner import build_context
     from kdbench.tasks.classification import ClassificationTask
-    from kdbench.train import prepare_models, train_step
+    from kdbench.perf import prepare_models
+    from kdbench.step import train_step
 
     task, cpu = ClassificationTask(), torch.device("cpu")
     cls = METHODS.get(name)

@@ -1,5 +1,6 @@
-"""kdbench bench (kdbench/bench.py) and the speed defaults of the training step (kdbench/train.py): channels_last
-conv nets give the same losses and gradients as the default memory format; AMP modes; loader options."""
+"""kdbench bench (kdbench/bench.py) and the speed defaults of the training step (kdbench/perf.py,
+kdbench/recipe.py): channels_last conv nets give the same losses and gradients as the default memory format; AMP
+modes; loader options."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import yaml
 from kdb_util import assert_same_step, one_classification_step, tiny_suite
 from kdbench import bench
 from kdbench.registry import METHODS
-from kdbench.train import amp_dtype, loader_options, teacher_dtype
+from kdbench.recipe import amp_dtype, loader_options, teacher_dtype
 
 
 def _suite(tmp_path, methods):

@@ -17,7 +17,7 @@ from kdbench.models.tap import edit_tap
 from kdbench.registry import METHODS
 from kdbench.runner import build_context
 from kdbench.tasks.detection import DetectionTask
-from kdbench.train import train_step
+from kdbench.step import train_step
 
 SUITES = Path(__file__).resolve().parent.parent / "suites"
 KINDS = ("retinanet", "fcos", "fasterrcnn")

@@ -20,10 +20,11 @@ import yaml
 
 from kdbench import cli
 from kdbench.results import RecordError
-from kdbench.scheduler import launch, pending
+from kdbench.scheduler import launch
+from kdbench.graph import pending
 from kdbench.suite import load_suite
 
-from kdb_util import tiny_suite
+from kdb_util import slow_steps_env, tiny_suite
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = dict(log=lambda s: None)
@@ -263,31 +264,39 @@ def test_malicious_weights_and_stage_files_execute_nothing(tmp_path):
 def test_stale_temp_files_are_cleaned_and_writes_leave_none(tmp_path, monkeypatch):
     import errno
 
-    from kdbench.runner import _save_atomic, clean_stale_temps
-    from kdbench.train import _write_log
+    from kdbench.checkpoint import write_log
+    from kdbench.results import STALE_TMP_S, clean_stale_temps, temp_path, write_json_atomic, write_torch_atomic
 
     d = tmp_path / "run"
     d.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (d / f"checkpoint.pt.tmp{dead.pid}").write_bytes(b"x")  # a process that died while saving
-    (d / f"model.pt.tmp{os.getpid()}").write_bytes(b"x")  # a live writer: kept
-    old = d / "log.jsonl.tmp"  # the old shared name, long abandoned
+    mine = temp_path(d / "model.pt")  # a live writer's (this process): kept
+    theirs = mine.with_name(mine.name.replace(f"-{os.getpid()}.", f"-{dead.pid}."))  # a process that died
+    other_host = mine.with_name(mine.name.replace(mine.name.split(".")[3], "otherhost-1"))  # alive or not: kept
+    for p in (mine, theirs, other_host):
+        p.write_bytes(b"x")
+    old = d / "log.jsonl.tmp123"  # an older kdbench's name, long abandoned
+    young = d / "checkpoint.pt.tmp123"  # an older kdbench's name, maybe still written: kept for now
     old.write_text("x")
-    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    young.write_text("x")
+    os.utime(old, (time.time() - STALE_TMP_S - 60, time.time() - STALE_TMP_S - 60))
     removed = clean_stale_temps(d)
-    assert sorted(p.name for p in removed) == sorted([f"checkpoint.pt.tmp{dead.pid}", "log.jsonl.tmp"])
-    assert sorted(p.name for p in d.iterdir()) == [f"model.pt.tmp{os.getpid()}"]
-    (d / f"model.pt.tmp{os.getpid()}").unlink()
+    assert sorted(p.name for p in removed) == sorted([theirs.name, old.name])
+    assert sorted(p.name for p in d.iterdir()) == sorted([mine.name, other_host.name, young.name])
+    for p in (mine, other_host, young):
+        p.unlink()
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "replace", full)
     with pytest.raises(OSError):
-        _save_atomic({"w": torch.zeros(3)}, d / "model.pt")
+        write_torch_atomic(d / "model.pt", {"w": torch.zeros(3)})
     with pytest.raises(OSError):
-        _write_log([{"epoch": 1}], d / "log.jsonl")
+        write_log(d / "log.jsonl", [{"epoch": 1}])
+    with pytest.raises(OSError):
+        write_json_atomic(d / "record.json", {"a": 1})
     assert list(d.iterdir()) == []
 
 
@@ -376,7 +385,7 @@ def test_stop_signal_leaves_no_worker_and_a_rerun_resumes(write_suite, tmp_path,
     d["pairs"][0]["teacher"]["train"]["recipe"]["epochs"] = 6  # far longer than the stop's 15 s grace
     path = write_suite(d)
     results = tmp_path / "res"
-    env = _env(tmp_path, KDBENCH_STEP_SLEEP_S="0.2")
+    env = _env(tmp_path, **slow_steps_env(0.2))
     proc = subprocess.Popen([sys.executable, "-m", "kdbench.cli", "run", str(path), "--results", str(results),
                              "--no-table", "--parallel", "2"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=_ignore_sigint if background is True else None,
@@ -413,14 +422,14 @@ def test_stop_signal_leaves_no_worker_and_a_rerun_resumes(write_suite, tmp_path,
         assert sum(x["scheduler"]["resumes"] for x in recs.values()) >= 1
 
 
-def test_an_abort_of_the_scheduler_stops_the_running_workers(write_suite, tmp_path):
+def test_an_abort_of_the_scheduler_stops_the_running_workers(write_suite, tmp_path, monkeypatch):
     """Any error in the scheduler's own process (here: the log callback, standing for a corrupt record or a full
     disk met while writing) stops every running worker before it propagates."""
     d = tiny_suite(methods=["baseline"])
     d["recipe"]["epochs"] = 4
     path = write_suite(d)
-    env_before = os.environ.get("KDBENCH_STEP_SLEEP_S")
-    os.environ["KDBENCH_STEP_SLEEP_S"] = "0.2"
+    for k, v in slow_steps_env(0.2).items():  # the workers' steps, not this process'
+        monkeypatch.setenv(k, v)
     seen: set[int] = set()
     before = _descendants(os.getpid())  # earlier tests' long-lived helpers (e.g. multiprocessing's resource tracker)
 
@@ -429,14 +438,8 @@ def test_an_abort_of_the_scheduler_stops_the_running_workers(write_suite, tmp_pa
         if line.startswith("["):  # the first run finished while the other still trains
             raise RuntimeError("boom")
 
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            launch(load_suite(path), tmp_path / "res", executor="local", parallel=2, log=log)
-    finally:
-        if env_before is None:
-            os.environ.pop("KDBENCH_STEP_SLEEP_S")
-        else:
-            os.environ["KDBENCH_STEP_SLEEP_S"] = env_before
+    with pytest.raises(RuntimeError, match="boom"):
+        launch(load_suite(path), tmp_path / "res", executor="local", parallel=2, log=log)
     assert seen, "no worker process was seen"
     # the job of the run that had just finished may still be writing its result and exiting: give it time (a
     # loaded machine), but no process may stay

@@ -1,5 +1,5 @@
 """Folding the frozen teacher's batch norms into its convolutions (kdbench/models/fold.py, used by
-kdbench.train.prepare_models): the same outputs, taps, losses and gradients up to float rounding, and only the
+kdbench.perf.prepare_models): the same outputs, taps, losses and gradients up to float rounding, and only the
 pairs where it is exact are folded."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The frozen teacher's forward as an optimized inference graph on the CPU (kdbench/models/frozen.py, installed by
-kdbench.train.prepare_models): same outputs within float rounding, and the eager forward wherever the graph could
+kdbench.perf.prepare_models): same outputs within float rounding, and the eager forward wherever the graph could
 differ from it (gradients on, changed weights, new hooks, autocast)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from kdbench.models import frozen
 from kdbench.models.sources import build_model
 from kdbench.registry import METHODS
 from kdbench.tasks.classification import ClassificationTask
-from kdbench.train import prepare_models
+from kdbench.perf import prepare_models
 
 TAPS = ("stages", "stages_preact", "pooled", "module:layer2.0.conv1")
 

@@ -13,7 +13,7 @@ import torch
 import kdbench.methods
 from kdbench.methods.kd import kd_loss
 from kdbench.models.sources import build_model
-from kdbench.train import lr_factor
+from kdbench.recipe import lr_factor
 
 
 def test_kd_loss_hand_computed():

@@ -17,7 +17,7 @@ from kdbench.models.sources import build_model
 from kdbench.registry import METHODS
 from kdbench.runner import build_context
 from kdbench.tasks.classification import ClassificationTask
-from kdbench.train import train_step
+from kdbench.step import train_step
 
 K = 10
 HETERO_TEACHERS = {

@@ -11,7 +11,7 @@ from kdbench.progress import (PROGRESS_FILE, LiveProgress, ProgressFile, current
 from kdbench.scheduler import launch
 from kdbench.suite import load_suite
 
-from kdb_util import tiny_suite
+from kdb_util import slow_steps_env, tiny_suite
 
 
 def write(d: Path, **state) -> Path:
@@ -131,7 +131,8 @@ def test_current_run_is_the_first_without_a_new_record(tmp_path):
 def test_local_run_prints_epoch_lines_when_not_a_terminal(write_suite, tmp_path, monkeypatch):
     monkeypatch.setenv("KDBENCH_PROGRESS_EVERY", "0")  # a line at every epoch change the scheduler sees
     monkeypatch.setenv("KDBENCH_PROGRESS_S", "0")  # the worker writes at every step
-    monkeypatch.setenv("KDBENCH_STEP_SLEEP_S", "0.1")  # ~1 s epochs, longer than the scheduler's poll
+    for k, v in slow_steps_env(0.1).items():  # ~1 s epochs, longer than the scheduler's poll
+        monkeypatch.setenv(k, v)
     d = tiny_suite(methods=["baseline"])
     d["recipe"]["epochs"] = 3
     lines = []

@@ -108,7 +108,7 @@ def test_write_record_atomic_and_crash_keeps_old(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(json, "dump", boom)
+    monkeypatch.setattr(os, "fsync", boom)  # the temporary file is written, not yet renamed
     with pytest.raises(OSError, match="disk full"):
         write_record(run, make_record(value=99.0))
     monkeypatch.undo()
@@ -387,7 +387,8 @@ def test_fast_renderers_match_tabulate_and_pandas():
     and line breaks, which go back to tabulate)."""
     from tabulate import tabulate
 
-    from kdbench.tables import _csv_text, _simple_table
+    from kdbench.tables.render import csv_text
+    from kdbench.tables.status import _simple_table
 
     headers = ["run", "v", "label", "pair", "seed", "status", "error"]
     cases = [[["abcdefgh", 1, "kd", P0, 0, "ok", ""], ["zz", None, " lead", "漢字→ｶﾅ", 12, "failed", "E: x,y"]],
@@ -400,7 +401,7 @@ def test_fast_renderers_match_tabulate_and_pandas():
             {"a": 3, "b": 1e16, "c": None, "d": None, "e": "→", "f": None, "g": 10**20}]
     for cols in (list("abcdefg"), list("ab"), ["a", "zz"]):
         for sub in (rows, rows[:1], []):
-            assert _csv_text(sub, cols) == pd.DataFrame(sub, columns=cols).to_csv(
+            assert csv_text(sub, cols) == pd.DataFrame(sub, columns=cols).to_csv(
                 index=False, lineterminator="\n").rstrip("\n")
 
 

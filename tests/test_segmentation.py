@@ -15,7 +15,7 @@ from kdbench.models.sources import build_model, check_model
 from kdbench.registry import METHODS
 from kdbench.runner import build_context
 from kdbench.tasks.segmentation import SegmentationTask, confusion_matrix, pad_collate, segmentation_metrics
-from kdbench.train import train_step
+from kdbench.step import train_step
 
 torch.set_num_threads(2)
 SUITES = Path(__file__).resolve().parent.parent / "suites"

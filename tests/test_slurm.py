@@ -31,10 +31,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdbench.scheduler import launch, topological
+from kdbench.scheduler import launch
+from kdbench.graph import topological
 from kdbench.slurm import job_states, read_jobs, slurm_parameters
 from kdbench.suite import SuiteError, load_suite
-from kdb_util import tiny_suite
+from kdb_util import slow_steps_env, tiny_suite
 
 ACC_TOL = 0.2  # accuracy points: one of the 540 validation images is 0.185
 LOSS_RTOL = 1e-4
@@ -232,7 +233,7 @@ def time_limit_job(slurm, tmp_path_factory):
     path.write_text(yaml.safe_dump(_slow_suite()))
     results = root / "res"
     r = _cli("run", str(path), "--executor", "slurm", "--results", str(results), "--no-wait",
-             env={"KDBENCH_STEP_SLEEP_S": str(SLOW_SLEEP_S)})
+             env=slow_steps_env(SLOW_SLEEP_S))
     assert r.returncode == 0, r.stderr
     yield {"path": path, "results": results, "submitted": time.time()}
     for rid, e in job_states(results / "slow").items():  # left running by a failed or deselected test
@@ -357,7 +358,7 @@ def test_failed_run_is_recorded_others_finish_cancel_shows_and_rerun_resubmits_o
     # the weights are fixed; a rerun resubmits only the failed run. Cancel it: status says cancelled.
     shutil.copy(good, bad)
     r = _cli("run", str(path), "--executor", "slurm", "--results", str(results), "--no-wait",
-             env={"KDBENCH_STEP_SLEEP_S": "5"})
+             env=slow_steps_env(5))
     assert r.returncode == 0 and "3 already ok, 1 to run" in r.stdout, r.stdout + r.stderr
     job = read_jobs(results / "tiny")[failed["run_id"]]["job_id"]
     assert job != failed["scheduler"]["job_id"]

@@ -4,7 +4,7 @@ In eval mode a batch norm is the affine map ``y = γ·(x − μ)/√(σ² + ε) 
 of a convolution ``W∗z + b`` and nothing else reads that output, the pair is one convolution with
 ``W' = W·s`` and ``b' = (b − μ)·s + β`` (``s = γ/√(σ² + ε)`` per output channel): the same function up to float
 rounding, without one read and one write of the whole activation. The frozen teacher runs that way in every
-training step (:func:`kdbench.train.prepare_models`).
+training step (:func:`kdbench.perf.prepare_models`).
 
 "Nothing else reads it" is checked, not assumed: one forward with the caller's taps is run with the convolution
 weights requiring gradients, and a pair is folded only when the convolution and the norm each ran exactly once,
