@@ -204,7 +204,7 @@ def build_entries(suite, pattern: str | None = None, device=None, log=print) -> 
     from kdbench.registry import METHODS, TASKS
     from kdbench.runner import build_context
     from kdbench.perf import prepare_models
-    from kdbench.recipe import amp_dtype, build_optimizer, teacher_dtype
+    from kdbench.recipe import Recipe, amp_dtype, build_optimizer, teacher_dtype
     from kdbench.step import StepSetup, train_step
 
     device = device or torch.device("cpu")
@@ -220,7 +220,7 @@ def build_entries(suite, pattern: str | None = None, device=None, log=print) -> 
     for pair, specs in pairs.items():
         first = specs[0]
         task = TASKS.get(first.task)()
-        bs = int(first.recipe["batch_size"])
+        bs = Recipe.of(first.recipe).batch_size
         data, x_cpu, y_cpu = synthetic_data(task, first.data, bs)
         t_spec = next((t for t in (_teacher_model_spec(suite, s) for s in specs) if t), None)
         if t_spec is None:  # a pair whose matching runs are all baselines: time the student only
@@ -242,7 +242,7 @@ def build_entries(suite, pattern: str | None = None, device=None, log=print) -> 
             student = build_model(spec.student["model"], data.num_classes, data.in_chans,
                                   **spec.student.get("kwargs", {}))
             t = teacher if cls.needs_teacher else None
-            recipe = dict(spec.recipe)
+            recipe = Recipe.of(spec.recipe)
             ctx = build_context(task, data, recipe, student, t, device, spec.student["model"],
                                 t_spec["model"] if (t_spec and t is not None) else "")
             method = cls(ctx, **cls.check_params(spec.params if kind == "method" else {}))
@@ -250,15 +250,15 @@ def build_entries(suite, pattern: str | None = None, device=None, log=print) -> 
                 _load_stage_seeded(method)
             x, y = prepare_models(student, t, method, device, x_cpu, y_cpu, task=task)
             params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
-            opt = build_optimizer(params, recipe["optimizer"])
-            batch = Batch(inputs=x, targets=y, epoch=max(1, int(recipe["epochs"]) // 2), step=0,
-                          epochs=int(recipe["epochs"]), steps_per_epoch=1)
-            amp = amp_dtype(recipe.get("amp"), device)  # as fit: AMP, bf16 teacher, compile on GPU per recipe
+            opt = build_optimizer(params, recipe.optimizer)
+            batch = Batch(inputs=x, targets=y, epoch=max(1, recipe.epochs // 2), step=0, epochs=recipe.epochs,
+                          steps_per_epoch=1)
+            amp = amp_dtype(recipe.amp, device)  # as fit: AMP, bf16 teacher, compile on GPU per recipe
             setup = StepSetup(optimizer=opt, params=params,
                               scaler=torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
-                              amp=amp or False, grad_clip=recipe.get("grad_clip"), device=device, taps=method.taps(),
+                              amp=amp or False, grad_clip=recipe.grad_clip, device=device, taps=method.taps(),
                               teacher_amp=teacher_dtype(recipe, device) if t is not None else None,
-                              student_forward=torch.compile(student) if recipe.get("compile") else None)
+                              student_forward=torch.compile(student) if recipe.compile else None)
 
             def step():
                 train_step(student, t, method, task, batch, setup)

@@ -125,10 +125,11 @@ def run_eval(spec, net, task, data, device, cell_dir, log=None, *, model_sha256:
     ...}``). Corruption cells are bound to ``model_sha256``; warnings (a cell set aside) go to ``warnings``."""
     chunk = spec.eval or {}
     name = chunk.get("name")
-    bs = int(chunk.get("batch_size") or spec.recipe.get("eval_batch_size", 256))
-    from kdbench.recipe import loader_options
+    from kdbench.recipe import Recipe, loader_options
 
-    workers = loader_options(spec.recipe, spec.resources, device)["num_workers"]  # resolves num_workers: auto
+    recipe = Recipe.of(spec.recipe)
+    bs = int(chunk.get("batch_size") or recipe.eval_batch_size)
+    workers = loader_options(recipe, spec.resources, device)["num_workers"]  # resolves num_workers: auto
     if name == "val":  # a re-evaluation of the clean validation set (a check that a saved model loads back)
         metrics = task.evaluate(net, task.loader(data.val, bs, num_workers=workers), device)
         return [{"eval": "val", "metric": k, "select": "final", "value": float(v),

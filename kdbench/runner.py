@@ -43,6 +43,7 @@ from typing import Any
 
 from kdbench.results import (EVALS_DIR, LOCK_FILE, MODEL_FILE, STAGE_FILE, artifact_entry, clean_stale_temps,
                              run_dir, run_dir_for, write_torch_atomic)
+from kdbench.recipe import Recipe, value
 from kdbench.suite import RunSpec
 
 TRACEBACK_TAIL = 4000
@@ -277,6 +278,7 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
     from kdbench.train import RunPlace, fit
 
     device, task, data = _setup(spec, record, dist)
+    recipe = Recipe.of(spec.recipe)
     torch.manual_seed(spec.seed)
     student = task.build_model(spec.student, data)
     record["student"]["params"] = sum(p.numel() for p in student.parameters())
@@ -285,10 +287,10 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
     if spec.teacher is not None:
         teacher, t_rec = _load_teacher(spec, results, record, task, data, device)
         if t_rec is None:  # a checkpoint teacher: evaluate it once here, for the table's teacher row
-            loader = task.loader(data.val, int(spec.recipe.get("eval_batch_size", 256)))
+            loader = task.loader(data.val, recipe.eval_batch_size)
             record["teacher_metrics"] = _metric_rows(task.evaluate(teacher, loader, device), "final", task)
 
-    ctx = build_context(task, data, spec.recipe, student, teacher, device, spec.student["model"],
+    ctx = build_context(task, data, recipe, student, teacher, device, spec.student["model"],
                         (spec.teacher or {}).get("model", ""))
     torch.manual_seed(spec.seed)
     method = METHODS.get(spec.method)(ctx, **spec.params)
@@ -308,7 +310,7 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
         method.load_stage(_load_stage(s_dir / STAGE_FILE, s_rec))
         record["stage"] = {"run": spec.stage_run, "dir": str(s_dir)}
 
-    res = fit(student, teacher, method, task, data, spec.recipe, seed=spec.seed,
+    res = fit(student, teacher, method, task, data, recipe, seed=spec.seed,
               place=RunPlace(rdir, device, run_id=spec.run_id, dist=dist, resources=spec.resources,
                              desc=f"{spec.label} {spec.pair} s{spec.seed}"))
     record["metrics"] = _metric_rows(res.final, "final", task) + _metric_rows(res.best, "best", task)
@@ -318,7 +320,7 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
                       "epochs": len(res.history)}
     if teacher is not None and dist.is_main:  # the floor's teacher part (kdbench table --layout cost)
         record["cost"]["teacher_forward_s"] = teacher_forward_time(teacher, method.taps().teacher, task, data,
-                                                                   spec.recipe, device)
+                                                                   recipe, device)
     record["scheduler"]["resumes"] = res.resumes
     if res.warnings:
         record["warnings"] = list(res.warnings)
@@ -329,7 +331,7 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
         record["artifact"] = artifact_entry(rdir / MODEL_FILE)  # its sha256: dependents refuse another file
 
 
-def teacher_forward_time(teacher, taps, task, data, recipe: dict, device, repeats: int = 3) -> float:
+def teacher_forward_time(teacher, taps, task, data, recipe: Recipe, device, repeats: int = 3) -> float:
     """Seconds of one teacher forward as the training step runs it (the method's taps, no_grad, channels_last
     when the loop uses it) on a training batch: the minimum over ``repeats`` after one warm-up. With the
     baseline's step it is the floor a distillation step is compared with."""
@@ -339,7 +341,7 @@ def teacher_forward_time(teacher, taps, task, data, recipe: dict, device, repeat
 
     from kdbench.perf import channels_last_enabled, to_channels_last
 
-    loader = task.loader(data.train, int(recipe["batch_size"]))
+    loader = task.loader(data.train, int(value(recipe, "batch_size")))
     x, y = next(iter(loader))
     x, _ = task.to_device(x, y, device)
     if channels_last_enabled(teacher):
@@ -367,12 +369,13 @@ def _stage(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
     teacher, _ = _load_teacher(spec, results, record, task, data, device)
     torch.manual_seed(0)
     student = task.build_model(spec.student, data)
-    ctx = build_context(task, data, spec.recipe, student, teacher, device, spec.student["model"],
+    recipe = Recipe.of(spec.recipe)
+    ctx = build_context(task, data, recipe, student, teacher, device, spec.student["model"],
                         spec.teacher["model"])
     torch.manual_seed(spec.seed)
     method = METHODS.get(spec.method)(ctx, **spec.params)
     record["method_origin"] = METHODS.origin(spec.method)  # built-in, plugin folder or installed package
-    bs = int(spec.recipe["batch_size"])
+    bs = recipe.batch_size
     g = torch.Generator().manual_seed(spec.seed)
     loader = task.loader(data.train, bs, shuffle=True, drop_last=len(data.train) >= bs, generator=g)
     t0 = time.perf_counter()
@@ -423,7 +426,8 @@ def _load_stage(path: Path, s_rec: dict) -> dict:
     return check_tensor_dict(state, path, "stage file", (s_rec.get("stage") or {}).get("tensors"))
 
 
-def build_context(task, data, recipe: dict, student, teacher, device, student_model: str = "", teacher_model: str = ""):
+def build_context(task, data, recipe: Recipe | dict, student, teacher, device, student_model: str = "",
+                  teacher_model: str = ""):
     """The Context a method is built with: task facts plus a probe that returns real tap shapes from one dry
     forward of each network on a couple of validation images."""
     import torch
@@ -445,7 +449,7 @@ def build_context(task, data, recipe: dict, student, teacher, device, student_mo
         net.train(was)
         return [tuple(t.shape[1:]) for t in out[tap]]
 
-    return Context(task=task.name, num_classes=data.num_classes, epochs=int(recipe["epochs"]),
+    return Context(task=task.name, num_classes=data.num_classes, epochs=int(value(recipe, "epochs")),
                    steps_per_epoch=steps_per_epoch(recipe, len(data.train)),
                    dataset_size=len(data.train), student_model=student_model, teacher_model=teacher_model,
                    probe=probe, task_loss=task.loss)

@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from kdbench.recipe import OPTIMIZERS, RECIPE_CHOICES, RECIPE_KEYS, SCHEDULES, Recipe
+
 
 class SuiteError(ValueError):
     """A suite is invalid. The message names the file and the key."""
@@ -48,19 +50,6 @@ TOP_KEYS = {
     "plugins": "list of folders of method plugin files, relative to the suite file (as --plugins; no run_id changes)",
 }
 REQUIRED_TOP = ("suite", "version", "task", "data", "recipe", "pairs", "methods", "seeds")
-RECIPE_KEYS = {
-    "epochs": int, "batch_size": int, "optimizer": dict, "schedule": dict, "grad_clip": (int, float, type(None)),
-    "amp": (bool, str), "eval_every": int, "eval_batch_size": int, "num_workers": (int, str),
-    "max_steps_per_epoch": (int, type(None)), "compile": bool, "teacher_bf16": bool,
-}
-#: string values a recipe key takes besides its typed ones (kdbench/recipe.py: amp_dtype, loader_options)
-RECIPE_CHOICES = {"amp": ("bf16", "fp16"), "num_workers": ("auto",)}
-RECIPE_DEFAULTS = {"grad_clip": None, "amp": True, "eval_every": 1, "eval_batch_size": 256, "num_workers": 0,
-                   "max_steps_per_epoch": None}
-OPTIMIZERS = {"sgd": {"lr", "momentum", "weight_decay", "nesterov"}, "adamw": {"lr", "weight_decay", "betas"},
-              "adam": {"lr", "weight_decay", "betas"}}
-SCHEDULES = {"multistep": {"milestones", "gamma", "warmup_epochs"}, "cosine": {"warmup_epochs", "min_lr"},
-             "constant": {"warmup_epochs"}}
 MODEL_KEYS = {"model", "weights", "kwargs", "train"}
 TEACHER_TRAIN_KEYS = {"recipe", "data", "seed", "resources"}
 PAIR_KEYS = {"name", "teacher", "student", "params"}
@@ -555,8 +544,7 @@ def _validate(path: Path, raw: dict) -> _Checked:
         raise _err(path, "task", f"unknown task {task!r}; valid: {', '.join(TASK_NAMES)}")
     _check_data(path, "data", raw["data"], task)
     eval_chunks = _check_evals(path, raw, task)
-    recipe = _check_recipe(path, "recipe", raw["recipe"])
-    recipe = {**RECIPE_DEFAULTS, **recipe}
+    recipe = Recipe.of(_check_recipe(path, "recipe", raw["recipe"])).identity()
     seeds = raw["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise _err(path, "seeds", f"expected a non-empty list of integers, got {seeds!r}")

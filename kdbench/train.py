@@ -15,8 +15,10 @@ and writes the checkpoint and the log. With world 1 the loop is exactly the sing
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +27,7 @@ from kdbench import ddp
 from kdbench.checkpoint import read_checkpoint, restore_checkpoint, write_checkpoint, write_log
 from kdbench.method import Batch, Distiller
 from kdbench.perf import channels_last_enabled, prepare_models, to_channels_last
-from kdbench.recipe import (amp_dtype, build_optimizer, epoch_seed, loader_options, lr_factor, steps_per_epoch,
+from kdbench.recipe import (Recipe, amp_dtype, build_optimizer, epoch_seed, loader_options, lr_factor, steps_per_epoch,
                             teacher_dtype)
 from kdbench.results import CHECKPOINT_FILE, LOG_FILE
 from kdbench.step import Diverged, StepSetup, train_step
@@ -69,7 +71,7 @@ class _Loop:
     method: Distiller
     task: object
     data: object
-    recipe: dict
+    recipe: Recipe
     seed: int
     epochs: int
     steps: int  # per epoch
@@ -93,18 +95,19 @@ def _peak_mem_mb(device: torch.device) -> float:
         return float("nan")
 
 
-def fit(student: nn.Module, teacher: nn.Module | None, method: Distiller, task, data, recipe: dict, *, seed: int,
-        place: RunPlace) -> FitResult:
+def fit(student: nn.Module, teacher: nn.Module | None, method: Distiller, task, data,
+        recipe: Recipe | Mapping[str, Any], *, seed: int, place: RunPlace) -> FitResult:
     """Train ``student`` (with ``method`` and the frozen ``teacher``) on ``data`` as the recipe says, resuming
     from the run folder's checkpoint; the task's primary metric picks the best epoch."""
     run_dir, device, dist = Path(place.run_dir), place.device, place.dist
     run_dir.mkdir(parents=True, exist_ok=True)
     primary, higher_is_better = task.primary_metric, task.metrics.get(task.primary_metric, True)
+    recipe = Recipe.of(recipe)
     loop = _set_up(student, teacher, method, task, data, recipe, seed, place)
     epochs = loop.epochs
     res, start_epoch, step_times = _resume(loop, run_dir / CHECKPOINT_FILE, place)
     # built once: its workers persist across the evaluations (no randomness in evaluation)
-    eval_loader = task.loader(data.val, int(recipe.get("eval_batch_size", 256)), persistent_workers=True,
+    eval_loader = task.loader(data.val, recipe.eval_batch_size, persistent_workers=True,
                               **loop.loader_options)
     t_start = time.perf_counter()
     wall_before = res.wall_time_s
@@ -120,7 +123,7 @@ def fit(student: nn.Module, teacher: nn.Module | None, method: Distiller, task, 
                disable=None if dist.is_main else True, leave=False, dynamic_ncols=True)
     for epoch in bar:
         entry = _train_epoch(loop, epoch, progress, step_times)
-        if epoch % int(recipe.get("eval_every", 1)) == 0 or epoch == epochs:
+        if epoch % recipe.eval_every == 0 or epoch == epochs:
             metrics = task.evaluate(student, eval_loader, device) if dist.is_main else None
             metrics = ddp.broadcast_object(metrics, dist)
             entry.update({f"val_{k}": v for k, v in metrics.items()})
@@ -147,7 +150,7 @@ def fit(student: nn.Module, teacher: nn.Module | None, method: Distiller, task, 
     return res
 
 
-def _set_up(student, teacher, method, task, data, recipe: dict, seed: int, place: RunPlace) -> _Loop:
+def _set_up(student, teacher, method, task, data, recipe: Recipe, seed: int, place: RunPlace) -> _Loop:
     """The networks laid out and (distributed) synchronised; the optimiser, AMP and the rest of the step's
     setup, as the recipe says."""
     device, dist = place.device, place.dist
@@ -161,14 +164,14 @@ def _set_up(student, teacher, method, task, data, recipe: dict, seed: int, place
         ddp.broadcast_module(student, dist)
         ddp.broadcast_module(method, dist)
     params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
-    opt = build_optimizer(params, recipe["optimizer"])
-    use_amp = amp_dtype(recipe.get("amp"), device)  # None: off (always on CPU)
+    opt = build_optimizer(params, recipe.optimizer)
+    use_amp = amp_dtype(recipe.amp, device)  # None: off (always on CPU)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp == torch.float16)  # bf16 needs no loss scaling
     setup = StepSetup(optimizer=opt, params=params, scaler=scaler if scaler.is_enabled() else None,
-                      amp=use_amp or False, grad_clip=recipe.get("grad_clip"), dist=dist, device=device, taps=taps,
+                      amp=use_amp or False, grad_clip=recipe.grad_clip, dist=dist, device=device, taps=taps,
                       teacher_amp=teacher_dtype(recipe, device) if teacher is not None else None,
-                      student_forward=torch.compile(student) if recipe.get("compile") else None)  # opt-in
-    return _Loop(student, teacher, method, task, data, recipe, seed, int(recipe["epochs"]),
+                      student_forward=torch.compile(student) if recipe.compile else None)  # opt-in
+    return _Loop(student, teacher, method, task, data, recipe, seed, recipe.epochs,
                  steps_per_epoch(recipe, len(data.train)), device, dist, setup, scaler,
                  [g["lr"] for g in opt.param_groups], channels_last, loader_options(recipe, place.resources, device))
 
@@ -192,7 +195,7 @@ def _train_epoch(loop: _Loop, epoch: int, progress, step_times: list) -> dict:
     steps and the global batch's mean losses. ``step_times`` accumulates [seconds, steps]; ``progress`` (a
     ``kdbench.progress.ProgressFile``) hears of every finished step."""
     task, data, device, dist, opt = loop.task, loop.data, loop.device, loop.dist, loop.setup.optimizer
-    bs, n_train = int(loop.recipe["batch_size"]), len(data.train)
+    bs, n_train = loop.recipe.batch_size, len(data.train)
     torch.manual_seed(epoch_seed(loop.seed, epoch))
     g = torch.Generator().manual_seed(epoch_seed(loop.seed, epoch))
     scale = 1.0
@@ -211,7 +214,7 @@ def _train_epoch(loop: _Loop, epoch: int, progress, step_times: list) -> dict:
             break
         step = (epoch - 1) * loop.steps + i
         for grp, lr0 in zip(opt.param_groups, loop.base_lrs):
-            grp["lr"] = lr0 * lr_factor(loop.recipe["schedule"], step, loop.steps, loop.epochs)
+            grp["lr"] = lr0 * lr_factor(loop.recipe.schedule, step, loop.steps, loop.epochs)
         t0 = time.perf_counter()
         x, y = task.to_device(x, y, device)
         if loop.channels_last:
