@@ -16,7 +16,9 @@ import statistics
 from pathlib import Path
 
 from kdbench import robustness as RB
-from kdbench import tables as TB
+from kdbench.results import higher_is_better, load_suite_records, one_version
+from kdbench.tables import EVAL_KIND, TABLE_KINDS, TASK_METRICS, TEACHER, robustness_entries
+from kdbench.tables.records import pair_order
 
 
 def _pyplot():
@@ -29,24 +31,20 @@ def _pyplot():
 
 
 def _records(suite_dir: Path, suite_version: int | None) -> list[dict]:
-    return TB._one_version(TB._load(suite_dir, TB.TABLE_KINDS + (TB.EVAL_KIND,)), suite_dir, suite_version)
-
-
-def _pairs(records: list[dict]) -> list[str]:
-    return sorted({r["pair"] for r in records}, key=lambda p: (min(r["pair_index"] for r in records
-                                                                   if r["pair"] == p), p))
+    return one_version(load_suite_records(suite_dir, TABLE_KINDS + (EVAL_KIND,)), suite_dir, suite_version)
 
 
 def _metric(records: list[dict], metric: str | None) -> str:
     task = records[0].get("task")
-    m = metric or TB.TASK_METRICS.get(task)
+    m = metric or TASK_METRICS.get(task)
     if m is None:
         raise ValueError(f"no main metric known for task {task!r}; pass metric=")
     return m
 
 
 def _entries(records, metric):
-    out = [(pair, TB.robustness_entries(records, pair, metric)) for pair in _pairs(records)]
+    pairs = pair_order(records, {r["pair"] for r in records})
+    out = [(pair, robustness_entries(records, pair, metric)) for pair in pairs]
     out = [(p, e) for p, e in out if e]
     if not out:
         raise ValueError("no model has both a clean result and corruption results: run the robustness sweep first")
@@ -79,7 +77,7 @@ def severity_figure(records: list[dict], metric: str | None = None):
                 means.append(m)
                 lo.append(m - sd)
                 hi.append(m + sd)
-            style = {"linestyle": "--", "color": "black"} if label == TB.TEACHER else {}
+            style = {"linestyle": "--", "color": "black"} if label == TEACHER else {}
             line, = ax.plot(xs, means, marker="o", label=f"{label} (n={len(items)})", **style)
             if len(items) > 1:
                 ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
@@ -99,7 +97,7 @@ def heatmap_figure(records: list[dict], metric: str | None = None):
     import numpy as np
 
     metric = _metric(records, metric)
-    higher = TB._higher_is_better([r for r in records if r["kind"] != TB.EVAL_KIND], metric, "val")
+    higher = higher_is_better([r for r in records if r["kind"] != EVAL_KIND], metric, "val")
     entries = _entries(records, metric)
     present = {c for _, models in entries for _, _, items in models for _, g in items for c, _ in g}
     cols = [c for c in RB.ALL if c in present]
