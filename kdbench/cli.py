@@ -81,6 +81,9 @@ def cmd_run(a) -> int:
         print(_matrix(specs))
         return 0
     check_results_folder(Path(a.results), suite.name)
+    from kdbench.results import suite_snapshot_path, write_json_atomic
+
+    write_json_atomic(suite_snapshot_path(Path(a.results) / suite.name, suite.version), suite.raw)
     check_data_available(suite)
     records = launch(suite, a.results, executor=a.executor, parallel=a.parallel, pattern=a.filter,
                      wait=not a.no_wait, rerun_replaced=a.rerun_replaced)
@@ -233,6 +236,44 @@ def cmd_table(a) -> int:
     return 0
 
 
+def cmd_compare(a) -> int:
+    from kdbench.tables.decide import compare
+
+    print(compare(Path(a.results_dir), a.a, a.b, metric=a.metric, select=a.select, eval=a.eval, ci=a.ci,
+                  fmt=a.format, suite_version=a.suite_version))
+    return 0
+
+
+def cmd_check(a) -> int:
+    """Exit 0 when every referenced cell is within its tolerance, 1 when one is not, 2 when nothing can be checked
+    (no reference, or no result for any)."""
+    from kdbench.results import load_suite_records, one_version
+    from kdbench.tables.decide import check, check_text
+    from kdbench.tables.records import TABLE_KINDS
+
+    folder = Path(a.results_dir)
+    records = one_version(load_suite_records(folder, TABLE_KINDS), folder, a.suite_version)
+    if a.suite:
+        from kdbench.suite import find_suite, load_suite
+
+        snapshot = load_suite(find_suite(a.suite)).raw
+    else:  # the suite the records were produced with, kept beside them by `kdbench run`
+        from kdbench.results import read_suite_snapshot
+
+        snapshot = read_suite_snapshot(folder, records[0]["suite_version"])
+    rows = check(records, snapshot, tolerance=a.tolerance, eval=a.eval, select=a.select)
+    source = a.suite or f"the suite {folder} was produced with"
+    if not rows:
+        refs = (snapshot or {}).get("reference") if snapshot is not None else \
+            [x for r in records for x in r.get("reference") or []]
+        why = ("has no published reference (reference: in the suite file)" if not refs else
+               "has references, but no finished result of a referenced cell and metric")
+        print(f"kdbench check: {source} {why}: nothing to check", file=sys.stderr)
+        return 2
+    print(check_text(rows, tolerance=a.tolerance))
+    return 0 if all(r.passed for r in rows) else 1
+
+
 def _list_arg(values: list[str] | None) -> list[str] | None:
     """``--x a b`` and ``--x a,b`` alike."""
     if values is None:
@@ -348,14 +389,42 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--select", choices=("final", "best"), default="final")
     t.add_argument("--eval", default="val")
     t.add_argument("--suite-version", type=int, help="use records of this suite version only")
-    t.add_argument("--layout", default="auto", choices=("auto", "method_x_domain", "robustness", "cost"),
+    t.add_argument("--layout", default="auto", choices=("auto", "method_x_domain", "robustness", "cost", "summary"),
                    help="auto: methods x pairs; method_x_domain: methods x (spatial, dwt); robustness: clean, "
                         "mPC, rPC (classification: mCE, relative mCE) and the corruption families; cost: "
-                        "time, memory and extra parameters of each method")
+                        "time, memory and extra parameters of each method; summary: mean ranks over the pairs, "
+                        "significant wins over the baseline, Friedman test and Nemenyi critical difference")
     t.add_argument("--reference", metavar="LABEL",
                    help="robustness layout, classification: the row whose errors normalise CE (default: baseline)")
     t.add_argument("--out", help="write to this file")
     t.set_defaults(fn=cmd_table)
+
+    c = sub.add_parser("compare", help="paired difference of two methods on every pair and pooled: mean, 95% CI, "
+                                       "paired t-test and Wilcoxon p-values")
+    c.add_argument("results_dir", help="RESULTS/SUITE folder")
+    c.add_argument("a", help="method label")
+    c.add_argument("b", help="method label it is compared with (e.g. baseline)")
+    c.add_argument("--metric", help="metric (default: the task's main metric)")
+    c.add_argument("--select", choices=("final", "best"), default="final")
+    c.add_argument("--eval", default="val")
+    c.add_argument("--ci", choices=("t", "bootstrap"), default="t",
+                   help="t: Student t, n-1 degrees of freedom (default); bootstrap: percentile, 10,000 resamples, "
+                        "seeded")
+    c.add_argument("--format", choices=("md", "csv"), default="md")
+    c.add_argument("--suite-version", type=int, help="use records of this suite version only")
+    c.set_defaults(fn=cmd_compare)
+
+    ck = sub.add_parser("check", help="our numbers against the published references: pass/fail with a tolerance "
+                                      "(exit 1 when a cell fails)")
+    ck.add_argument("results_dir", help="RESULTS/SUITE folder")
+    ck.add_argument("--suite", metavar="FILE", help="check against this suite file's references instead of those "
+                                                    "the records were produced with")
+    ck.add_argument("--tolerance", type=float, metavar="X",
+                    help="absolute tolerance (default: the larger of 0.5 points and 2 standard errors of our mean)")
+    ck.add_argument("--select", choices=("final", "best"), default="final")
+    ck.add_argument("--eval", default="val")
+    ck.add_argument("--suite-version", type=int, help="use records of this suite version only")
+    ck.set_defaults(fn=cmd_check)
 
     rb = sub.add_parser("robustness", help="corruption sweep over a suite's finished teachers and students "
                                            "(no training; resumes), then the robustness table")

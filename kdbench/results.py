@@ -39,6 +39,9 @@ LOG_FILE = "log.jsonl"  # one line per trained epoch
 PROGRESS_FILE = "progress.json"  # live progress (kdbench/progress.py)
 EVALS_DIR = "evals"  # corruption cells of the evaluated run (kdbench/robustness.py)
 LOCK_FILE = ".lock"  # held by whoever runs the run (kdbench/runner.py: run_lock)
+#: the suite as `kdbench run` read it (overrides applied), one per suite version, beside the runs:
+#: ``<results>/<suite>/suite-v<version>.json`` (``kdbench check`` reads its references)
+SUITE_SNAPSHOT = "suite-v{version}.json"
 
 #: Keys every record carries (schema 1). ``write_record`` refuses a record that lacks one.
 REQUIRED_KEYS = (
@@ -71,6 +74,26 @@ class RecordError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------- layout
+def suite_snapshot_path(suite_dir: str | os.PathLike, version: Any) -> Path:
+    """Where the suite of version ``version`` is kept beside its runs (:data:`SUITE_SNAPSHOT`)."""
+    return Path(suite_dir) / SUITE_SNAPSHOT.format(version=version)
+
+
+def read_suite_snapshot(suite_dir: str | os.PathLike, version: Any) -> dict | None:
+    """The suite kept beside the runs of ``version``, or None when there is none (results of an older kdbench, or
+    copied without it); a file that is not a JSON object raises naming it."""
+    path = suite_snapshot_path(suite_dir, version)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RecordError(f"{path}: not a suite snapshot ({e}); delete it, `kdbench run` writes it again") from None
+    if not isinstance(data, dict):
+        raise RecordError(f"{path}: not a suite snapshot (a JSON object); delete it, `kdbench run` writes it again")
+    return data
+
+
 def run_dir(results: str | os.PathLike, suite: str, run_id: str) -> Path:
     """The folder of one run: ``<results>/<suite>/runs/<run_id>`` (the one place this layout is spelled)."""
     return Path(results) / suite / "runs" / run_id

@@ -38,7 +38,7 @@ from kdbench.tables.render import (Footnotes, bold, check_format, csv_round, csv
                                    latex_escape, pipe_table, pm)
 from kdbench.tables.robustness import robustness_table
 
-LAYOUTS = ("auto", "method_x_domain", "robustness", "cost")
+LAYOUTS = ("auto", "method_x_domain", "robustness", "cost", "summary")
 SELECTS = ("final", "best")
 NO_DOMAIN = "other"
 DOMAIN_ORDER = ("spatial", "dwt")
@@ -79,6 +79,10 @@ def _make_table(suite_dir: Path, metric: str | None, select: str, eval: str, fmt
         return robustness_table(records, fmt, metric=metric, reference=reference, decimals=decimals)
     if layout == "cost":
         return cost_table(records, fmt, decimals=decimals)
+    if layout == "summary":
+        from kdbench.tables.decide import summary_table
+
+        return summary_table(records, fmt, metric=metric, eval=eval, select=select, decimals=decimals)
     metric = _choose_metric(records, metric, eval, select)
     higher = higher_is_better(records, metric, eval)
     grid = _build(records, layout, eval, metric, select, higher, decimals)
