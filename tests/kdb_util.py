@@ -92,3 +92,39 @@ def assert_same_step(a, b) -> None:
         assert terms_b[k] == pytest.approx(terms_a[k], rel=1e-4, abs=1e-6), k
     for k in grads_a:
         assert torch.allclose(grads_a[k], grads_b[k], rtol=1e-3, atol=1e-5), k
+
+
+def train_digits32(root: Path, methods: list, suite: str = "rob") -> tuple[Path, Path]:
+    """A digits suite at 32 px (the corruption library's minimum) with a suite-trained teacher and ``methods``,
+    trained for a couple of steps under ``root/res`` (debug executor); returns (suite file, results folder)."""
+    import yaml
+
+    from kdbench.scheduler import launch
+    from kdbench.suite import load_suite
+
+    d = tiny_suite(suite=suite, data={"name": "digits", "train_fraction": 0.2, "image_size": 32}, methods=methods)
+    d["recipe"].update(epochs=1, max_steps_per_epoch=2, eval_batch_size=540)
+    d["pairs"][0]["teacher"]["train"]["recipe"] = {"epochs": 1, "max_steps_per_epoch": 2}
+    path = root / f"{suite}.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    recs = launch(load_suite(path), root / "res", executor="debug", log=lambda s: None)
+    assert [r["status"] for r in recs] == ["ok"] * (1 + len(methods)), [r.get("error") for r in recs]
+    return path, root / "res"
+
+
+def tiny_imagenet_val(root: Path) -> None:
+    """Move an ImageNet-layout ``root/val/<class>/*`` into Tiny-ImageNet's ``val/images`` +
+    ``val/val_annotations.txt`` (file, class, a box)."""
+    import shutil
+
+    val, lines = Path(root) / "val", []
+    staging = Path(root) / "_val_images"
+    staging.mkdir()
+    for cls in sorted(p.name for p in val.iterdir()):
+        for f in sorted((val / cls).iterdir()):
+            shutil.move(str(f), staging / f.name)
+            lines.append(f"{f.name}\t{cls}\t0\t0\t8\t8")
+        (val / cls).rmdir()
+    shutil.move(str(staging), val / "images")
+    (val / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+

@@ -29,7 +29,7 @@ import pytest
 from kdbench.data.plugin import DataFileError, DataLayoutError, check_data
 from kdbench.registry import DATASETS
 
-from kdb_util import tiny_suite
+from kdb_util import tiny_imagenet_val, tiny_suite
 
 REPO = Path(__file__).resolve().parent.parent
 C_NAME = "brightness"  # the corruption of the CIFAR-100-C trees (cheap to generate)
@@ -86,15 +86,7 @@ def _write(kind: str, root: Path) -> None:
         from kdbench.data.imagefolder import write_imagefolder
 
         write_imagefolder(root, num_classes=2, per_class=2, size=16)
-        val, lines = root / "val", []
-        (root / "images").mkdir()
-        for cls in sorted(p.name for p in val.iterdir()):
-            for f in sorted((val / cls).iterdir()):
-                shutil.move(str(f), root / "images" / f.name)
-                lines.append(f"{f.name}\t{cls}\t0\t0\t8\t8")
-            (val / cls).rmdir()
-        shutil.move(str(root / "images"), val / "images")
-        (val / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+        tiny_imagenet_val(root)
 
 
 def _check(kind: str, root: Path) -> None:

@@ -144,22 +144,14 @@ def test_imagefolder_and_tiny_imagenet_val_layout(tmp_path):
     d = ImageFolderData().build(str(root), image_size=16, augment=False)
     assert (len(d.train), len(d.val), d.num_classes) == (6, 6, 3) and d.train[0][0].shape == (3, 16, 16)
     # Tiny-ImageNet: val/images + val/val_annotations.txt
-    import shutil
+    from kdb_util import tiny_imagenet_val
 
-    val = root / "val"
-    lines = []
-    (tmp_path / "imgs").mkdir()
-    for cls in sorted(p.name for p in val.iterdir()):
-        for f in sorted((val / cls).iterdir()):
-            shutil.move(str(f), tmp_path / "imgs" / f.name)
-            lines.append(f"{f.name}\t{cls}\t0\t0\t8\t8")
-        (val / cls).rmdir()
-    shutil.move(str(tmp_path / "imgs"), val / "images")
-    (val / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    tiny_imagenet_val(root)
     d2 = ImageFolderData().build(str(root), image_size=16, augment=False)
     assert len(d2.val) == 6 and sorted(set(t for _, t in d2.val.samples)) == [0, 1, 2]
     # the same file saved with a byte-order mark and CRLF line ends (edited on Windows) reads the same
-    (val / "val_annotations.txt").write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8-sig"))
+    ann = root / "val" / "val_annotations.txt"
+    ann.write_bytes(ann.read_text().replace("\n", "\r\n").encode("utf-8-sig"))
     d3 = ImageFolderData().build(str(root), image_size=16, augment=False)
     assert d3.val.samples == d2.val.samples and d3.val[0][0].shape == (3, 16, 16)
     with pytest.raises(DataLayoutError, match="no folder"):

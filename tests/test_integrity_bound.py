@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kdb_util import tiny_suite
+from kdb_util import tiny_suite, train_digits32
 from kdbench import results as R
 from kdbench.cli import main
 from kdbench.scheduler import launch
@@ -22,20 +22,10 @@ from kdbench.suite import load_suite
 def trained(tmp_path_factory):
     """A digits suite at 32 px with a suite-trained teacher, a baseline and a kd student, and a fog sweep
     (severities 1, 2) over the three, run once for the module; each test copies the results folder."""
-    import yaml
-
-    root = tmp_path_factory.mktemp("bound")
-    d = tiny_suite(suite="rob", data={"name": "digits", "train_fraction": 0.2, "image_size": 32},
-                   methods=["baseline", "kd"])
-    d["recipe"].update(epochs=1, max_steps_per_epoch=2, eval_batch_size=540)
-    d["pairs"][0]["teacher"]["train"]["recipe"] = {"epochs": 1, "max_steps_per_epoch": 2}
-    path = root / "rob.yaml"
-    path.write_text(yaml.safe_dump(d, sort_keys=False))
-    recs = launch(load_suite(path), root / "res", executor="debug", log=lambda s: None)
-    assert [r["status"] for r in recs] == ["ok", "ok", "ok"]
-    assert main(["robustness", str(root / "res" / "rob"), "--corruptions", "fog", "--severities", "1,2",
+    path, res = train_digits32(tmp_path_factory.mktemp("bound"), ["baseline", "kd"])
+    assert main(["robustness", str(res / "rob"), "--corruptions", "fog", "--severities", "1,2",
                  "--executor", "debug"]) == 0
-    return path, root / "res"
+    return path, res
 
 
 @pytest.fixture

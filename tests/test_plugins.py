@@ -14,8 +14,11 @@ import yaml
 
 from kdb_util import REPO, tiny_suite
 
-PLUGKD = '''\
-"""A method of an installed package."""
+def _method_source(name: str, cls: str, where: str, mark: str, citation: str, *, header: str = "",
+                   params: str = "", version: str = "", scale: str = "") -> str:
+    """A logit-MSE method plugin file; importing it appends ``mark`` to the file $KDPLUG_MARK names."""
+    return f'''\
+"""A method of {where}."""
 from __future__ import annotations
 
 import os
@@ -23,60 +26,33 @@ import os
 import torch.nn.functional as F
 
 from kdbench.method import Distiller, Taps, register_method
-
+{header}
 if os.environ.get("KDPLUG_MARK"):
-    open(os.environ["KDPLUG_MARK"], "a").write("kdplug.plugkd imported\\n")
+    open(os.environ["KDPLUG_MARK"], "a").write("{mark} imported\\n")
 
 
-@register_method("plugkd")
-class PlugKD(Distiller):
-    """Logit MSE, from an installed package."""
-    tasks = {"classification"}
-    citation = "Outside et al., 2026"
-    version = 2
-
-    def __init__(self, ctx, *, weight: float = 1.0):
+@register_method("{name}")
+class {cls}(Distiller):
+    """Logit MSE, from {where}."""
+    tasks = {{"classification"}}
+    citation = "{citation}"
+{version}
+    def __init__(self, ctx, *, weight: float = 1.0{params}):
         super().__init__(ctx)
-        self.weight = weight
+        self.weight = weight{scale}
 
     def taps(self):
         return Taps(student=("logits",), teacher=("logits",))
 
     def forward(self, s, t, batch):
-        return {"loss_plugkd": self.weight * F.mse_loss(s["logits"][0], t["logits"][0])}
+        return {{"loss_{name}": self.weight * F.mse_loss(s["logits"][0], t["logits"][0])}}
 '''
 
-FOLDERKD = '''\
-"""A method of a plugins folder."""
-from __future__ import annotations
 
-import os
-
-import torch.nn.functional as F
-
-from kdbench.method import Distiller, Taps, register_method
-from _scale import SCALE
-
-if os.environ.get("KDPLUG_MARK"):
-    open(os.environ["KDPLUG_MARK"], "a").write("folderkd imported\\n")
-
-
-@register_method("folderkd")
-class FolderKD(Distiller):
-    """Logit MSE, from a plugins folder."""
-    tasks = {"classification"}
-    citation = "Folder et al., 2026"
-
-    def __init__(self, ctx, *, weight: float = 1.0, mode: str = "mse"):
-        super().__init__(ctx)
-        self.weight = weight * SCALE
-
-    def taps(self):
-        return Taps(student=("logits",), teacher=("logits",))
-
-    def forward(self, s, t, batch):
-        return {"loss_folderkd": self.weight * F.mse_loss(s["logits"][0], t["logits"][0])}
-'''
+PLUGKD = _method_source("plugkd", "PlugKD", "an installed package", "kdplug.plugkd", "Outside et al., 2026",
+                        version="    version = 2\n")
+FOLDERKD = _method_source("folderkd", "FolderKD", "a plugins folder", "folderkd", "Folder et al., 2026",
+                          header="from _scale import SCALE\n", params=', mode: str = "mse"', scale=" * SCALE")
 
 MARK_ON_IMPORT = '''\
 import os

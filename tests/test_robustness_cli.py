@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from kdb_util import tiny_suite
+from kdb_util import tiny_suite, train_digits32
 from kdbench import results as R
 from kdbench.cli import main
-from kdbench.scheduler import launch
 from kdbench.suite import load_suite
 
 CELL = re.compile(r"^[a-z_]+_s[1-5]\.json$")
@@ -24,18 +23,7 @@ CELL = re.compile(r"^[a-z_]+_s[1-5]\.json$")
 def trained(tmp_path_factory):
     """A digits suite at 32 px (the corruption library's minimum), a suite-trained teacher and a baseline
     student, trained once (a couple of steps) for the module; each test copies the results folder."""
-    import yaml
-
-    root = tmp_path_factory.mktemp("rob")
-    d = tiny_suite(suite="rob", data={"name": "digits", "train_fraction": 0.2, "image_size": 32},
-                   methods=["baseline"])
-    d["recipe"].update(epochs=1, max_steps_per_epoch=2, eval_batch_size=540)
-    d["pairs"][0]["teacher"]["train"]["recipe"] = {"epochs": 1, "max_steps_per_epoch": 2}
-    path = root / "rob.yaml"
-    path.write_text(yaml.safe_dump(d, sort_keys=False))
-    recs = launch(load_suite(path), root / "res", executor="debug", log=lambda s: None)
-    assert [r["status"] for r in recs] == ["ok", "ok"]
-    return path, root / "res"
+    return train_digits32(tmp_path_factory.mktemp("rob"), ["baseline"])
 
 
 @pytest.fixture
