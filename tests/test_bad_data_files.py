@@ -197,14 +197,19 @@ FLAT_VAL = "val/ILSVRC2012_val_00000001.JPEG"
 TINY_ANN = "val/val_annotations.txt"
 TINY_IMG = "val/images/val_0_0.png"
 
+def _families(kind: str, rel: str, stage: str = "check", **expect) -> list[tuple]:
+    """The file-level families of one file: each damage named (truncate, text, json_file, empty, folder, binary)
+    with the fragment of its message, or ``(stage, fragment)`` where it is refused elsewhere than ``stage``."""
+    damages = {"truncate": truncate, "text": text, "json_file": json_file, "empty": empty, "folder": folder,
+               "binary": binary}
+    return [(kind, rel, damages[name], *(e if isinstance(e, tuple) else (stage, e))) for name, e in expect.items()]
+
+
 # (kind, file damaged (relative to the tree's root), damage, where it is refused, fragment of the message)
 CASES = [
     # CIFAR-100 pickles
-    ("cifar100", CIFAR_TEST, truncate, "check", "is truncated"),
-    ("cifar100", CIFAR_TEST, text, "check", "is not a pickle"),
-    ("cifar100", CIFAR_TEST, json_file, "check", "is not a pickle"),
-    ("cifar100", CIFAR_TEST, empty, "check", "is empty"),
-    ("cifar100", CIFAR_TEST, folder, "check", "is a folder"),
+    *_families("cifar100", CIFAR_TEST, truncate="is truncated", text="is not a pickle", json_file="is not a pickle",
+               empty="is empty", folder="is a folder"),
     ("cifar100", "cifar-100-python/meta", text, "check", "is not a pickle"),
     ("cifar100", CIFAR_TEST, lambda p: _pickled(p, data=np.zeros((100, 1024), np.uint8)), "read",
      "'data' must be uint8 N×3072"),
@@ -213,11 +218,8 @@ CASES = [
     ("cifar100", CIFAR_TEST, lambda p: _pickled(p, fine_labels=[[k % 100] for k in range(100)]), "read",
      "'fine_labels' must be a list of integers"),
     # released CIFAR-100-C folders: <corruption>.npy and labels.npy
-    ("cifar100-c", C_NPY, truncate, "check", "is truncated"),
-    ("cifar100-c", C_NPY, text, "check", "is not a .npy file"),
-    ("cifar100-c", C_NPY, json_file, "check", "is not a .npy file"),
-    ("cifar100-c", C_NPY, empty, "check", "is empty"),
-    ("cifar100-c", C_NPY, folder, "check", "is a folder"),
+    *_families("cifar100-c", C_NPY, truncate="is truncated", text="is not a .npy file",
+               json_file="is not a .npy file", empty="is empty", folder="is a folder"),
     ("cifar100-c", C_NPY, lambda p: _npy(p, lambda a: np.zeros((20, 64, 64, 3), np.uint8)), "check",
      "expected uint8 N×32×32×3 with N a multiple of 5 (severities 1-5 stacked), found uint8 (20, 64, 64, 3)"),
     ("cifar100-c", C_NPY, lambda p: _npy(p, lambda a: a.astype(np.float32)), "check", "found float32"),
@@ -228,18 +230,15 @@ CASES = [
      "expected integer labels of shape (20,)"),
     ("cifar100-c", C_LABELS, lambda p: _npy(p, lambda a: a.astype(np.float32)), "check",
      "expected integer labels of shape (20,)"),
-    ("cifar100-c", C_LABELS, truncate, "check", "truncated"),
-    ("cifar100-c", C_LABELS, text, "check", "is not a .npy file"),
+    *_families("cifar100-c", C_LABELS, truncate="truncated", text="is not a .npy file"),
     ("cifar100-c", C_LABELS, lambda p: np.save(p, np.array([{"label": 1}] * 20, dtype=object)), "check",
      "holds Python objects"),
     ("cifar100-c", C_LABELS, lambda p: _npy(p, lambda a: np.concatenate([[200], a[1:]]).astype(np.uint8)), "check",
      "label 200 at row 0 is outside [0, 100)"),
     ("cifar100-c", C_LABELS, lambda p: _npy(p, _shuffled_labels), "read", "differ from the clean test labels"),
     # COCO: annotation json and images
-    ("coco", COCO_VAL, truncate, "check", "is not valid json"),
-    ("coco", COCO_VAL, text, "check", "is not valid json"),
-    ("coco", COCO_VAL, empty, "check", "is empty"),
-    ("coco", COCO_VAL, folder, "check", "(a folder, expected a json file)"),
+    *_families("coco", COCO_VAL, truncate="is not valid json", text="is not valid json", empty="is empty",
+               folder="(a folder, expected a json file)"),
     ("coco", COCO_VAL, lambda p: p.write_text("[1, 2, 3]"), "check", "not a json object"),
     ("coco", COCO_VAL, lambda p: _json(p, lambda d: d.pop("categories")), "check",
      "top-level key 'categories' is missing, expected a list"),
@@ -247,25 +246,19 @@ CASES = [
      "top-level key 'images' is a dict, expected a list"),
     ("coco", COCO_VAL, lambda p: _json(p, lambda d: d["annotations"][0].update(bbox=[1, 2, 3])), "read",
      "bbox [x, y, width, height] of 4 numbers"),
-    ("coco", COCO_IMG, truncate, "read", "cannot decode image"),
-    ("coco", COCO_IMG, text, "read", "cannot decode image"),
-    ("coco", COCO_IMG, empty, "read", "cannot decode image"),
-    ("coco", COCO_IMG, json_file, "read", "cannot decode image"),
-    ("coco", COCO_IMG, folder, "read", "is a folder; expected an image file"),
+    *_families("coco", COCO_IMG, "read", truncate="cannot decode image", text="cannot decode image",
+               empty="cannot decode image", json_file="cannot decode image",
+               folder="is a folder; expected an image file"),
     # coco_shapes: the generated dataset, damaged after it was written
     ("coco_shapes", f"{SHAPES}/{COCO_VAL}", lambda p: _json(p, lambda d: d.pop("categories")), "check",
      "top-level key 'categories' is missing"),
     ("coco_shapes", f"{SHAPES}/{COCO_VAL}", truncate, "check", "is not valid json"),
     ("coco_shapes", f"{SHAPES}/train2017/000000000001.jpg", truncate, "read", "cannot decode image"),
     # Cityscapes: leftImg8bit images and gtFine labelIds
-    ("cityscapes", CS_IMG, truncate, "read", "cannot decode"),
-    ("cityscapes", CS_IMG, text, "read", "cannot decode"),
-    ("cityscapes", CS_IMG, empty, "check", "is empty; expected a PNG file"),
-    ("cityscapes", CS_IMG, folder, "check", "is a folder; expected a PNG file"),
-    ("cityscapes", CS_LABEL, truncate, "read", "cannot decode"),
-    ("cityscapes", CS_LABEL, json_file, "read", "cannot decode"),
-    ("cityscapes", CS_LABEL, empty, "check", "is empty; expected a PNG file"),
-    ("cityscapes", CS_LABEL, folder, "check", "is a folder; expected a PNG file"),
+    *_families("cityscapes", CS_IMG, truncate=("read", "cannot decode"), text=("read", "cannot decode"),
+               empty="is empty; expected a PNG file", folder="is a folder; expected a PNG file"),
+    *_families("cityscapes", CS_LABEL, truncate=("read", "cannot decode"), json_file=("read", "cannot decode"),
+               empty="is empty; expected a PNG file", folder="is a folder; expected a PNG file"),
     ("cityscapes", CS_LABEL, lambda p: shutil.copy(p.parent / Path(CS_COLOR).name, p), "read",
      "a labelIds PNG must be single-channel, got mode RGB"),
     ("cityscapes", CS_LABEL, lambda p: _png(p, lambda im: im.point(lambda v: 40)), "read", "holds value 40"),
@@ -273,18 +266,14 @@ CASES = [
     ("cityscapes-synthetic", CS_LABEL, empty, "check", "is empty"),
     ("cityscapes-synthetic", CS_IMG, truncate, "read", "cannot decode"),
     # ImageFolder: images (PNG, JPEG), Kaggle's flat val CSV, Tiny-ImageNet's annotation file
-    ("imagefolder", IF_TRAIN, truncate, "read", "cannot decode image"),
-    ("imagefolder", IF_TRAIN, text, "read", "cannot decode image"),
-    ("imagefolder", IF_TRAIN, empty, "read", "the file is empty"),
-    ("imagefolder", IF_TRAIN, json_file, "read", "cannot decode image"),
+    *_families("imagefolder", IF_TRAIN, "read", truncate="cannot decode image", text="cannot decode image",
+               empty="the file is empty", json_file="cannot decode image"),
     ("imagenet-flat", FLAT_TRAIN, truncate, "read", "cannot decode image"),
     ("imagenet-flat", FLAT_VAL, truncate, "read", "cannot decode image"),
     ("imagenet-flat", "LOC_val_solution.csv", empty, "check", "the first line must be the header"),
     ("imagenet-flat", "LOC_val_solution.csv", binary, "check", "cannot read"),
-    ("tiny-imagenet", TINY_ANN, empty, "check", "labels no image"),
-    ("tiny-imagenet", TINY_ANN, folder, "check", "is a folder"),
-    ("tiny-imagenet", TINY_ANN, binary, "check", "cannot read"),
-    ("tiny-imagenet", TINY_ANN, json_file, "check", "expected <image> TAB <class>"),
+    *_families("tiny-imagenet", TINY_ANN, empty="labels no image", folder="is a folder", binary="cannot read",
+               json_file="expected <image> TAB <class>"),
     ("tiny-imagenet", TINY_IMG, truncate, "read", "cannot decode image"),
 ]
 
