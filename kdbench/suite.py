@@ -594,7 +594,7 @@ def _check_evals(path: Path, raw: dict, task: str) -> list[dict]:
         from kdbench.data.plugin import corruption_size_problem
 
         try:
-            problem = corruption_size_problem(raw["data"], MIN_SIDE)
+            problem = corruption_size_problem(raw["data"], MIN_SIDE, light=True)
         except (ImportError, ValueError, TypeError):  # the data check reports bad options and missing packages
             problem = None
         if problem:
@@ -871,6 +871,18 @@ def check_data_available(suite: Suite) -> None:
             check_data(spec.data)
         except (OSError, ValueError) as e:  # the suite's own hint below replaces the data layer's generic one
             problems.append(f"{suite.path}: data: {str(e).replace(NOT_FOUND_HINT, '')}")
+    evals = [e if isinstance(e, dict) else {"name": e} for e in suite.raw.get("evals") or []]
+    generated = next((i for i, e in enumerate(evals) if e.get("name") == "corruptions" and not e.get("root")), None)
+    if generated is not None:  # every plugin now (validate without data asks only the torch-free ones)
+        from kdbench.corruptions import MIN_SIDE
+        from kdbench.data.plugin import corruption_size_problem
+
+        try:
+            problem = corruption_size_problem(suite.raw["data"], MIN_SIDE)
+        except (ImportError, ValueError, TypeError):  # bad options and missing packages are reported above
+            problem = None
+        if problem:
+            problems.append(f"{suite.path}: evals[{generated}]: {problem}")
     data_bad = bool(problems)
     missing: dict[tuple, str] = {}  # (pair, side, what, path) -> line, in the order of the pairs
     released_checked: set[tuple] = set()  # (root, corruption) of the released files read

@@ -73,13 +73,45 @@ class DatasetPlugin:
         return {n: p.default for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def corruption_size_problem(data: dict[str, Any], min_side: int) -> str | None:
+def _imports_torch(module: str) -> bool:
+    """Whether importing the plugin module ``module`` imports torch (a module-level ``import torch`` or
+    torchvision in its file), read without importing it; True when it cannot be told."""
+    import ast
+
+    from kdbench.registry import locate_module
+
+    spec = locate_module(module)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return True
+    try:
+        tree = ast.parse(open(spec.origin, encoding="utf-8").read())
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return True
+    heavy = ("torch", "torchvision")
+    for node in tree.body:
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        if any(n.split(".")[0] in heavy for n in names):
+            return True
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kdbench.data.") \
+                and node.module != "kdbench.data.plugin" and _imports_torch(node.module):
+            return True
+    return False
+
+
+def corruption_size_problem(data: dict[str, Any], min_side: int, *, light: bool = False) -> str | None:
     """Why the dataset of a suite's ``data:`` mapping cannot be corrupted (an image side under ``min_side`` pixels
     where it is corrupted), naming the option to change and the value needed; None when it can, or when only the
-    files know. Imports the plugin's module (torch-free for ``digits``)."""
+    files know. Imports the plugin's module; with ``light`` (``validate --no-data``, ``run --dry-run``: no torch)
+    only a plugin module that imports no torch (``digits``), else None: ``check_data_available`` asks again with
+    every plugin before anything runs."""
     from kdbench.registry import DATASETS
 
     opts = {k: v for k, v in data.items() if k not in ("name", "root")}
+    if light:
+        info = DATASETS.info(data["name"])
+        if info is None or _imports_torch(info.module):
+            return None
     plugin = DATASETS.get(data["name"])()
     side = plugin.corruption_min_side(data.get("root"), **opts)
     if side is None or side >= min_side:
