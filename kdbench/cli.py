@@ -193,6 +193,9 @@ def cmd_ls(a) -> int:
                 continue
             if a.pattern:
                 names = [n for n in names if fnmatch.fnmatch(n, a.pattern)]
+                if not names:
+                    print(f"{prefix}: (no name matches {a.pattern})")
+                    continue
             shown = names if (a.verbose or len(names) <= 40) else names[:40] + [f"... {len(names)} in all (-v)"]
             print(f"{prefix}: " + ", ".join(shown))
     elif a.what == "datasets":  # read from the plugin files; a plugin whose metadata is not literal is imported

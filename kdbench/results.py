@@ -571,8 +571,13 @@ def no_records_error(suite_dir: str | os.PathLike) -> FileNotFoundError:
     msg = f"no run records under {suite_dir}: expected {LAYOUT} (pass the suite's folder, e.g. results/<suite>)"
     if suite_dir.is_dir():
         inner = sorted(p.name for p in suite_dir.iterdir() if (p / "runs").is_dir())
+        committed = sorted(p.name for p in suite_dir.iterdir() if p.is_file() and p.suffix in (".md", ".csv", ".tex"))
         if inner:
             msg += f"; {suite_dir} looks like a results folder holding suite(s): {', '.join(inner)}"
+        elif committed and not (suite_dir / "runs").is_dir():
+            msg = (f"{suite_dir} holds tables ({', '.join(committed)}) but no run records: the suite has not been "
+                   f"run here (run records are not committed). Read those files, or run the suite first: "
+                   f"`kdbench run {suite_dir.name}` writes {suite_dir}/runs/ and the tables come from it")
     else:
         msg += f"; {suite_dir} does not exist"
     return FileNotFoundError(msg)

@@ -40,3 +40,26 @@ def test_ls_models_says_when_the_mmdet_backend_is_missing(capsys):
 def test_a_bad_value_from_set_says_so(capsys):
     assert main(["validate", str(QUICKSTART), "--no-data", "--set", "recipe.epochs=abc"]) != 0
     assert "recipe.epochs: expected int, got 'abc' (set by --set recipe.epochs=abc)" in capsys.readouterr().err
+
+
+def test_status_has_a_kind_column(tmp_path):
+    from test_results_tables import make_record, save
+
+    from kdbench.tables import status_table
+
+    stage = make_record("freekd", 0, 0, None, kind="stage")
+    distill = make_record("freekd", 0, 0, 71.0)
+    save(tmp_path / "s", stage, distill)
+    lines = status_table(tmp_path / "s").splitlines()
+    assert lines[0].split()[:4] == ["run", "v", "kind", "label"]
+    kinds = sorted(line.split()[2] for line in lines[2:] if line[:8] in (stage["run_id"][:8], distill["run_id"][:8]))
+    assert kinds == ["distill", "stage"]
+
+
+def test_a_table_of_a_suite_not_run_here_points_to_the_committed_files(tmp_path, capsys):
+    folder = tmp_path / "quickstart"
+    folder.mkdir()
+    (folder / "table.md").write_text("| x |\n")
+    assert main(["table", str(folder), "--layout", "cost"]) == 2
+    err = capsys.readouterr().err
+    assert "holds tables (table.md) but no run records" in err and "kdbench run quickstart" in err

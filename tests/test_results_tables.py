@@ -366,7 +366,7 @@ def test_status_table(tmp_path):
     out = status_table(s)
     assert "RuntimeError: CUDA out of memory" in out and "no record" in out and "corrupt" in out
     line = next(ln for ln in out.splitlines() if ln.startswith("zz_pend"))
-    assert line.split()[1:5] == ["1", "kd", P1, "7"]
+    assert line.split()[1:6] == ["1", "distill", "kd", P1, "7"]
     assert out.splitlines()[-1].endswith("21 run(s) in " + str(s / "runs") + ": 15 ok, 2 failed, 2 diverged, "
                                          "1 corrupt, 1 no record")
     with pytest.raises(FileNotFoundError):

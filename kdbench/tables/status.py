@@ -73,14 +73,18 @@ def status_table(suite_dir: str | os.PathLike, jobs: dict[str, dict] | None = No
                 info = json.loads((d / SPEC_FILE).read_text()) if d is not None else dict(job or {})
             except (OSError, ValueError):
                 info = dict(job or {})
-        cells = [name[:8], info.get("suite_version", ""), info.get("label", ""), info.get("pair", ""),
+        kind = str(info.get("kind", ""))
+        chunk = info.get("eval") if isinstance(info.get("eval"), dict) else {}
+        if kind == "eval" and chunk:  # which evaluation: the corruption, or the eval's name
+            kind = f"eval {chunk.get('corruption') or chunk.get('name', '')}"
+        cells = [name[:8], info.get("suite_version", ""), kind, info.get("label", ""), info.get("pair", ""),
                  info.get("seed", ""), status] + ([job_cell] if jobs else []) + [err]
         rows.append({"key": (str(info.get("suite_version", "")), info.get("pair_index", 0),
                              info.get("kind") != TEACHER, info.get("method_index", 0), seed_key(info.get("seed")),
                              name),
                      "cells": cells, "full": full if status != "ok" else "", "status": status})
     rows.sort(key=lambda r: r["key"])
-    headers = ["run", "v", "label", "pair", "seed", "status"] + (["job"] if jobs else []) + ["error"]
+    headers = ["run", "v", "kind", "label", "pair", "seed", "status"] + (["job"] if jobs else []) + ["error"]
     table = _simple_table([r["cells"] for r in rows], headers)
     tails = []
     if tail > 0:
@@ -88,7 +92,7 @@ def status_table(suite_dir: str | os.PathLike, jobs: dict[str, dict] | None = No
             lines = [ln for ln in str(r["full"]).rstrip().splitlines() if ln.strip()]
             if lines:
                 c = r["cells"]
-                tails.append(f"- {c[0]} {c[2]} {c[3]} seed {c[4]} ({r['status']}):")
+                tails.append(f"- {c[0]} {c[2]} {c[3]} {c[4]} seed {c[5]} ({r['status']}):")
                 tails += ["    " + ln for ln in lines[-tail:]]
     counts = Counter(r["status"] for r in rows)
     order = ["ok", "running", "pending", "failed", "diverged", "timeout", "cancelled", "corrupt", "foreign",
