@@ -228,7 +228,7 @@ def cmd_table(a) -> int:
         raise ValueError(f"--reference names the row that normalises mCE: it goes with --layout robustness, "
                          f"not --layout {a.layout}")
     out = make_table(Path(a.results_dir), metric=a.metric, select=a.select, eval=a.eval, fmt=a.format,
-                     suite_version=a.suite_version, layout=a.layout, **extra)
+                     suite_version=a.suite_version, layout=a.layout, ci=a.ci, **extra)
     if a.out:
         from kdbench.results import prepare_output
 
@@ -397,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "mPC, rPC (classification: mCE, relative mCE) and the corruption families; cost: "
                         "time, memory and extra parameters of each method; summary: mean ranks over the pairs, "
                         "significant wins over the baseline, Friedman test and Nemenyi critical difference")
+    t.add_argument("--ci", choices=("t", "bootstrap"), default="t",
+                   help="95%% intervals of Δ: t (Student t, n-1 degrees of freedom; default) or bootstrap "
+                        "(percentile, 10,000 resamples, seeded)")
     t.add_argument("--reference", metavar="LABEL",
                    help="robustness layout, classification: the row whose errors normalise CE (default: baseline)")
     t.add_argument("--out", help="write to this file")

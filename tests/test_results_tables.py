@@ -213,13 +213,15 @@ def test_markdown_cells_hand_checked(tmp_path):
              if ln.startswith("| ") and not ln.startswith("| Method")}
     # headers: pair0 value, Δ, ref. | pair1 value, Δ, ref.
     assert lines["baseline"][:2] == ["72.20 ± 0.20 (n=3)", ""]
-    assert lines["kd"][:3] == ["73.50 ± 0.50 (n=3)", "+1.30", "73.33[^1]"]
-    assert lines["dkd"][0] == "**74.20 ± 0.14** (n=2)[^2]" and lines["dkd"][1] == "+2.00"  # sample std of 74.1, 74.3
-    assert lines["dkd"][3] == "—[^4]" and lines["dkd"][4] == ""  # all failed: no Δ
-    assert lines["kd"][3:5] == ["**74.20 ± 0.20** (n=3)", "+0.90"]
+    # Δ paired by seed: 1.0, 1.1, 1.8 -> mean 1.30, sd 0.436, t(0.975, 2) = 4.303: ±1.083
+    assert lines["kd"][:3] == ["73.50 ± 0.50 (n=3)", "+1.30 [+0.22, +2.38]*", "73.33[^1]"]
+    # sample std of 74.1, 74.3; Δ pairs seeds 0, 1 (2.1, 1.9): its seed 2 diverged, a footnote says it is left out
+    assert lines["dkd"][0] == "**74.20 ± 0.14** (n=2)[^2][^3]" and lines["dkd"][1] == "+2.00 [+0.73, +3.27]*"
+    assert lines["dkd"][3] == "—[^5]" and lines["dkd"][4] == ""  # all failed: no Δ
+    assert lines["kd"][3:5] == ["**74.20 ± 0.20** (n=3)", "+0.90 [+0.65, +1.15]*"]  # diffs 1.0, 0.9, 0.8
     assert lines["teacher"][0] == "79.42" and lines["teacher"][3] == "75.61 (n=1)"
     assert list(lines) == ["teacher", "baseline", "kd", "dkd"]
-    assert "[^4]: dkd, wrn_40_2→wrn_16_2: no run finished ok (1 diverged, 2 failed); first error: RuntimeError: " \
+    assert "[^5]: dkd, wrn_40_2→wrn_16_2: no run finished ok (1 diverged, 2 failed); first error: RuntimeError: " \
            "CUDA out of memory" in out
     assert "[^2]: dkd, resnet32x4→resnet8x4: 2 of 3 runs ok (1 diverged); first error: kdbench.train.Diverged" in out
     assert out.count("CRD, Table 1") == 1  # shared reference footnote
@@ -236,11 +238,17 @@ def test_std_n_and_delta_in_csv(tmp_path):
     assert by.loc["baseline", "std"] == pytest.approx(math.sqrt(7 / 3))  # ddof=1: 4.667/2; population would be 1.247
     assert by.loc["kd", "std"] == pytest.approx(math.sqrt(0.5)) and by.loc["kd", "n"] == 2
     assert math.isnan(by.loc["dkd", "std"]) and by.loc["dkd", "n"] == 1
-    assert by.loc["kd", "delta"] == pytest.approx(5.5 - 7 / 3) and math.isnan(by.loc["baseline", "delta"])
+    # Δ pairs by seed: kd's seeds 0, 1 against the baseline's (5 - 1, 6 - 2): +4 and +4; dkd's seed 0: 3 - 1
+    assert by.loc["kd", "delta"] == pytest.approx(4.0) and math.isnan(by.loc["baseline", "delta"])
+    assert by.loc["kd", "n_paired"] == 2 and by.loc["kd", "delta_ci_low"] == by.loc["kd", "delta_ci_high"] == 4.0
+    assert bool(by.loc["kd", "significant"]) is True
+    assert by.loc["dkd", "delta"] == pytest.approx(2.0) and by.loc["dkd", "n_paired"] == 1
+    assert math.isnan(by.loc["dkd", "delta_ci_low"]) and pd.isna(by.loc["dkd", "significant"])
     assert by["best"].tolist() == [False, True, False]
     md = make_table(s)
-    assert "2.33 ± 1.53 (n=3)" in md and "**5.50 ± 0.71** (n=2)" in md and " 3.00 (n=1) |" in md
-    assert "+3.17" in md and "+0.67" in md
+    assert "2.33 ± 1.53 (n=3)" in md and "**5.50 ± 0.71** (n=2)" in md and " 3.00 (n=1)" in md
+    assert "+4.00 [+4.00, +4.00]*" in md and md.splitlines()[4].rstrip(" |").endswith("+2.00")  # n = 1: no CI
+    assert "kd, resnet32x4→resnet8x4: Δ pairs 2 seed(s) with the baseline; 1 seed(s) only one side finished" in md
 
 
 def test_csv_of_basic_suite(tmp_path):
@@ -261,7 +269,7 @@ def test_latex_booktabs_and_escaping(tmp_path):
     tex = make_table(tmp_path / "s", fmt="latex")
     for needed in (r"\begin{tabular}", r"\toprule", r"\midrule", r"\bottomrule", r"\end{tabular}",
                    r"\cmidrule(lr){2-4}", r"\multicolumn{3}{c}{wrn\_40\_2$\rightarrow$wrn\_16\_2}",
-                   r"\textbf{74.20 $\pm$ 0.14} (n=2)$^{2}$", "---$^{4}$", r"$\Delta$"):
+                   r"\textbf{74.20 $\pm$ 0.14} (n=2)$^{2}$", "---$^{5}$", r"$\Delta$"):
         assert needed in tex, needed
     body = [ln for ln in tex.splitlines() if not ln.startswith("%")]
     assert not any("_" in ln.replace(r"\_", "") for ln in body)  # every underscore escaped

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdbench import stats
 from kdbench.results import error_line, gc_paused, higher_is_better, load_suite_records, one_version
 from kdbench.tables.cost import cost_table
 from kdbench.tables.records import (BASELINE, EVAL_KIND, TABLE_KINDS, TASK_METRICS, TEACHER, current, in_order,
@@ -43,13 +44,13 @@ SELECTS = ("final", "best")
 NO_DOMAIN = "other"
 DOMAIN_ORDER = ("spatial", "dwt")
 CSV_COLUMNS = ("suite", "suite_version", "eval", "metric", "select", "higher_is_better", "row", "method", "pair",
-               "pair_index", "domain", "mean", "std", "n", "n_runs", "delta", "best", "reference",
-               "reference_source", "note")
+               "pair_index", "domain", "mean", "std", "n", "n_runs", "delta", "delta_ci_low", "delta_ci_high",
+               "n_paired", "significant", "best", "reference", "reference_source", "note")
 
 
 def make_table(suite_dir: str | os.PathLike, metric: str | None = None, select: str = "final", eval: str = "val",
                fmt: str = "md", suite_version: int | None = None, layout: str = "auto", *,
-               decimals: int = 2, reference: str = BASELINE) -> str:
+               decimals: int = 2, reference: str = BASELINE, ci: str = "t") -> str:
     """The paper table of the records under ``suite_dir`` (``<results>/<suite>``), as a string.
 
     ``metric``: defaults to the first metric of the first ok record (top1 / AP / mIoU). ``select``: "final"
@@ -60,19 +61,23 @@ def make_table(suite_dir: str | os.PathLike, metric: str | None = None, select: 
     (rows = method names, columns = ``params["domain"]`` values per pair; methods without a ``domain``
     parameter, the teacher included, go to an "other" column), "robustness" (:func:`robustness_table`;
     ``reference``: the row whose errors normalise the CE of classification suites) or "cost"
-    (:func:`cost_table`). ``decimals``: displayed precision.
+    (:func:`cost_table`) or "summary" (:func:`kdbench.tables.decide.summary_table`). ``decimals``: displayed
+    precision. ``ci``: how Δ's 95 % intervals are computed: "t" (Student t) or "bootstrap" (percentile, seeded).
     """
     check_format(fmt)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     if select not in SELECTS:
         raise ValueError(f"unknown select {select!r}; valid: {', '.join(SELECTS)}")
+    if ci not in stats.CI_METHODS:
+        raise ValueError(f"unknown interval {ci!r}; valid: {', '.join(stats.CI_METHODS)}")
     with gc_paused():  # 10,000 records are millions of live containers: a collection pass costs ~0.1 s each
-        return _make_table(Path(suite_dir), metric, select, eval, fmt, suite_version, layout, decimals, reference)
+        return _make_table(Path(suite_dir), metric, select, eval, fmt, suite_version, layout, decimals, reference,
+                           ci)
 
 
 def _make_table(suite_dir: Path, metric: str | None, select: str, eval: str, fmt: str, suite_version: int | None,
-                layout: str, decimals: int, reference: str) -> str:
+                layout: str, decimals: int, reference: str, ci: str = "t") -> str:
     kinds = TABLE_KINDS + ((EVAL_KIND,) if layout == "robustness" else ())
     records = one_version(load_suite_records(suite_dir, kinds), suite_dir, suite_version)
     if layout == "robustness":
@@ -82,10 +87,10 @@ def _make_table(suite_dir: Path, metric: str | None, select: str, eval: str, fmt
     if layout == "summary":
         from kdbench.tables.decide import summary_table
 
-        return summary_table(records, fmt, metric=metric, eval=eval, select=select, decimals=decimals)
+        return summary_table(records, fmt, metric=metric, eval=eval, select=select, decimals=decimals, ci=ci)
     metric = _choose_metric(records, metric, eval, select)
     higher = higher_is_better(records, metric, eval)
-    grid = _build(records, layout, eval, metric, select, higher, decimals)
+    grid = _build(records, layout, eval, metric, select, higher, decimals, ci)
     suite, version = records[0]["suite"], records[0]["suite_version"]
     if fmt == "csv":
         return _csv(grid, suite, version, metric, eval, select, higher, layout)
@@ -142,7 +147,11 @@ class Cell:
     ignored: int = 0  # records of another configuration / superseded
     plain: bool = False  # a fixed evaluation (loaded teacher), not a seed aggregate
     ref: tuple[float, str] | None = None
-    delta: float | None = None
+    delta: float | None = None  # mean of the per-seed differences to the baseline (paired by seed)
+    delta_ci: tuple[float, float] | None = None  # its 95 % interval (two or more paired seeds)
+    n_paired: int = 0
+    unpaired: int = 0  # seeds only this cell or only the baseline finished: left out of Δ
+    seeds: list[Any] = field(default_factory=list)  # the seed of each value
     teacher_shas: list[str] = field(default_factory=list)  # per ok run: the sha256 of the teacher file it used
     replaced: int = 0  # ok runs trained with another teacher file than the one the teacher row shows
     best: bool = False
@@ -159,6 +168,11 @@ class Cell:
     def std(self) -> float:
         """Sample standard deviation (ddof=1); NaN below two values."""
         return statistics.stdev(self.values) if len(self.values) > 1 else math.nan
+
+    @property
+    def significant(self) -> bool | None:
+        """Δ's interval excludes 0 (None without an interval)."""
+        return None if self.delta_ci is None else (self.delta_ci[0] > 0 or self.delta_ci[1] < 0)
 
     @property
     def where(self) -> str:
@@ -179,6 +193,9 @@ class Cell:
         if self.ignored:
             out.append(f"{self.where}: {self.ignored} record(s) of an older configuration or method version "
                        "ignored")
+        if self.unpaired and self.delta is not None:
+            out.append(f"{self.where}: Δ pairs {self.n_paired} seed(s) with the baseline; {self.unpaired} seed(s) "
+                       "only one side finished are left out")
         if self.replaced:
             out.append(f"{self.where}: {self.replaced} of {self.n} run(s) trained with another teacher file than "
                        "the teacher row's (the teacher was retrained or its file replaced since); "
@@ -199,6 +216,7 @@ def _fill(cell: Cell, recs: list[dict], eval: str, metric: str, select: str) -> 
             cell.no_metric += 1
         else:
             cell.values.append(float(m["value"]))
+            cell.seeds.append(r.get("seed"))
             cell.teacher_shas.append(str((r.get("teacher") or {}).get("sha256") or ""))
     for r in kept:
         ref = next((x for x in r.get("reference") or [] if x.get("metric") == metric), None)
@@ -250,6 +268,7 @@ class Grid:
     groups: list[Group]
     cells: dict[tuple[str, int], Cell]  # (row, group index) -> cell
     teacher: bool
+    ci: str = "t"  # how Δ's intervals were computed (kdbench.stats.CI_METHODS)
 
 
 def _domain(rec: dict) -> str:
@@ -257,7 +276,7 @@ def _domain(rec: dict) -> str:
 
 
 def _build(records: list[dict], layout: str, eval: str, metric: str, select: str, higher: bool,
-           decimals: int) -> Grid:
+           decimals: int, ci: str = "t") -> Grid:
     distill = [r for r in records if r["kind"] != TEACHER]
     teachers = [r for r in records if r["kind"] == TEACHER]
     pairs: dict[str, int] = {}
@@ -359,7 +378,10 @@ def _build(records: list[dict], layout: str, eval: str, metric: str, select: str
                 continue
             base = [c for (r2, g2), c in cells.items() if r2 == base_row and groups[g2].pair == cell.pair and c.n]
             if base:
-                cell.delta = cell.mean - base[0].mean
+                p = stats.paired(dict(zip(cell.seeds, cell.values)), dict(zip(base[0].seeds, base[0].values)), ci)
+                if p.n:
+                    cell.delta, cell.n_paired, cell.unpaired = p.mean, p.n, p.unpaired
+                    cell.delta_ci = (p.ci_low, p.ci_high) if p.ci_low is not None else None
 
     # best mean per column (teacher excluded), at the displayed precision
     for gi, g in enumerate(groups):
@@ -371,7 +393,7 @@ def _build(records: list[dict], layout: str, eval: str, metric: str, select: str
                 c.best = k == top
         g.ref = any(c.ref is not None for (row, g2), c in cells.items() if g2 == gi)
     return Grid(rows=([TEACHER] if has_teacher else []) + rows, methods={TEACHER: TEACHER, **methods},
-                groups=groups, cells=cells, teacher=has_teacher)
+                groups=groups, cells=cells, teacher=has_teacher, ci=ci)
 
 
 # ------------------------------------------------------------------------------------------- rendering
@@ -388,6 +410,18 @@ def _value_text(cell: Cell | None, decimals: int, fmt: str, marks: str) -> str:
     return core + ("" if cell.plain else f" (n={cell.n})") + marks
 
 
+def _delta_text(cell: Cell | None, decimals: int, fmt: str) -> str:
+    """Δ with its interval and the mark of an interval that excludes 0: ``+1.23 [+0.41, +2.05]*``."""
+    if cell is None or cell.delta is None:
+        return ""
+    text = fmt_num(cell.delta, decimals, fmt, True)
+    if cell.delta_ci is not None:
+        text += f" [{fmt_num(cell.delta_ci[0], decimals, fmt, True)}, {fmt_num(cell.delta_ci[1], decimals, fmt, True)}]"
+        if cell.significant:
+            text += "*" if fmt == "md" else r"$^{*}$"
+    return text
+
+
 def _matrix(grid: Grid, metric: str, eval: str, select: str, decimals: int, fmt: str) -> tuple[list, list]:
     """Body rows as strings and the footnote texts, for md and latex."""
     notes = Footnotes(fmt)
@@ -399,7 +433,7 @@ def _matrix(grid: Grid, metric: str, eval: str, select: str, decimals: int, fmt:
             marks = "".join(notes.mark(t) for t in (cell.notes(metric, eval, select) if cell else []))
             line.append(_value_text(cell, decimals, fmt, marks))
             if g.delta:
-                line.append("" if cell is None or cell.delta is None else fmt_num(cell.delta, decimals, fmt, True))
+                line.append(_delta_text(cell, decimals, fmt))
             if g.ref:
                 ref = cell.ref if cell is not None else None
                 line.append("" if ref is None else fmt_ref(ref[0], fmt)
@@ -417,7 +451,10 @@ def _legend(suite: str, version: Any, grid: Grid, metric: str, eval: str, select
     if grid.teacher:
         parts.append("Teacher: the suite's teacher runs, or the loaded teacher evaluated once (no n).")
     if any(g.delta for g in grid.groups):
-        parts.append("Δ: mean − baseline mean, same pair.")
+        what = ("Student t, n − 1 degrees of freedom" if grid.ci == "t" else
+                f"percentile bootstrap, {stats.BOOTSTRAP_RESAMPLES:,} resamples, seed {stats.BOOTSTRAP_SEED}")
+        parts.append(f"Δ: mean over seeds of (method − baseline), paired by seed, same pair; [95% CI] ({what}) "
+                     "from two paired seeds; *: the interval excludes 0.")
     parts.append("Bold: best mean per column (teacher excluded).")
     if any(g.ref for g in grid.groups):
         parts.append("ref.: published value.")
@@ -483,6 +520,10 @@ def _csv(grid: Grid, suite: str, version: Any, metric: str, eval: str, select: s
                 "pair_index": g.pair_index, "domain": g.domain if layout != "auto" else "",
                 "mean": csv_round(cell.mean) if cell.n else None, "std": csv_round(cell.std) if cell.n > 1 else None,
                 "n": cell.n, "n_runs": cell.n_runs, "delta": None if cell.delta is None else csv_round(cell.delta),
+                "delta_ci_low": None if cell.delta_ci is None else csv_round(cell.delta_ci[0]),
+                "delta_ci_high": None if cell.delta_ci is None else csv_round(cell.delta_ci[1]),
+                "n_paired": cell.n_paired if cell.delta is not None else None,
+                "significant": "" if cell.significant is None else cell.significant,
                 "best": cell.best,
                 "reference": cell.ref[0] if cell.ref else None, "reference_source": cell.ref[1] if cell.ref else "",
                 "note": " | ".join(cell.notes(metric, eval, select)),
