@@ -1,11 +1,12 @@
-"""Robustness figures from a suite's records (matplotlib, Agg backend, imported only when a figure is made).
+"""Figures from a suite's records (matplotlib, Agg backend, imported only when a figure is made).
 
 * :func:`severity_figure`: the task's main metric against corruption severity (0 = clean; severities 1-5 =
   mean over the benchmark corruptions), one line per method, mean over seeds with a band of ± one sample std
   (no band with one seed); one panel per pair.
 * :func:`heatmap_figure`: methods × corruptions, the drop from clean (clean − mean over severities, mean over
   seeds; for lower-is-better metrics the sign is flipped so that a positive drop is always a loss).
-* :func:`save_figures`: both, as PNG and PDF under ``<suite_dir>/figures/``.
+* :func:`cd_diagram`: the critical-difference diagram of the methods' mean ranks over the suite's pairs.
+* :func:`save_figures`: those the records allow, as PNG and PDF under ``<suite_dir>/figures/``.
 """
 
 from __future__ import annotations
@@ -130,15 +131,80 @@ def heatmap_figure(records: list[dict], metric: str | None = None):
     return fig
 
 
+def cd_diagram(records: list[dict], metric: str | None = None, eval: str = "val", select: str = "final"):
+    """The critical-difference diagram of Demšar (JMLR 2006) over the suite's pairs: each method at its mean rank
+    (1 = best, left), the Nemenyi critical difference as a bar, and a thick line joining methods whose mean ranks
+    differ by less than it (not significantly different). None below 3 pairs or 2 methods."""
+    from kdbench import stats
+    from kdbench.tables.decide import _labels, seed_values
+
+    metric = metric or TASK_METRICS.get(records[0].get("task"), "top1")
+    higher = higher_is_better([r for r in records if r["kind"] != EVAL_KIND], metric, eval)
+    labels = _labels(records)
+    table = {}
+    for pair in pair_order(records, {r["pair"] for r in records}):
+        vals = {lab: seed_values(records, lab, pair, eval, metric, select) for lab in labels}
+        table[pair] = {lab: statistics.fmean(v.values()) for lab, v in vals.items() if v}
+    fr = stats.friedman(table, higher)
+    if fr.n < 3 or fr.k < 2 or fr.cd is None:
+        return None
+    plt = _pyplot()
+    order = sorted(fr.mean_ranks, key=lambda m: fr.mean_ranks[m])
+    k = fr.k
+    fig, ax = plt.subplots(figsize=(7.0, 1.2 + 0.32 * k))
+    ax.set_xlim(0.5, k + 0.5)
+    ax.set_ylim(-((k + 1) // 2 + 1) * 0.55 - 0.3, 2.2)
+    ax.axis("off")
+    ax.plot([1, k], [0, 0], color="black", lw=1)
+    for r in range(1, k + 1):
+        ax.plot([r, r], [0, 0.12], color="black", lw=1)
+        ax.text(r, 0.25, str(r), ha="center", va="bottom", fontsize=8)
+    ax.plot([1, 1 + fr.cd], [1.3, 1.3], color="black", lw=1.5)
+    ax.text(1 + fr.cd / 2, 1.45, f"CD = {fr.cd:.2f}", ha="center", va="bottom", fontsize=8)
+    half = (k + 1) // 2
+    for i, m in enumerate(order):
+        r = fr.mean_ranks[m]
+        left = i < half
+        y = -(i + 1 if left else k - i) * 0.55 - 0.3
+        x_text = 0.6 if left else k + 0.4
+        ax.plot([r, r, x_text], [0, y, y], color="black", lw=0.8)
+        ax.text(x_text + (-0.05 if left else 0.05), y, f"{m} ({r:.2f})", ha="right" if left else "left",
+                va="center", fontsize=8)
+    ranks = [fr.mean_ranks[m] for m in order]
+    spans, last_end = [], -1
+    for i in range(k):  # maximal groups of methods within CD of each other
+        j = max(j for j in range(i, k) if ranks[j] - ranks[i] < fr.cd)
+        if j > i and j > last_end:
+            spans.append((ranks[i], ranks[j]))
+            last_end = j
+    for n, (a, b) in enumerate(spans):
+        y = -0.2 - 0.22 * n
+        ax.plot([a - 0.03, b + 0.03], [y, y], color="black", lw=3)
+    suite, version = records[0]["suite"], records[0]["suite_version"]
+    test = f"Friedman p = {fr.p:.3g}" if fr.p is not None else "Friedman: k < 3"
+    ax.set_title(f"{suite} v{version}: mean rank of {metric} over {fr.n} pairs ({test}; Nemenyi α = 0.05)",
+                 fontsize=9)
+    return fig
+
+
 def save_figures(suite_dir: str | os.PathLike, suite_version: int | None = None, metric: str | None = None
                  ) -> list[Path]:
-    """Write the severity curves and the drop heatmap of ``suite_dir`` (``<results>/<suite>``) as PNG and PDF
-    under ``<suite_dir>/figures/``; return the paths written."""
+    """Write the figures a suite's records allow as PNG and PDF under ``<suite_dir>/figures/``: the severity
+    curves and the drop heatmap (with corruption results), the critical-difference diagram (3 pairs or more);
+    return the paths written. A suite with none of them is an error saying why."""
     plt = _pyplot()
     suite_dir = Path(suite_dir)
     records = _records(suite_dir, suite_version)
-    figs = [("robustness_severity", severity_figure(records, metric))]
-    figs.append(("robustness_heatmap", heatmap_figure(records, metric)))
+    figs = []
+    if any(r["kind"] == EVAL_KIND for r in records):
+        figs.append(("robustness_severity", severity_figure(records, metric)))
+        figs.append(("robustness_heatmap", heatmap_figure(records, metric)))
+    cd = cd_diagram(records, metric)
+    if cd is not None:
+        figs.append(("critical_difference", cd))
+    if not figs:
+        raise ValueError(f"{suite_dir}: nothing to plot: no corruption results (kdbench robustness) and fewer than "
+                         "3 pairs with every method finished (the critical-difference diagram)")
     out_dir = suite_dir / "figures"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -154,4 +220,4 @@ def save_figures(suite_dir: str | os.PathLike, suite_version: int | None = None,
     return written
 
 
-__all__ = ["severity_figure", "heatmap_figure", "save_figures"]
+__all__ = ["severity_figure", "heatmap_figure", "cd_diagram", "save_figures"]

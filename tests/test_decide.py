@@ -150,3 +150,22 @@ def test_check_reads_the_suite_snapshot_kept_with_the_results(tmp_path, capsys):
     other.write_text(yaml.safe_dump({**raw, "suite": "other"}))
     assert main(["check", str(d), "--suite", str(other)]) == 2
     assert "has no published reference" in capsys.readouterr().err
+
+
+def test_cd_diagram_of_a_suite_with_three_pairs(tmp_path, capsys):
+    import pathlib
+
+    rows = []
+    for pi, pair in enumerate(("a→b", "c→d", "e→f")):
+        for label, v in (("baseline", 70.0), ("kd", 72.0), ("dkd", 73.0 - pi)):
+            for seed in range(2):
+                rows.append(make_record(label, 0, seed, v + 0.1 * seed, pair=pair) | {"pair_index": pi})
+    save(tmp_path / "s", *rows)
+    assert main(["plot", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    png = pathlib.Path(tmp_path / "s" / "figures" / "critical_difference.png")
+    assert str(png) in out and png.stat().st_size > 5000
+    assert not (tmp_path / "s" / "figures" / "robustness_severity.png").exists()  # no corruption results
+    two = _suite(tmp_path / "two", [("baseline", 0, 0, 70.0), ("kd", 0, 0, 71.0)])
+    assert main(["plot", str(two)]) == 2
+    assert "nothing to plot" in capsys.readouterr().err
