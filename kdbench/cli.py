@@ -230,10 +230,17 @@ def cmd_table(a) -> int:
     out = make_table(Path(a.results_dir), metric=a.metric, select=a.select, eval=a.eval, fmt=a.format,
                      suite_version=a.suite_version, layout=a.layout, ci=a.ci, **extra)
     if a.out:
-        from kdbench.results import prepare_output
+        from kdbench.results import prepare_output, write_json_atomic
 
         prepare_output(a.out).write_text(out + ("" if out.endswith("\n") else "\n"))
         print(f"wrote {a.out}")
+        if a.format == "csv" and a.layout in ("auto", "method_x_domain"):  # the protocol card beside the CSV
+            from kdbench.tables.paper import table_protocol
+
+            card = Path(a.out).with_suffix(".protocol.json")
+            write_json_atomic(card, table_protocol(Path(a.results_dir), metric=a.metric, select=a.select,
+                                                   eval=a.eval, suite_version=a.suite_version))
+            print(f"wrote {card}")
     else:
         print(out)
     return 0

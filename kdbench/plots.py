@@ -203,8 +203,9 @@ def save_figures(suite_dir: str | os.PathLike, suite_version: int | None = None,
     if cd is not None:
         figs.append(("critical_difference", cd))
     if not figs:
-        raise ValueError(f"{suite_dir}: nothing to plot: no corruption results (kdbench robustness) and fewer than "
-                         "3 pairs with every method finished (the critical-difference diagram)")
+        raise ValueError(f"{suite_dir}: nothing to plot: no corruption results (run the robustness sweep first: "
+                         "kdbench robustness) and fewer than 3 pairs with every method finished (the "
+                         "critical-difference diagram)")
     out_dir = suite_dir / "figures"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -169,3 +169,24 @@ def test_cd_diagram_of_a_suite_with_three_pairs(tmp_path, capsys):
     two = _suite(tmp_path / "two", [("baseline", 0, 0, 70.0), ("kd", 0, 0, 71.0)])
     assert main(["plot", str(two)]) == 2
     assert "nothing to plot" in capsys.readouterr().err
+
+
+def test_protocol_card_under_the_table_and_beside_the_csv(tmp_path, capsys):
+    import json
+
+    recs = [make_record("baseline", 0, s, 70.0 + s) for s in range(2)] + \
+        [make_record("kd", 0, s, 71.0 + s, teacher_value=79.0) for s in range(2)]
+    for r in recs:
+        r["recipe"] = {"epochs": 240, "batch_size": 64, "amp": True}
+        r["env"] = {"git_sha": "1111111111aa", "git_dirty": False, "device": "cuda:0", "kdbench": "0.1.0"}
+    recs[-1]["env"] = {**recs[-1]["env"], "git_sha": "2222222222bb"}  # one run of other code
+    save(tmp_path / "s", *recs)
+    md = make_table(tmp_path / "s")
+    card = md.split("Protocol: ", 1)[1]
+    assert "epochs 240" in card and "seeds 0, 1" in card and "global batch 64" in card and "AMP True" in card
+    assert "measured 79.00" in card and "MIXED" in card and "1111111111, 2222222222" in card
+    assert "kd v1" in card
+    assert main(["table", str(tmp_path / "s"), "--format", "csv", "--out", str(tmp_path / "t.csv")]) == 0
+    sidecar = json.loads((tmp_path / "t.protocol.json").read_text())
+    assert sidecar["mixed_commits"] is True and sidecar["seeds"] == [0, 1] and sidecar["epochs"] == [240]
+    assert sidecar["teachers"]["resnet32x4→resnet8x4"]["measured"] == 79.0

@@ -33,6 +33,7 @@ from typing import Any
 from kdbench import stats
 from kdbench.results import error_line, gc_paused, higher_is_better, load_suite_records, one_version
 from kdbench.tables.cost import cost_table
+from kdbench.tables.protocol import protocol, protocol_text
 from kdbench.tables.records import (BASELINE, EVAL_KIND, TABLE_KINDS, TASK_METRICS, TEACHER, current, in_order,
                                     metric_row, order_key, teacher_sha_of_distill)
 from kdbench.tables.render import (Footnotes, bold, check_format, csv_round, csv_text, dash, fmt_num, fmt_ref,
@@ -95,9 +96,31 @@ def _make_table(suite_dir: Path, metric: str | None, select: str, eval: str, fmt
     if fmt == "csv":
         return _csv(grid, suite, version, metric, eval, select, higher, layout)
     legend = _legend(suite, version, grid, metric, eval, select, higher)
+    card = protocol_text(_card(records, grid, metric, eval, select))
     if fmt == "md":
-        return _markdown(grid, legend, metric, eval, select, decimals)
-    return _latex(grid, legend, metric, eval, select, decimals)
+        return _markdown(grid, legend, metric, eval, select, decimals, card)
+    return _latex(grid, legend + " " + card, metric, eval, select, decimals)
+
+
+def _card(records: list[dict], grid: Grid, metric: str, eval: str, select: str) -> dict:
+    teachers = {}
+    for gi, g in enumerate(grid.groups):
+        cell = grid.cells.get((TEACHER, gi))
+        if cell is not None and cell.n:
+            teachers[g.pair] = {"measured": cell.mean, "claimed": cell.ref[0] if cell.ref else None,
+                                "source": cell.ref[1] if cell.ref else ""}
+    return protocol(records, metric=metric, eval=eval, select=select, teachers=teachers)
+
+
+def table_protocol(suite_dir: str | os.PathLike, metric: str | None = None, select: str = "final", eval: str = "val",
+                   suite_version: int | None = None) -> dict:
+    """The protocol card (:mod:`kdbench.tables.protocol`) of the paper table of ``suite_dir``, as data: what
+    ``kdbench table --format csv --out FILE`` writes beside the CSV as ``FILE``'s ``.protocol.json``."""
+    suite_dir = Path(suite_dir)
+    records = one_version(load_suite_records(suite_dir, TABLE_KINDS), suite_dir, suite_version)
+    metric = _choose_metric(records, metric, eval, select)
+    grid = _build(records, "auto", eval, metric, select, higher_is_better(records, metric, eval), 2)
+    return _card(records, grid, metric, eval, select)
 
 
 def _choose_metric(records: list[dict], metric: str | None, eval: str, select: str) -> str:
@@ -461,12 +484,12 @@ def _legend(suite: str, version: Any, grid: Grid, metric: str, eval: str, select
     return " ".join(parts)
 
 
-def _markdown(grid: Grid, legend: str, metric: str, eval: str, select: str, decimals: int) -> str:
+def _markdown(grid: Grid, legend: str, metric: str, eval: str, select: str, decimals: int, card: str = "") -> str:
     headers = ["Method"]
     for g in grid.groups:
         headers += [g.head] + (["Δ"] if g.delta else []) + (["ref."] if g.ref else [])
     body, notes = _matrix(grid, metric, eval, select, decimals, "md")
-    out = [pipe_table(body, headers), "", legend]
+    out = [pipe_table(body, headers), "", legend] + (["", card] if card else [])
     if notes:
         out += [""] + [f"[^{i}]: {t}" for i, t in enumerate(notes, 1)]
     return "\n".join(out)
