@@ -254,6 +254,17 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def cmd_report(a) -> int:
+    from kdbench.report import report
+    from kdbench.results import prepare_output
+
+    out = Path(a.out) if a.out else Path(a.results_dir) / "report.html"
+    text = report(Path(a.results_dir), suite_version=a.suite_version, metric=a.metric)
+    prepare_output(out, "--out").write_text(text, encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_check(a) -> int:
     """Exit 0 when every referenced cell is within its tolerance, 1 when one is not, 2 when nothing can be checked
     (no reference, or no result for any)."""
@@ -438,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--eval", default="val")
     ck.add_argument("--suite-version", type=int, help="use records of this suite version only")
     ck.set_defaults(fn=cmd_check)
+
+    rp = sub.add_parser("report", help="one self-contained HTML file: protocol, tables with intervals, ranks, "
+                                       "robustness, cost, run status (no network needed to read it)")
+    rp.add_argument("results_dir", help="RESULTS/SUITE folder")
+    rp.add_argument("-o", "--out", help="the HTML file (default: RESULTS/SUITE/report.html)")
+    rp.add_argument("--metric", help="metric (default: the task's main metric)")
+    rp.add_argument("--suite-version", type=int, help="use records of this suite version only")
+    rp.set_defaults(fn=cmd_report)
 
     rb = sub.add_parser("robustness", help="corruption sweep over a suite's finished teachers and students "
                                            "(no training; resumes), then the robustness table")

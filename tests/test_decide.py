@@ -190,3 +190,35 @@ def test_protocol_card_under_the_table_and_beside_the_csv(tmp_path, capsys):
     sidecar = json.loads((tmp_path / "t.protocol.json").read_text())
     assert sidecar["mixed_commits"] is True and sidecar["seeds"] == [0, 1] and sidecar["epochs"] == [240]
     assert sidecar["teachers"]["resnet32x4→resnet8x4"]["measured"] == 79.0
+
+
+def test_report_is_one_self_contained_html_file(tmp_path, capsys):
+    """Protocol card, paper table with intervals, ranks and the CD diagram, robustness (with corruption results),
+    cost and the gain-vs-cost figure, run status; inline CSS, figures as data URIs, no external URL."""
+    import re
+
+    from test_robustness_tables import eval_record
+
+    from kdbench import robustness as RB
+
+    rows = []
+    for pi, pair in enumerate(("a→b", "c→d", "e→f")):
+        for label, v in (("baseline", 70.0), ("kd", 72.0), ("dkd", 73.0 - pi)):
+            for seed in range(2):
+                r = make_record(label, 0, seed, v + 0.3 * seed, pair=pair) | {"pair_index": pi}
+                r["cost"] = {**r["cost"], "step_time_s": {"baseline": 0.01, "kd": 0.012, "dkd": 0.015}[label]}
+                rows.append(r)
+    grid = {(c, s): 50.0 for c in RB.BENCHMARK for s in (1, 2)}
+    evals = [eval_record(r, grid) for r in rows if r["pair"] == "a→b"]
+    failed = make_record("cwd", 0, 0, None, status="failed", error="Traceback\nValueError: boom", pair="a→b")
+    save(tmp_path / "s", *rows, *evals, failed)
+    out = tmp_path / "r.html"
+    assert main(["report", str(tmp_path / "s"), "-o", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and "<style>" in text
+    ids = re.findall(r'<h2 id="(\w+)">', text)
+    assert ids == ["results", "ranks", "robustness", "cost", "status"]
+    assert "Protocol: " in text and "[+" in text and "Nemenyi" in text and "mCE" in text
+    assert text.count("data:image/png;base64,") == 4  # CD, severity, heatmap, gain vs cost
+    assert "ValueError: boom" in text and "did not finish ok" in text
+    assert not re.search(r"(src|href)=\"(?!data:|#)", text) and "http" not in text.replace("data:image", "")
