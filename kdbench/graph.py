@@ -177,6 +177,35 @@ def report_replaced(specs: Iterable[RunSpec], results: Path, log: Callable[[str]
 
 
 # ------------------------------------------------------------------------------------------- records
+def resume_points(specs: Iterable[RunSpec], results: Path) -> list[str]:
+    """What an interrupted run left to resume from, one line per run: a training run's last checkpointed epoch
+    (its ``log.jsonl``), an eval run's finished corruption cells. Torch-free."""
+    import json
+
+    from kdbench.results import CHECKPOINT_FILE, EVALS_DIR, LOG_FILE, run_dir
+
+    out = []
+    for s in specs:
+        rdir = run_dir_for(results, s)
+        if s.kind in ("teacher", "distill") and (rdir / CHECKPOINT_FILE).is_file():
+            try:
+                lines = (rdir / LOG_FILE).read_text().splitlines()
+                epoch = int(json.loads(lines[-1])["epoch"]) if lines else 0
+            except (OSError, ValueError, KeyError, IndexError):
+                continue
+            epochs = (s.recipe or {}).get("epochs", "?")
+            if epoch:
+                out.append(f"{progress_name(s)}: resumes after epoch {epoch}/{epochs} (its checkpoint)")
+        elif s.kind == "eval" and s.eval and s.eval.get("corruption") and s.target:
+            cells = run_dir(results, s.suite, s.target) / EVALS_DIR
+            done = [sev for sev in s.eval.get("severities") or []
+                    if (cells / f"{s.eval['corruption']}_s{int(sev)}.json").is_file()]
+            if done:
+                out.append(f"{progress_name(s)}: {len(done)} of {len(s.eval['severities'])} cell(s) already there "
+                           "(reused if they are of this model file)")
+    return out
+
+
 def crash_record(spec: RunSpec, results: Path, error: str, status: str = "failed",
                  scheduler: dict | None = None) -> dict:
     """Record for a run that ended without writing one (its job was killed, or a run it needs failed). With

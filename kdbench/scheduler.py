@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from kdbench.graph import (_blocked, _warn, crash_record, job_folder, pending, progress_name,
-                           replaced_teacher_runs, report_replaced, runs_per_gpu, select_specs, set_aside_run,
-                           summary, topological)
+from kdbench.graph import (_blocked, _warn, crash_record, job_folder, pending, progress_name, replaced_teacher_runs,
+                           report_replaced, resume_points, runs_per_gpu, select_specs, set_aside_run, summary,
+                           topological)
 from kdbench.results import run_dir_for
 from kdbench.suite import RunSpec, Suite
 
@@ -113,6 +113,13 @@ def launch(suite: Suite, results: str | os.PathLike = "results", executor: str =
                 f"its files are set aside in {dest}, it trains again")
     log(f"{suite.name} v{suite.version}: {len(specs)} runs, {len(specs) - len(todo)} already ok, {len(todo)} to run "
         f"({executor} executor) -> {results / suite.name}")
+    resumed = resume_points(todo, results)
+    if resumed:
+        log(f"resuming {len(resumed)} interrupted run(s):")
+        for line in resumed[:20]:
+            log(f"  {line}")
+        if len(resumed) > 20:
+            log(f"  ... and {len(resumed) - 20} more")
     if not todo:
         report_replaced(specs, results, log)
         return []

@@ -63,3 +63,25 @@ def test_a_table_of_a_suite_not_run_here_points_to_the_committed_files(tmp_path,
     assert main(["table", str(folder), "--layout", "cost"]) == 2
     err = capsys.readouterr().err
     assert "holds tables (table.md) but no run records" in err and "kdbench run quickstart" in err
+
+
+def test_a_rerun_says_which_runs_resume_and_from_where(tmp_path):
+    import json
+
+    from kdb_util import tiny_suite
+    from kdbench.graph import resume_points
+    from kdbench.results import run_dir_for
+    from kdbench.suite import load_suite
+
+    path = tmp_path / "tiny.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(tiny_suite(methods=["kd"])))
+    suite = load_suite(path)
+    kd = next(s for s in suite.specs if s.kind == "distill")
+    d = run_dir_for(tmp_path / "res", kd)
+    d.mkdir(parents=True)
+    (d / "checkpoint.pt").write_bytes(b"x")
+    (d / "log.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2)))
+    lines = resume_points(suite.specs, tmp_path / "res")
+    assert lines == [f"kd {kd.pair} s{kd.seed}: resumes after epoch 2/{kd.recipe['epochs']} (its checkpoint)"]
