@@ -113,6 +113,18 @@ def run_eta(p: dict | None) -> float | None:
     return max(0.0, spent / f * (1 - f)) if spent > 0 else None
 
 
+def expected_work(kind: str, epochs: int | None, teacher: bool, cells: int = 0) -> float:
+    """A run's expected work in student-epoch units, before anything is measured: a training run's epochs, twice
+    that when a teacher's forward comes with every step (a teacher run trains a larger network: 1.5 times); a
+    stage run one unit; an eval run a tenth of a unit per corruption cell. The live ETA applies the measured rate
+    of the work done so far to these weights."""
+    if kind in ("teacher", "distill"):
+        return max(1, int(epochs or 1)) * (2.0 if teacher else 1.5 if kind == "teacher" else 1.0)
+    if kind == "eval":
+        return 0.1 * max(1, cells)
+    return 1.0
+
+
 def fmt_time(s: float | None) -> str:
     if s is None:
         return "?"
@@ -163,8 +175,14 @@ class LiveProgress:
     ``tty`` None: tqdm bars when ``stream`` is a terminal (and not under SLURM), plain lines otherwise."""
 
     def __init__(self, total: int, *, stream=None, tty: bool | None = None, every_s: float | None = None,
-                 log: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time):
+                 log: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time,
+                 work: dict[str, float] | None = None):
         self.total, self.done = int(total), 0
+        #: run name -> its expected work (:func:`expected_work`); without it every run counts as one unit
+        self.work = dict(work or {})
+        self._unit = (sum(self.work.values()) / len(self.work)) if self.work else 1.0
+        self.total_work = sum(self.work.values()) + max(0, self.total - len(self.work)) * self._unit
+        self.done_work = 0.0
         self.stream = stream if stream is not None else sys.stdout
         self.tty = _is_terminal(self.stream) if tty is None else bool(tty)
         self.every_s = _env_float("KDBENCH_PROGRESS_EVERY", 10.0) if every_s is None else float(every_s)
@@ -190,26 +208,38 @@ class LiveProgress:
         else:
             print(line, file=self.stream, flush=True)
 
-    def finished(self, n: int = 1) -> None:
+    def finished(self, n: int = 1, name: str | None = None) -> None:
         self.done += n
+        self.done_work += self.work.get(name, self._unit) if name is not None else n * self._unit
         if self._main is not None:
             self._main.update(n)
 
-    def eta(self, running: Iterable[dict | None]) -> float | None:
-        """Seconds left for all runs: the rate of work so far (finished runs plus the running runs' fractions,
-        each run one unit) applied to what is left. None until some work is measurably done."""
-        work = self.done + sum(fraction(p) for p in running)
+    def eta(self, running: Iterable[dict | None] | dict[str, dict | None]) -> float | None:
+        """Seconds left for all runs: the rate of work so far (finished runs plus the running runs' fractions, each
+        weighted by its expected work: epochs, a teacher's forward, corruption cells; one unit each without
+        ``work``) applied to the work left; it refines itself as steps complete. None until some work is
+        measurably done (:meth:`rough` says when it is still a guess)."""
+        items = running.items() if isinstance(running, dict) else ((None, p) for p in running)
+        work = self.done_work + sum(fraction(p) * self.work.get(n, self._unit) for n, p in items)
         spent = self.clock() - self.t0
+        self._done_fraction = work / self.total_work if self.total_work else 0.0
         if work <= 0 or spent <= 0:
             return None
-        return spent / work * max(0.0, self.total - work)
+        return spent / work * max(0.0, self.total_work - work)
+
+    def rough(self) -> bool:
+        """The ETA rests on under 5 % of the work, or no run has finished yet: a guess, said as such."""
+        return getattr(self, "_done_fraction", 0.0) < 0.05 or self.done == 0
+
+    def _eta_text(self, eta: float | None) -> str:
+        return f"ETA {fmt_time(eta)}" + (" (rough)" if eta is not None and self.rough() else "")
 
     # -- the running runs
     def poll(self, running: Iterable[tuple[str, str | os.PathLike]]) -> None:
         """``running``: (name, run dir) of each run now running, e.g. ("teacher resnet20→resnet8 s0", dir)."""
         running = list(running)
         progs = {name: read_progress(d, since=self.t0 - 1) for name, d in running}
-        eta = self.eta(progs.values())
+        eta = self.eta(progs)
         if self._main is not None:
             self._poll_tty(progs, eta)
             return
@@ -222,11 +252,11 @@ class LiveProgress:
                 continue
             self._said[name] = (p["epoch"], now)
             left = run_eta(p)
-            self.log(f"[{self.done}/{self.total} runs done, ETA {fmt_time(eta)}] {name}: {describe(p)}"
+            self.log(f"[{self.done}/{self.total} runs done, {self._eta_text(eta)}] {name}: {describe(p)}"
                      + (f" (run ETA {fmt_time(left)})" if left is not None else ""))
 
     def _poll_tty(self, progs: dict, eta: float | None) -> None:
-        self._main.set_postfix_str(f"{len(progs)} running, ETA {fmt_time(eta)}", refresh=False)
+        self._main.set_postfix_str(f"{len(progs)} running, {self._eta_text(eta)}", refresh=False)
         self._main.refresh()
         for name in [n for n in self._bars if n not in progs]:
             self._bars.pop(name).close()

@@ -253,12 +253,17 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
 
     from kdbench.progress import LiveProgress, current_run
 
-    live = LiveProgress(len(todo), log=log)  # tqdm bars on a terminal, plain lines otherwise
+    from kdbench.progress import expected_work
+
+    work = {progress_name(s): expected_work(s.kind, (s.recipe or {}).get("epochs"), s.teacher is not None,
+                                            len((s.eval or {}).get("severities") or [])) for s in todo}
+    live = LiveProgress(len(todo), log=log, work=work)  # tqdm bars on a terminal, plain lines otherwise
+    names = {s.run_id: progress_name(s) for s in todo}
 
     def finish(rec: dict) -> None:
         status[rec["run_id"]] = rec["status"]
         live.log(summary(rec))
-        live.finished()
+        live.finished(name=names.get(rec["run_id"]))
         out.append(rec)
 
     def now_running():  # (name, run dir) of the run each job works on

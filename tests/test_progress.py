@@ -6,6 +6,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from kdbench.progress import (PROGRESS_FILE, LiveProgress, ProgressFile, current_run, describe, fmt_time, fraction,
                               read_progress, run_eta)
 from kdbench.scheduler import launch
@@ -75,7 +77,8 @@ def test_plain_lines_once_per_epoch_with_eta(tmp_path):
     clock.t = 1010.0
     live.poll([("kd p s0", a), ("stage freekd p s0", tmp_path / "none")])
     # work done: 0 finished runs + 0.1 of one run in 10 s -> 3.9 runs left take 390 s; the run: 90 s left
-    assert lines == ["[0/4 runs done, ETA 6m30s] kd p s0: epoch 2/10 top1=80.00 (run ETA 1m30s)"]
+    # no run finished and 2.5 % of the work done: the estimate says it is rough
+    assert lines == ["[0/4 runs done, ETA 6m30s (rough)] kd p s0: epoch 2/10 top1=80.00 (run ETA 1m30s)"]
     live.poll([("kd p s0", a)])  # same epoch: no new line
     assert len(lines) == 1
     write(a, epoch=3, step=0, value=85.0, started=1000.0, updated=1020.0)
@@ -86,6 +89,28 @@ def test_plain_lines_once_per_epoch_with_eta(tmp_path):
     # 1 finished + 0.2 in 20 s -> 2.8 runs left take 46.7 s; the run: 20 s for 0.2 -> 80 s
     assert lines[1:] == ["[      ok] baseline ...", "[1/4 runs done, ETA 47s] kd p s0: epoch 3/10 top1=85.00 (run ETA 1m20s)"]
     live.close()
+
+
+def test_eta_weights_runs_by_their_expected_work(tmp_path):
+    """A 40-epoch distillation run (a teacher forward every step) weighs 80 units, a 30-epoch teacher 45, an eval
+    of three corruption cells 0.3: the ETA applies the measured rate to the work left, not to a count of runs."""
+    from kdbench.progress import expected_work
+
+    assert expected_work("distill", 40, True) == 80 and expected_work("teacher", 30, False) == 45
+    assert expected_work("distill", 40, False) == 40 and expected_work("eval", None, False, 3) == pytest.approx(0.3)
+    clock = Clock(1000.0)
+    lines = []
+    work = {"teacher p s0": 45.0, "kd p s0": 80.0, "eval fog kd p s0": 0.3}
+    live = LiveProgress(3, tty=False, every_s=0, log=lines.append, clock=clock, work=work)
+    t = write(tmp_path / "t", epoch=16, epochs=30, step=0, started=1000.0, updated=1150.0)
+    clock.t = 1150.0
+    live.poll([("teacher p s0", t)])
+    # 15 of 30 epochs = 22.5 units in 150 s: 102.8 units left take 685 s (counting runs: 2.5 runs in 1000 s)
+    assert lines[-1].startswith("[0/3 runs done, ETA 11m25s (rough)] teacher p s0")
+    live.finished(name="teacher p s0")
+    clock.t = 1300.0
+    live.poll([])
+    assert live.eta({}) == pytest.approx(300 / 45 * 80.3) and not live.rough()
 
 
 def test_plain_lines_are_spaced_by_every_s(tmp_path):
