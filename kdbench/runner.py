@@ -317,7 +317,7 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
     record["best_epoch"] = res.best_epoch
     record["cost"] = {"wall_time_s": round(res.wall_time_s, 3), "step_time_s": res.step_time_s,
                       "peak_mem_mb": res.peak_mem_mb, "extra_params": method.extra_parameters(),
-                      "epochs": len(res.history)}
+                      "epochs": len(res.history), **machine_load()}
     if teacher is not None and dist.is_main:  # the floor's teacher part (kdbench table --layout cost)
         record["cost"]["teacher_forward_s"] = teacher_forward_time(teacher, method.taps().teacher, task, data,
                                                                    recipe, device)
@@ -329,6 +329,17 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
     if dist.is_main:  # a suite-trained teacher is loaded from it; every model is kept for its eval runs
         write_torch_atomic(rdir / MODEL_FILE, student.net.state_dict())
         record["artifact"] = artifact_entry(rdir / MODEL_FILE)  # its sha256: dependents refuse another file
+
+
+def machine_load() -> dict:
+    """The machine's 1-minute load average and CPU count as a run ends (``cost.load_1m``, ``cost.cpus``): the cost
+    table warns when they say the machine was busier than its CPUs, whose step times are then inflated."""
+    if not hasattr(os, "getloadavg"):
+        return {}
+    try:
+        return {"load_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+    except OSError:  # pragma: no cover
+        return {}
 
 
 def teacher_forward_time(teacher, taps, task, data, recipe: Recipe, device, repeats: int = 3) -> float:

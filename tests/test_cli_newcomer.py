@@ -85,3 +85,21 @@ def test_a_rerun_says_which_runs_resume_and_from_where(tmp_path):
     (d / "log.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2)))
     lines = resume_points(suite.specs, tmp_path / "res")
     assert lines == [f"kd {kd.pair} s{kd.seed}: resumes after epoch 2/{kd.recipe['epochs']} (its checkpoint)"]
+
+
+def test_the_cost_table_says_when_runs_ended_on_a_busy_machine(tmp_path):
+    from test_results_tables import make_record, save
+
+    from kdbench.tables import make_table
+
+    quiet = [make_record("baseline", 0, s, 70.0) for s in range(2)]
+    busy = [make_record("kd", 0, s, 71.0) for s in range(2)]
+    for r in quiet:
+        r["cost"] = {**r["cost"], "load_1m": 1.9, "cpus": 2}
+    for r in busy:
+        r["cost"] = {**r["cost"], "load_1m": 6.5, "cpus": 2}
+    save(tmp_path / "s", *quiet, *busy)
+    md = make_table(tmp_path / "s", layout="cost")
+    assert "Busy machine: 2 of 4 run(s) ended with a load above their CPUs (up to 6.5 on 2)" in md
+    save(tmp_path / "q", *quiet)
+    assert "Busy machine" not in make_table(tmp_path / "q", layout="cost")

@@ -13,6 +13,23 @@ FLOOR_NOTE = ("× floor: step time / (baseline step + teacher forward per step, 
               "\"—\" where the runs did not record the teacher's forward time")
 
 
+#: a run ended on a busy machine when its 1-minute load exceeded the CPUs by this much (as ``kdbench bench`` says)
+BUSY_MARGIN = 0.75
+
+
+def busy_note(records: list[dict]) -> str:
+    """A caption sentence when some runs ended with the machine's load above its CPUs (``cost.load_1m`` and
+    ``cost.cpus`` of the records; records without them say nothing): their absolute times are inflated."""
+    busy = [r for r in records if isinstance((r.get("cost") or {}).get("load_1m"), (int, float))
+            and (r.get("cost") or {}).get("cpus") and r["cost"]["load_1m"] > r["cost"]["cpus"] + BUSY_MARGIN]
+    if not busy:
+        return ""
+    worst = max(r["cost"]["load_1m"] for r in busy)
+    return (f" Busy machine: {len(busy)} of {len(records)} run(s) ended with a load above their CPUs (up to "
+            f"{worst:.1f} on {busy[0]['cost']['cpus']}): their absolute times are inflated, compare ratios within "
+            "runs of one machine state.")
+
+
 def cost_table(records: list[dict], fmt: str = "md", *, decimals: int = 2) -> str:
     """What each method costs (``layout="cost"``), per pair: mean over the ok seeds of the training step time
     (ms), that step relative to the baseline's step and to the floor (teacher forward + student step: the
@@ -78,7 +95,8 @@ def cost_table(records: list[dict], fmt: str = "md", *, decimals: int = 2) -> st
                 for lab, method, n, vals in rows]
         caption = (f"{suite} v{version}, {pair}: training cost, mean ± std over ok seeds. × baseline: step time / "
                    "the baseline's step. " + FLOOR_NOTE + ". Extra params: parameters the method trains besides "
-                   "the student. Teacher: its own training run, no ratio.")
+                   "the student. Teacher: its own training run, no ratio." + busy_note([r for _, recs in entries
+                                                                                        for r in recs]))
         if fmt == "md":
             blocks.append(pipe_table(body, headers) + "\n\n" + caption)
         else:
