@@ -99,6 +99,9 @@ def cmd_run(a) -> int:
         try:
             print()
             print(make_table(suite_dir, suite_version=suite.version))
+            if any(s.kind == "eval" and (s.eval or {}).get("name") == "corruptions" for s in suite.specs):
+                print()  # a suite with corruption evals ends with its robustness table too
+                print(make_table(suite_dir, suite_version=suite.version, layout="robustness"))
         except Exception as e:  # the runs are recorded; a table problem must not hide that
             print(f"(no table: {e})", file=sys.stderr)
     if bad:

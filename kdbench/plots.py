@@ -1,8 +1,8 @@
 """Figures from a suite's records (matplotlib, Agg backend, imported only when a figure is made).
 
-* :func:`severity_figure`: the task's main metric against corruption severity (0 = clean; severities 1-5 =
-  mean over the benchmark corruptions), one line per method, mean over seeds with a band of ± one sample std
-  (no band with one seed); one panel per pair.
+* :func:`severity_figure`: the task's main metric against corruption severity (0 = clean; the evaluated
+  severities = mean over the benchmark corruptions), one line per method, mean over seeds with a band of ± one
+  sample std (no band with one seed), beside its drop relative to each model's clean value; one row per pair.
 * :func:`heatmap_figure`: methods × corruptions, the drop from clean (clean − mean over severities, mean over
   seeds; for lower-is-better metrics the sign is flipped so that a positive drop is always a loss).
 * :func:`cd_diagram`: the critical-difference diagram of the methods' mean ranks over the suite's pairs.
@@ -52,24 +52,33 @@ def _entries(records, metric):
     return out
 
 
+#: how a figure names a metric on its axis
+AXIS_NAMES = {"top1": "top-1 (%)", "top5": "top-5 (%)", "AP": "AP", "mIoU": "mIoU (%)"}
+
+
 def severity_figure(records: list[dict], metric: str | None = None):
-    """Figure: metric vs severity (0 = clean) per method, mean over seeds with a ± std band."""
+    """Figure: per pair, two panels: the metric against severity (0 = clean; x ticks at the evaluated severities),
+    and its drop relative to each model's own clean value (% of clean), mean over seeds with a ± std band."""
     plt = _pyplot()
     metric = _metric(records, metric)
     entries = _entries(records, metric)
-    fig, axes = plt.subplots(1, len(entries), figsize=(5.2 * len(entries), 3.8), squeeze=False)
-    for ax, (pair, models) in zip(axes[0], entries):
+    evaluated = sorted({s for _, models in entries for _, _, items in models for _, g in items for _, s in g})
+    fig, axes = plt.subplots(len(entries), 2, figsize=(10.4, 3.8 * len(entries)), squeeze=False)
+    suite = records[0]["suite"]
+    for (ax, rel_ax), (pair, models) in zip(axes, entries):
         for label, _method, items in models:
-            xs, means, lo, hi = [], [], [], []
-            for sev in (0,) + RB.SEVERITIES:
-                per_seed = []
+            xs, means, lo, hi, rel = [], [], [], [], []
+            for sev in [0] + evaluated:
+                per_seed, per_seed_rel = [], []
                 for clean, grid in items:
                     if sev == 0:
                         per_seed.append(clean)
+                        per_seed_rel.append(0.0)
                         continue
                     vals = [v for (c, s), v in grid.items() if s == sev and c in RB.BENCHMARK]
                     if vals:
                         per_seed.append(statistics.fmean(vals))
+                        per_seed_rel.append(100 * (clean - statistics.fmean(vals)) / clean if clean else math.nan)
                 if not per_seed:
                     continue
                 m = statistics.fmean(per_seed)
@@ -78,15 +87,21 @@ def severity_figure(records: list[dict], metric: str | None = None):
                 means.append(m)
                 lo.append(m - sd)
                 hi.append(m + sd)
+                rel.append(statistics.fmean(per_seed_rel))
             style = {"linestyle": "--", "color": "black"} if label == TEACHER else {}
             line, = ax.plot(xs, means, marker="o", label=f"{label} (n={len(items)})", **style)
             if len(items) > 1:
                 ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
-        ax.set_xticks(range(0, 6), ["clean", "1", "2", "3", "4", "5"])
-        ax.set_xlabel("severity (mean over the 15 benchmark corruptions)")
-        ax.set_ylabel(metric)
-        ax.set_title(pair, fontsize=10)
-        ax.grid(alpha=0.3)
+            rel_ax.plot(xs, rel, marker="o", color=line.get_color(), **{k: v for k, v in style.items()
+                                                                       if k != "color"})
+        for a in (ax, rel_ax):
+            a.set_xticks([0] + evaluated, ["clean"] + [str(s) for s in evaluated])
+            a.set_xlabel("severity (mean over the 15 benchmark corruptions)")
+            a.grid(alpha=0.3)
+        ax.set_ylabel(AXIS_NAMES.get(metric, metric))
+        rel_ax.set_ylabel(f"drop from clean (% of clean {metric})")
+        ax.set_title(f"{suite}, {pair}: {metric}", fontsize=10)
+        rel_ax.set_title(f"{suite}, {pair}: relative drop", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -125,8 +140,10 @@ def heatmap_figure(records: list[dict], metric: str | None = None):
                 if math.isfinite(data[i, j]):
                     ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center", fontsize=6,
                             color="white" if data[i, j] > np.nanmean(data) else "black")
-        ax.set_title(f"{pair}: drop of {metric} from clean (mean over severities and seeds)", fontsize=10)
-        fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
+        ax.set_title(f"{records[0]['suite']}, {pair}: drop of {metric} from clean (mean over severities and seeds)",
+                     fontsize=10)
+        bar = fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
+        bar.set_label(f"drop of {metric} (points)", fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -103,3 +103,40 @@ def test_the_cost_table_says_when_runs_ended_on_a_busy_machine(tmp_path):
     assert "Busy machine: 2 of 4 run(s) ended with a load above their CPUs (up to 6.5 on 2)" in md
     save(tmp_path / "q", *quiet)
     assert "Busy machine" not in make_table(tmp_path / "q", layout="cost")
+
+
+def test_rel_mce_does_not_crown_a_weak_model(tmp_path):
+    """rel. mCE rewards a high clean error: a row far below the reference's clean top-1 is not bold for it, and a
+    note says why; the caption says what rel. mCE measures."""
+    from test_results_tables import make_record, save
+    from test_robustness_tables import eval_record
+
+    from kdbench import robustness as RB
+    from kdbench.tables import make_table
+
+    recs = []
+    for label, clean, corrupted in (("baseline", 70.0, 40.0), ("kd", 69.0, 41.0), ("weak", 48.0, 40.0)):
+        r = make_record(label, 0, 0, clean)
+        recs += [r, eval_record(r, {(c, s): corrupted for c in RB.BENCHMARK for s in (1, 3)})]
+    save(tmp_path / "s", *recs)
+    md = make_table(tmp_path / "s", layout="robustness")
+    weak = next(line for line in md.splitlines() if line.startswith("| weak"))
+    rel = [c.strip() for c in weak.strip("|").split("|")][4]
+    assert "**" not in rel  # the lowest rel. mCE, not marked
+    assert "weak: not marked best for rel. mCE" in md and "rewards a model whose clean error is already high" in md
+
+
+def test_run_of_a_suite_with_corruption_evals_ends_with_its_robustness_table(tmp_path, capsys):
+    import yaml
+
+    from kdb_util import tiny_suite
+
+    d = tiny_suite(suite="rob", data={"name": "digits", "train_fraction": 0.2, "image_size": 32},
+                   methods=["baseline"], evals=["val", {"name": "corruptions", "set": ["fog"], "severities": [1]}])
+    d["recipe"].update(epochs=1, max_steps_per_epoch=1, eval_batch_size=540)
+    d["pairs"][0]["teacher"]["train"]["recipe"] = {"epochs": 1, "max_steps_per_epoch": 1}
+    path = tmp_path / "rob.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    assert main(["run", str(path), "--results", str(tmp_path / "res"), "--executor", "debug"]) == 0
+    out = capsys.readouterr().out
+    assert "top1 (eval val, final epoch" in out and "mCE" in out and "corruption robustness" in out

@@ -241,9 +241,15 @@ def _fmt_stat(mean: float, std: float, n: int, decimals: int, fmt: str, best: bo
     return bold(core, fmt) if best else core
 
 
-def _summary_grid(rows: list[_RowStats], cols: list[_Col], decimals: int, baseline: str
-                  ) -> dict[tuple[str, str], dict]:
-    """(label, column key) -> mean, std, n, delta, best."""
+#: relative mCE rewards a model whose clean error is already high: a row whose clean value is this many points below
+#: the reference row's is not marked best for it (a note says why)
+REL_MCE_CLEAN_GAP = 5.0
+
+
+def _summary_grid(rows: list[_RowStats], cols: list[_Col], decimals: int, baseline: str,
+                  notes: list[str] | None = None, higher_clean: bool = True) -> dict[tuple[str, str], dict]:
+    """(label, column key) -> mean, std, n, delta, best. A row whose clean value is :data:`REL_MCE_CLEAN_GAP`
+    points worse than the reference (``baseline``) row's is not marked best for relative mCE; ``notes`` gets why."""
     out: dict[tuple[str, str], dict] = {}
     for st in rows:
         for c in cols:
@@ -259,7 +265,19 @@ def _summary_grid(rows: list[_RowStats], cols: list[_Col], decimals: int, baseli
                 cell = out[(st.label, c.key)]
                 if st.label not in (base, TEACHER) and cell["n"]:
                     cell["delta"] = cell["mean"] - out[(base, c.key)]["mean"]
-        cand = [out[(st.label, c.key)] for st in rows if st.label != TEACHER and out[(st.label, c.key)]["n"]]
+        eligible = [st for st in rows if st.label != TEACHER and out[(st.label, c.key)]["n"]]
+        if c.key == "rel_mCE" and base is not None and out[(base, "clean")]["n"]:
+            ref_clean = out[(base, "clean")]["mean"]
+            weak = [st for st in eligible if (ref_clean - out[(st.label, "clean")]["mean"]) * (1 if higher_clean
+                                                                                              else -1)
+                    > REL_MCE_CLEAN_GAP]
+            eligible = [st for st in eligible if st not in weak]
+            for st in weak:
+                if notes is not None:
+                    notes.append(f"{st.label}: not marked best for rel. mCE: its clean value is more than "
+                                 f"{REL_MCE_CLEAN_GAP:g} points below {base}'s, and rel. mCE rewards a high clean "
+                                 "error")
+        cand = [out[(st.label, c.key)] for st in eligible]
         if len(cand) > 1:
             keys = [round(x["mean"], decimals) for x in cand]
             top = max(keys) if c.higher else min(keys)
@@ -298,10 +316,12 @@ def robustness_table(records: list[dict], fmt: str = "md", *, metric: str | None
         if not rows:
             continue
         cols = _robust_cols(classification, metric, rows, higher)
-        grid = _summary_grid(rows, cols, decimals, reference if classification else BASELINE)
+        grid = _summary_grid(rows, cols, decimals, reference if classification else BASELINE, notes, higher)
         caption = (f"{suite} v{version}, {pair}: corruption robustness ("
                    + ("CE normalised by " + reference + ", the reference model, its errors averaged over its "
-                      "seeds; mCE, rel. mCE and CE per family in %, lower is better" if classification else
+                      "seeds; mCE, rel. mCE and CE per family in %, lower is better; rel. mCE measures the errors "
+                      "added by corruption over each model's own clean error, so it rewards a model whose clean "
+                      "error is already high" if classification else
                       f"mPC = mean {metric} over 15 corruptions × severities, rPC = mPC / clean in %; families: "
                       f"mean {metric}")
                    + "; extra corruptions apart). Cells: mean ± std over seeds; Δ vs baseline; bold: best "
