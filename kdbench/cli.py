@@ -365,6 +365,19 @@ def cmd_status(a) -> int:
     return 0
 
 
+def _results_args(parser: argparse.ArgumentParser, *which: str) -> None:
+    """The arguments the commands that read a suite's records share: the folder, ``--suite-version`` and those of
+    ``which`` (metric, select, eval)."""
+    parser.add_argument("results_dir", help="RESULTS/SUITE folder")
+    if "metric" in which:
+        parser.add_argument("--metric", help="metric (default: the task's main metric)")
+    if "select" in which:
+        parser.add_argument("--select", choices=("final", "best"), default="final")
+    if "eval" in which:
+        parser.add_argument("--eval", default="val")
+    parser.add_argument("--suite-version", type=int, help="use records of this suite version only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kdbench import __version__
 
@@ -428,37 +441,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="paired difference of two methods on every pair and pooled: mean, 95% CI, "
                                        "paired t-test and Wilcoxon p-values")
-    c.add_argument("results_dir", help="RESULTS/SUITE folder")
+    _results_args(c, "metric", "select", "eval")
     c.add_argument("a", help="method label")
     c.add_argument("b", help="method label it is compared with (e.g. baseline)")
-    c.add_argument("--metric", help="metric (default: the task's main metric)")
-    c.add_argument("--select", choices=("final", "best"), default="final")
-    c.add_argument("--eval", default="val")
     c.add_argument("--ci", choices=("t", "bootstrap"), default="t",
                    help="t: Student t, n-1 degrees of freedom (default); bootstrap: percentile, 10,000 resamples, "
                         "seeded")
     c.add_argument("--format", choices=("md", "csv"), default="md")
-    c.add_argument("--suite-version", type=int, help="use records of this suite version only")
     c.set_defaults(fn=cmd_compare)
 
     ck = sub.add_parser("check", help="our numbers against the published references: pass/fail with a tolerance "
                                       "(exit 1 when a cell fails)")
-    ck.add_argument("results_dir", help="RESULTS/SUITE folder")
+    _results_args(ck, "select", "eval")
     ck.add_argument("--suite", metavar="FILE", help="check against this suite file's references instead of those "
                                                     "the records were produced with")
     ck.add_argument("--tolerance", type=float, metavar="X",
                     help="absolute tolerance (default: the larger of 0.5 points and 2 standard errors of our mean)")
-    ck.add_argument("--select", choices=("final", "best"), default="final")
-    ck.add_argument("--eval", default="val")
-    ck.add_argument("--suite-version", type=int, help="use records of this suite version only")
     ck.set_defaults(fn=cmd_check)
 
     rp = sub.add_parser("report", help="one self-contained HTML file: protocol, tables with intervals, ranks, "
                                        "robustness, cost, run status (no network needed to read it)")
-    rp.add_argument("results_dir", help="RESULTS/SUITE folder")
+    _results_args(rp, "metric")
     rp.add_argument("-o", "--out", help="the HTML file (default: RESULTS/SUITE/report.html)")
-    rp.add_argument("--metric", help="metric (default: the task's main metric)")
-    rp.add_argument("--suite-version", type=int, help="use records of this suite version only")
     rp.set_defaults(fn=cmd_report)
 
     rb = sub.add_parser("robustness", help="corruption sweep over a suite's finished teachers and students "

@@ -470,29 +470,27 @@ def test_coco_shapes_smallest_side_is_what_the_writer_gives(tmp_path):
     assert min(sides) >= plugin.corruption_min_side(None, image_size=43) == 32
 
 
-def test_validating_a_digits_robustness_suite_stays_torch_free():
-    code = ("import sys, contextlib, io\n"
-            "from kdbench.cli import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    assert main(['validate', 'suites/quickstart_robustness.yaml']) == 0\n"
-            "    assert main(['validate', 'suites/quickstart_robustness.yaml', '--set', 'data.image_size=16']) == 1\n"
-            "assert 'torch' not in sys.modules, 'torch imported'\n")
+def _torch_free(*lines: str) -> subprocess.CompletedProcess:
+    """Run ``kdbench.cli.main`` calls (``lines``, under stdout capture) in a fresh process and check that torch was
+    never imported."""
+    code = ("import sys, contextlib, io\nfrom kdbench.cli import main\nwith contextlib.redirect_stdout(io.StringIO()):\n"
+            + "".join(f"    {line}\n" for line in lines) + "assert 'torch' not in sys.modules, 'torch imported'\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def test_validating_a_digits_robustness_suite_stays_torch_free():
+    r = _torch_free("assert main(['validate', 'suites/quickstart_robustness.yaml']) == 0",
+                    "assert main(['validate', 'suites/quickstart_robustness.yaml', '--set', 'data.image_size=16']) == 1")
     assert "set data.image_size to 32 or more" in r.stderr
 
 
 def test_validating_robustness_suites_without_data_stays_torch_free():
     """The suites whose dataset plugins import torch (CIFAR, COCO, Cityscapes) leave the size check to the data
     check: `validate --no-data` imports no torch, as before the check existed."""
-    code = ("import sys, contextlib, io\n"
-            "from kdbench.cli import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    for s in ('cifar100_c', 'coco_robustness', 'cityscapes_robustness'):\n"
-            "        assert main(['validate', f'suites/{s}.yaml', '--no-data']) == 0, s\n"
-            "assert 'torch' not in sys.modules, 'torch imported'\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _torch_free("for s in ('cifar100_c', 'coco_robustness', 'cityscapes_robustness'):",
+                "    assert main(['validate', f'suites/{s}.yaml', '--no-data']) == 0, s")
 
 
 # ------------------------------------------------------------------------------------------- released files
