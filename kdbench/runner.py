@@ -275,13 +275,14 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
     import torch
 
     from kdbench.registry import METHODS
-    from kdbench.train import RunPlace, fit
+    from kdbench.train import RunPlace, fit, weights_digest
 
     device, task, data = _setup(spec, record, dist)
     recipe = Recipe.of(spec.recipe)
     torch.manual_seed(spec.seed)
     student = task.build_model(spec.student, data)
     record["student"]["params"] = sum(p.numel() for p in student.parameters())
+    record["init_digest"] = weights_digest(student)  # before any method part: the same for every run of a seed
 
     teacher = None
     if spec.teacher is not None:
@@ -315,6 +316,7 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
                              desc=f"{spec.label} {spec.pair} s{spec.seed}"))
     record["metrics"] = _metric_rows(res.final, "final", task) + _metric_rows(res.best, "best", task)
     record["best_epoch"] = res.best_epoch
+    record["data_digest"] = next((h["data_digest"] for h in res.history if "data_digest" in h), None)
     record["cost"] = {"wall_time_s": round(res.wall_time_s, 3), "step_time_s": res.step_time_s,
                       "peak_mem_mb": res.peak_mem_mb, "extra_params": method.extra_parameters(),
                       "epochs": len(res.history), **machine_load()}

@@ -14,6 +14,7 @@ and writes the checkpoint and the log. With world 1 the loop is exactly the sing
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -209,9 +210,13 @@ def _train_epoch(loop: _Loop, epoch: int, progress, step_times: list) -> dict:
     sums: dict[str, float] = {}
     n_steps = 0
     progress.update(epoch=epoch, step=0)
+    digest = hashlib.sha256() if epoch == 1 else None  # the first epoch's batches, as the loader gives them
     for i, (x, y) in enumerate(loader):
         if i >= loop.steps:
             break
+        if digest is not None:
+            feed_digest(digest, x)
+            feed_digest(digest, y)
         step = (epoch - 1) * loop.steps + i
         for grp, lr0 in zip(opt.param_groups, loop.base_lrs):
             grp["lr"] = lr0 * lr_factor(loop.recipe.schedule, step, loop.steps, loop.epochs)
@@ -233,4 +238,34 @@ def _train_epoch(loop: _Loop, epoch: int, progress, step_times: list) -> dict:
         progress.update(step=i + 1)
     sums = ddp.sum_over_ranks(sums, dist, device)  # the global batch's mean losses
     return {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "steps": n_steps,
-            **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()}}
+            **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()},
+            **({"data_digest": digest.hexdigest()[:16]} if digest is not None else {})}
+
+
+def feed_digest(h, obj) -> None:
+    """Feed a batch part (tensors, nested lists/tuples/dicts of them, numbers, strings) into the hash ``h``: its
+    values, shapes and dtypes, in order (dict keys sorted)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update((t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t).numpy().tobytes())
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            feed_digest(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"[{len(obj)}".encode())
+        for v in obj:
+            feed_digest(h, v)
+    else:
+        h.update(repr(obj).encode())
+
+
+def weights_digest(net: nn.Module) -> str:
+    """sha256 (16 hex digits) of a network's parameters and buffers, by name: the student's initial weights
+    (``init_digest``: the runs of one seed start from the same student)."""
+    h = hashlib.sha256()
+    for name, t in net.state_dict().items():
+        h.update(name.encode())
+        feed_digest(h, t)
+    return h.hexdigest()[:16]

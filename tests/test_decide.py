@@ -222,3 +222,29 @@ def test_report_is_one_self_contained_html_file(tmp_path, capsys):
     assert text.count("data:image/png;base64,") == 4  # CD, severity, heatmap, gain vs cost
     assert "ValueError: boom" in text and "did not finish ok" in text
     assert not re.search(r"(src|href)=\"(?!data:|#)", text) and "http" not in text.replace("data:image", "")
+
+
+def test_the_runs_of_a_seed_share_data_and_init_digests(tmp_path):
+    """Every run of one seed sees the same batches and starts from the same student: the records say so
+    (data_digest of the first epoch's batches, init_digest of the student before any method part), whatever the
+    method draws from the random number generators; another seed differs."""
+    import yaml
+
+    from kdb_util import tiny_suite
+    from kdbench.scheduler import launch
+    from kdbench.suite import load_suite
+
+    d = tiny_suite(methods=["baseline", "kd", "freekd"], seeds=[0, 1],
+                   data={"name": "digits", "train_fraction": 0.2, "augment": True})
+    d["recipe"].update(epochs=1, max_steps_per_epoch=3)
+    d["methods"][2] = {"name": "freekd", "params": {"stage_iters": 2}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    recs = [r for r in launch(load_suite(path), tmp_path / "res", executor="debug", log=lambda s: None)
+            if r["kind"] == "distill"]
+    assert all(r["status"] == "ok" for r in recs) and len(recs) == 6
+    for seed in (0, 1):
+        mine = [r for r in recs if r["seed"] == seed]
+        assert len({r["data_digest"] for r in mine}) == 1 and len({r["init_digest"] for r in mine}) == 1, seed
+    assert {r["data_digest"] for r in recs if r["seed"] == 0} != {r["data_digest"] for r in recs if r["seed"] == 1}
+    assert {r["init_digest"] for r in recs if r["seed"] == 0} != {r["init_digest"] for r in recs if r["seed"] == 1}
