@@ -114,10 +114,11 @@ def run_eta(p: dict | None) -> float | None:
 
 
 def expected_work(kind: str, epochs: int | None, teacher: bool, cells: int = 0) -> float:
-    """A run's expected work in student-epoch units, before anything is measured: a training run's epochs, twice
-    that when a teacher's forward comes with every step (a teacher run trains a larger network: 1.5 times); a
-    stage run one unit; an eval run a tenth of a unit per corruption cell. The live ETA applies the measured rate
-    of the work done so far to these weights."""
+    """A run's expected work in epochs, before anything is measured: a training run's epochs, twice that when a
+    teacher's forward comes with every step (a teacher run trains a larger network: 1.5 times); a stage run one
+    epoch; an eval run a tenth of one per corruption cell. The live ETA multiplies it by the steps of an epoch of
+    the run's data once a run of that data has reported them, and applies the measured rate of the work done so
+    far to the work left."""
     if kind in ("teacher", "distill"):
         return max(1, int(epochs or 1)) * (2.0 if teacher else 1.5 if kind == "teacher" else 1.0)
     if kind == "eval":
@@ -176,13 +177,15 @@ class LiveProgress:
 
     def __init__(self, total: int, *, stream=None, tty: bool | None = None, every_s: float | None = None,
                  log: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time,
-                 work: dict[str, float] | None = None):
+                 work: dict[str, float] | None = None, keys: dict[str, str] | None = None):
         self.total, self.done = int(total), 0
-        #: run name -> its expected work (:func:`expected_work`); without it every run counts as one unit
+        #: run name -> its expected work in epochs (:func:`expected_work`), times the steps of an epoch of its data
+        #: (``keys``: run name -> data key) once a run of that data has reported them; without ``work`` every run
+        #: counts as one unit
         self.work = dict(work or {})
-        self._unit = (sum(self.work.values()) / len(self.work)) if self.work else 1.0
-        self.total_work = sum(self.work.values()) + max(0, self.total - len(self.work)) * self._unit
-        self.done_work = 0.0
+        self.keys = dict(keys or {})
+        self.steps: dict[str, int] = {}  # data key -> steps per epoch, learned from the runs' progress
+        self._finished: list[str | None] = []
         self.stream = stream if stream is not None else sys.stdout
         self.tty = _is_terminal(self.stream) if tty is None else bool(tty)
         self.every_s = _env_float("KDBENCH_PROGRESS_EVERY", 10.0) if every_s is None else float(every_s)
@@ -210,22 +213,44 @@ class LiveProgress:
 
     def finished(self, n: int = 1, name: str | None = None) -> None:
         self.done += n
-        self.done_work += self.work.get(name, self._unit) if name is not None else n * self._unit
+        self._finished += [name] * (1 if name is not None else n)
         if self._main is not None:
             self._main.update(n)
+
+    def weight(self, name: str | None) -> float:
+        """A run's expected work: its epochs (and teacher factor) times the steps of an epoch of its data, the mean
+        of the known steps while its data has reported none."""
+        if name not in self.work:
+            return (sum(self.weight(n) for n in self.work) / len(self.work)) if self.work else 1.0
+        known = list(self.steps.values())
+        steps = self.steps.get(self.keys.get(name, ""), (sum(known) / len(known)) if known else 1.0)
+        return self.work[name] * steps
+
+    @property
+    def total_work(self) -> float:
+        unit = self.weight(None)
+        return sum(self.weight(n) for n in self.work) + max(0, self.total - len(self.work)) * unit
+
+    @property
+    def done_work(self) -> float:
+        return sum(self.weight(n) for n in self._finished)
 
     def eta(self, running: Iterable[dict | None] | dict[str, dict | None]) -> float | None:
         """Seconds left for all runs: the rate of work so far (finished runs plus the running runs' fractions, each
         weighted by its expected work: epochs, a teacher's forward, corruption cells; one unit each without
         ``work``) applied to the work left; it refines itself as steps complete. None until some work is
         measurably done (:meth:`rough` says when it is still a guess)."""
-        items = running.items() if isinstance(running, dict) else ((None, p) for p in running)
-        work = self.done_work + sum(fraction(p) * self.work.get(n, self._unit) for n, p in items)
+        items = list(running.items() if isinstance(running, dict) else ((None, p) for p in running))
+        for n, p in items:  # learn the steps of an epoch of each run's data
+            if n in self.keys and p and p.get("steps"):
+                self.steps[self.keys[n]] = int(p["steps"])
+        work = self.done_work + sum(fraction(p) * self.weight(n) for n, p in items)
         spent = self.clock() - self.t0
-        self._done_fraction = work / self.total_work if self.total_work else 0.0
+        total = self.total_work
+        self._done_fraction = work / total if total else 0.0
         if work <= 0 or spent <= 0:
             return None
-        return spent / work * max(0.0, self.total_work - work)
+        return spent / work * max(0.0, total - work)
 
     def rough(self) -> bool:
         """The ETA rests on under 5 % of the work, or no run has finished yet: a guess, said as such."""

@@ -257,7 +257,10 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
 
     work = {progress_name(s): expected_work(s.kind, (s.recipe or {}).get("epochs"), s.teacher is not None,
                                             len((s.eval or {}).get("severities") or [])) for s in todo}
-    live = LiveProgress(len(todo), log=log, work=work)  # tqdm bars on a terminal, plain lines otherwise
+    keys = {progress_name(s): json.dumps([s.data, (s.recipe or {}).get("batch_size"),
+                                          (s.recipe or {}).get("max_steps_per_epoch")], sort_keys=True, default=str)
+            for s in todo if s.kind in ("teacher", "distill")}  # runs of one data and batch: the same epoch
+    live = LiveProgress(len(todo), log=log, work=work, keys=keys)  # tqdm bars on a terminal, plain lines otherwise
     names = {s.run_id: progress_name(s) for s in todo}
 
     def finish(rec: dict) -> None:

@@ -113,6 +113,26 @@ def test_eta_weights_runs_by_their_expected_work(tmp_path):
     assert live.eta({}) == pytest.approx(300 / 45 * 80.3) and not live.rough()
 
 
+def test_eta_learns_the_steps_of_an_epoch_of_each_data(tmp_path):
+    """A teacher on the full data (39 steps an epoch) and students on a tenth of it (4 steps): once a run of each
+    data has reported its steps, the runs weigh epochs × steps, and the students stop looking ten times longer."""
+    clock = Clock(1000.0)
+    work = {"teacher": 45.0, "kd s0": 80.0, "kd s1": 80.0}
+    keys = {"teacher": "full", "kd s0": "tenth", "kd s1": "tenth"}
+    live = LiveProgress(3, tty=False, every_s=0, log=[].append, clock=clock, work=work, keys=keys)
+    t = write(tmp_path / "t", epoch=16, epochs=30, steps=39, started=1000.0, updated=1030.0)
+    clock.t = 1030.0
+    live.eta({"teacher": read_progress(t)})
+    assert live.total_work == 45 * 39 + 2 * 80 * 39  # the students' data has reported nothing yet: the mean
+    live.finished(name="teacher")
+    a = write(tmp_path / "a", epoch=21, epochs=40, steps=4, started=1060.0, updated=1070.0)
+    clock.t = 1070.0
+    eta = live.eta({"kd s0": read_progress(a)})
+    assert live.total_work == 45 * 39 + 2 * 80 * 4
+    done = 45 * 39 + 0.5 * 80 * 4
+    assert eta == pytest.approx(70 / done * (live.total_work - done)) and not live.rough()
+
+
 def test_plain_lines_are_spaced_by_every_s(tmp_path):
     clock = Clock(1000.0)
     lines = []
