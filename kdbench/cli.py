@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="write to this file")
     t.set_defaults(fn=cmd_table)
 
-    c = sub.add_parser("compare", help="paired difference of two methods on every pair and pooled: mean, 95% CI, "
+    c = sub.add_parser("compare", help="paired difference of two methods on every pair and pooled: mean, 95%% CI, "
                                        "paired t-test and Wilcoxon p-values")
     _results_args(c, "metric", "select", "eval")
     c.add_argument("a", help="method label")

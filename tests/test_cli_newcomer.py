@@ -140,3 +140,16 @@ def test_run_of_a_suite_with_corruption_evals_ends_with_its_robustness_table(tmp
     assert main(["run", str(path), "--results", str(tmp_path / "res"), "--executor", "debug"]) == 0
     out = capsys.readouterr().out
     assert "top1 (eval val, final epoch" in out and "mCE" in out and "corruption robustness" in out
+
+
+def test_every_command_prints_its_help(capsys):
+    import pytest
+
+    from kdbench.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "cmd")
+    for name in ["--help"] + [[c, "--help"] for c in sub.choices]:
+        with pytest.raises(SystemExit) as e:
+            main(name if isinstance(name, list) else [name])
+        assert e.value.code == 0, name
+    assert "compare" in capsys.readouterr().out
