@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 
 import pandas as pd
 import pytest
@@ -71,14 +72,16 @@ def test_robustness_table_detection_by_hand(tmp_path):
     assert list(rows) == ["teacher", "baseline", "kd"]
     # baseline: mPC per seed 17, 18 -> 17.50 ± 0.71; rPC 17/40 = 42.50 %, 18/42 = 42.857 % -> 42.68 ± 0.25
     assert rows["baseline"][1:6] == ["41.00 ± 1.41", "17.50 ± 0.71", "", "42.68 ± 0.25", "17.50 ± 0.71"]
-    assert rows["kd"][1:6] == ["**44.00**", "**25.00**", "+7.50", "**56.82**", "**25.00**"]
+    # Δ pairs by seed: kd has seed 0 only, against the baseline's seed 0 (mPC 17): +8.00, no interval (n = 1)
+    assert rows["kd"][1:6] == ["**44.00**", "**25.00**", "+8.00", "**56.82**", "**25.00**"]
     assert rows["kd"][9:] == ["5.00", "1"] and rows["baseline"][9] == "—"
     assert rows["teacher"][2] == "30.00" and rows["teacher"][3] == ""
     assert "mPC = mean AP over 15 corruptions" in md and "sweep not finished" not in md
     csv = pd.read_csv(__import__("io").StringIO(make_table(tmp_path / "s", layout="robustness", fmt="csv")))
     b = csv[(csv.row == "baseline") & (csv.column == "rPC")].iloc[0]
     assert b["mean"] == pytest.approx(100 * (17 / 40 + 18 / 42) / 2) and b["n"] == 2
-    assert csv[(csv.row == "kd") & (csv.column == "mPC")].iloc[0]["delta"] == pytest.approx(7.5)
+    kd_mpc = csv[(csv.row == "kd") & (csv.column == "mPC")].iloc[0]
+    assert kd_mpc["delta"] == pytest.approx(8.0) and kd_mpc["n_paired"] == 1 and math.isnan(kd_mpc["delta_ci_low"])
     tex = make_table(tmp_path / "s", layout="robustness", fmt="latex")
     assert r"\textbf{25.00}" in tex and r"17.50 $\pm$ 0.71" in tex and r"\begin{tabular}" in tex
 
@@ -254,3 +257,22 @@ def test_caption_states_where_the_corrupted_images_come_from(tmp_path):
     detection_suite(tmp_path / "det")
     md = make_table(tmp_path / "det", layout="robustness")
     assert f"Corrupted images: {generated}." in md and "CIFAR" not in md
+
+
+def test_robustness_delta_is_paired_by_seed_with_an_interval(tmp_path):
+    """mPC Δ = mean over seeds of (method − baseline), with its Student t interval, by hand."""
+    recs = []
+    mpc = {("baseline", 0): 17.0, ("baseline", 1): 18.0, ("baseline", 2): 16.0,
+           ("kd", 0): 20.0, ("kd", 1): 22.0, ("kd", 2): 19.0}
+    for (label, seed), v in mpc.items():
+        r = _det(label, seed, 40.0)
+        recs += [r, eval_record(r, {(c, s): v for c in RB.BENCHMARK for s in (1, 2)}, "AP")]
+    save(tmp_path / "s", *recs)
+    diffs = [3.0, 4.0, 3.0]
+    half = 4.302652729911275 * statistics.stdev(diffs) / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    csv = pd.read_csv(__import__("io").StringIO(make_table(tmp_path / "s", layout="robustness", fmt="csv")))
+    kd = csv[(csv.row == "kd") & (csv.column == "mPC")].iloc[0]
+    assert kd["delta"] == pytest.approx(10 / 3) and kd["n_paired"] == 3
+    assert kd["delta_ci_low"] == pytest.approx(10 / 3 - half, abs=1e-6) and bool(kd["significant"])
+    md = make_table(tmp_path / "s", layout="robustness")
+    assert f"+3.33 [{10 / 3 - half:+.2f}, {10 / 3 + half:+.2f}]*" in md

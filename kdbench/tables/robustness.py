@@ -13,6 +13,9 @@ import math
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
+
+from kdbench import stats
 
 from kdbench.results import higher_is_better
 from kdbench.tables.records import (BASELINE, EVAL_KIND, TASK_METRICS, TEACHER, in_order, metric_row,
@@ -94,6 +97,7 @@ class _RowStats:
     label: str
     method: str
     per_seed: list[dict] = field(default_factory=list)  # summary dicts
+    seeds: list[Any] = field(default_factory=list)  # the seed of each summary (None: a loaded teacher)
     cells: list[int] = field(default_factory=list)  # grid sizes
     ref: float | None = None
     ref_source: str = ""
@@ -102,6 +106,11 @@ class _RowStats:
 def robustness_entries(records: list[dict], pair: str, metric: str) -> list[tuple[str, str, list[tuple[float, dict]]]]:
     """The models of ``pair`` that have corruption results: ``(label, method, [(clean value, grid)] per seed)``
     in table order (teacher first), ``grid`` = ``{(corruption, severity): value}`` of ``metric``."""
+    return [(lab, method, [(c, g) for _, c, g in items]) for lab, method, items in _seeded_entries(records, pair, metric)]
+
+
+def _seeded_entries(records: list[dict], pair: str, metric: str) -> list[tuple[str, str, list[tuple]]]:
+    """:func:`robustness_entries` with each item's seed: ``(label, method, [(seed, clean value, grid)])``."""
     models = {k: v for k, v in model_records(records).items() if k[1] == pair}
     grids, orphans = _corruption_grids(records, metric)
     entries: list[tuple[str, str, int, list[tuple[float, dict]]]] = []
@@ -113,7 +122,7 @@ def robustness_entries(records: list[dict], pair: str, metric: str) -> list[tupl
             m = metric_row(r.get("metrics"), "val", metric, "final")
             g = grids.get(r["run_id"])
             if m is not None and g:
-                items.append((float(m["value"]), g))
+                items.append((r.get("seed"), float(m["value"]), g))
         if lab == TEACHER and not recs:  # a loaded teacher: clean value from the distillation runs
             clean = None
             for r in in_order([r for r in records if r["pair"] == pair and r["kind"] == "distill"]):
@@ -123,7 +132,7 @@ def robustness_entries(records: list[dict], pair: str, metric: str) -> list[tupl
                     break
             for (l2, p2, _), g in orphans.items():
                 if l2 == TEACHER and p2 == pair and clean is not None and g:
-                    items.append((clean, g))
+                    items.append((None, clean, g))
         if items:
             method = recs[0]["method"] if recs else (TEACHER if lab == TEACHER else lab)
             index = -1 if lab == TEACHER else min((r.get("method_index", 0) for r in recs), default=0)
@@ -138,20 +147,21 @@ def _robustness_rows(records: list[dict], pair: str, metric: str, classification
 
     models = {k: v for k, v in model_records(records).items() if k[1] == pair}
     notes: list[str] = []
-    entries = [(lab, method, 0, items) for lab, method, items in robustness_entries(records, pair, metric)]
+    entries = [(lab, method, 0, items) for lab, method, items in _seeded_entries(records, pair, metric)]
     ref_clean = ref_grid = None
     if classification:
         ref = next((e for e in entries if e[0] == reference), None)
         if ref is None:
             notes.append(f"{pair}: no corruption results of the reference {reference!r}: mCE needs them")
         else:
-            ref_clean = statistics.fmean(c for c, _ in ref[3])
-            keys = set.intersection(*(set(g) for _, g in ref[3]))
-            ref_grid = {k: statistics.fmean(g[k] for _, g in ref[3]) for k in keys}
+            ref_clean = statistics.fmean(c for _, c, _ in ref[3])
+            keys = set.intersection(*(set(g) for _, _, g in ref[3]))
+            ref_grid = {k: statistics.fmean(g[k] for _, _, g in ref[3]) for k in keys}
     rows = []
     for lab, method, _, items in entries:
         st = _RowStats(lab, method)
-        for clean, g in items:
+        for seed, clean, g in items:
+            st.seeds.append(seed)
             if classification:
                 s = {"clean": clean, **(RB.error_summary(clean, g, ref_clean, ref_grid) if ref_grid else {})}
             else:
@@ -261,10 +271,20 @@ def _summary_grid(rows: list[_RowStats], cols: list[_Col], decimals: int, baseli
         next((st.label for st in rows if st.method == BASELINE), None)
     for c in cols:
         if c.delta and base is not None and out[(base, c.key)]["n"]:
+            base_st = next(st for st in rows if st.label == base)
+            scale = 100 if c.kind == "ratio" else 1
+            base_vals = {sd: scale * s.get(c.key, math.nan) for sd, s in zip(base_st.seeds, base_st.per_seed)}
             for st in rows:
                 cell = out[(st.label, c.key)]
                 if st.label not in (base, TEACHER) and cell["n"]:
-                    cell["delta"] = cell["mean"] - out[(base, c.key)]["mean"]
+                    p = stats.paired({sd: scale * s.get(c.key, math.nan) for sd, s in zip(st.seeds, st.per_seed)},
+                                     base_vals)
+                    if p.n:  # paired by seed, as the paper table's Δ
+                        cell["delta"], cell["n_paired"] = p.mean, p.n
+                        cell["delta_ci"] = (p.ci_low, p.ci_high) if p.ci_low is not None else None
+                        if p.unpaired and notes is not None and c.key in ("mCE", "mPC"):
+                            notes.append(f"{st.label}: Δ {c.head} pairs {p.n} seed(s) with {base}; {p.unpaired} "
+                                         "seed(s) only one side has are left out")
         eligible = [st for st in rows if st.label != TEACHER and out[(st.label, c.key)]["n"]]
         if c.key == "rel_mCE" and base is not None and out[(base, "clean")]["n"]:
             ref_clean = out[(base, "clean")]["mean"]
@@ -284,6 +304,23 @@ def _summary_grid(rows: list[_RowStats], cols: list[_Col], decimals: int, baseli
             for x, k in zip(cand, keys):
                 x["best"] = k == top
     return out
+
+
+def _excludes_zero(ci: tuple[float, float]) -> bool:
+    return ci[0] > 0 or ci[1] < 0
+
+
+def _delta_text(g: dict, decimals: int, fmt: str) -> str:
+    """Δ paired by seed with its 95 % interval and the mark of an interval that excludes 0 (as the paper table)."""
+    if g["delta"] is None:
+        return ""
+    text = fmt_num(g["delta"], decimals, fmt, True)
+    ci = g.get("delta_ci")
+    if ci:
+        text += f" [{fmt_num(ci[0], decimals, fmt, True)}, {fmt_num(ci[1], decimals, fmt, True)}]"
+        if _excludes_zero(ci):
+            text += "*" if fmt == "md" else r"$^{*}$"
+    return text
 
 
 def robustness_table(records: list[dict], fmt: str = "md", *, metric: str | None = None, reference: str = BASELINE,
@@ -324,8 +361,9 @@ def robustness_table(records: list[dict], fmt: str = "md", *, metric: str | None
                       "error is already high" if classification else
                       f"mPC = mean {metric} over 15 corruptions × severities, rPC = mPC / clean in %; families: "
                       f"mean {metric}")
-                   + "; extra corruptions apart). Cells: mean ± std over seeds; Δ vs baseline; bold: best "
-                   "(teacher excluded).")
+                   + "; extra corruptions apart). Cells: mean ± std over seeds; Δ: mean over seeds of (method − "
+                   "reference), paired by seed, [95% CI] (Student t) from two paired seeds, *: it excludes 0; bold: "
+                   "best (teacher excluded).")
         source = _corruption_source(records, pair, metric, classification)
         caption += f" {source}" if source else ""
         if fmt == "csv":
@@ -336,7 +374,12 @@ def robustness_table(records: list[dict], fmt: str = "md", *, metric: str | None
                                      "method": st.method, "column": c.key,
                                      "mean": csv_round(g["mean"]) if g["n"] else None,
                                      "std": csv_round(g["std"]) if g["n"] > 1 else None, "n": g["n"],
-                                     "delta": None if g["delta"] is None else csv_round(g["delta"]), "best": g["best"],
+                                     "delta": None if g["delta"] is None else csv_round(g["delta"]),
+                                     "delta_ci_low": None if not g.get("delta_ci") else csv_round(g["delta_ci"][0]),
+                                     "delta_ci_high": None if not g.get("delta_ci") else csv_round(g["delta_ci"][1]),
+                                     "n_paired": g.get("n_paired") if g["delta"] is not None else None,
+                                     "significant": "" if not g.get("delta_ci") else _excludes_zero(g["delta_ci"]),
+                                     "best": g["best"],
                                      "reference": st.ref if c.ref else None,
                                      "reference_source": st.ref_source if c.ref else "",
                                      "reference_model": reference if classification else "",
@@ -353,7 +396,7 @@ def robustness_table(records: list[dict], fmt: str = "md", *, metric: str | None
                 g = grid[(st.label, c.key)]
                 line.append(_fmt_stat(g["mean"], g["std"], g["n"], decimals, fmt, g["best"]))
                 if c.delta:
-                    line.append("" if g["delta"] is None else fmt_num(g["delta"], decimals, fmt, True))
+                    line.append(_delta_text(g, decimals, fmt))
                 if c.ref:
                     line.append("" if st.ref is None else fmt_ref(st.ref, fmt))
             line.append(str(len(st.per_seed)))
@@ -366,8 +409,9 @@ def robustness_table(records: list[dict], fmt: str = "md", *, metric: str | None
         else:
             blocks.append(latex_block(caption, headers, body, notes))
     if fmt == "csv":
-        cols_csv = ["suite", "suite_version", "pair", "row", "method", "column", "mean", "std", "n", "delta", "best",
-                    "reference", "reference_source", "reference_model", "corruption_source"]
+        cols_csv = ["suite", "suite_version", "pair", "row", "method", "column", "mean", "std", "n", "delta",
+                    "delta_ci_low", "delta_ci_high", "n_paired", "significant", "best", "reference", "reference_source",
+                    "reference_model", "corruption_source"]
         return csv_text(csv_rows, cols_csv)
     if not blocks:
         raise ValueError("no model has both a clean result and corruption results")
