@@ -36,8 +36,8 @@ from kdbench.tables.cost import cost_table
 from kdbench.tables.protocol import protocol, protocol_text
 from kdbench.tables.records import (BASELINE, EVAL_KIND, TABLE_KINDS, TASK_METRICS, TEACHER, current, in_order,
                                     metric_row, order_key, teacher_sha_of_distill)
-from kdbench.tables.render import (Footnotes, bold, check_format, csv_round, csv_text, dash, fmt_num, fmt_ref,
-                                   latex_escape, pipe_table, pm)
+from kdbench.tables.render import (Footnotes, bold, check_format, csv_round, csv_text, dash, delta_text,
+                                   excludes_zero, fmt_num, fmt_ref, latex_escape, pipe_table, pm)
 from kdbench.tables.robustness import robustness_table
 
 LAYOUTS = ("auto", "method_x_domain", "robustness", "cost", "summary")
@@ -195,7 +195,7 @@ class Cell:
     @property
     def significant(self) -> bool | None:
         """Δ's interval excludes 0 (None without an interval)."""
-        return None if self.delta_ci is None else (self.delta_ci[0] > 0 or self.delta_ci[1] < 0)
+        return None if self.delta_ci is None else excludes_zero(self.delta_ci)
 
     @property
     def where(self) -> str:
@@ -433,18 +433,6 @@ def _value_text(cell: Cell | None, decimals: int, fmt: str, marks: str) -> str:
     return core + ("" if cell.plain else f" (n={cell.n})") + marks
 
 
-def _delta_text(cell: Cell | None, decimals: int, fmt: str) -> str:
-    """Δ with its interval and the mark of an interval that excludes 0: ``+1.23 [+0.41, +2.05]*``."""
-    if cell is None or cell.delta is None:
-        return ""
-    text = fmt_num(cell.delta, decimals, fmt, True)
-    if cell.delta_ci is not None:
-        text += f" [{fmt_num(cell.delta_ci[0], decimals, fmt, True)}, {fmt_num(cell.delta_ci[1], decimals, fmt, True)}]"
-        if cell.significant:
-            text += "*" if fmt == "md" else r"$^{*}$"
-    return text
-
-
 def _matrix(grid: Grid, metric: str, eval: str, select: str, decimals: int, fmt: str) -> tuple[list, list]:
     """Body rows as strings and the footnote texts, for md and latex."""
     notes = Footnotes(fmt)
@@ -456,7 +444,7 @@ def _matrix(grid: Grid, metric: str, eval: str, select: str, decimals: int, fmt:
             marks = "".join(notes.mark(t) for t in (cell.notes(metric, eval, select) if cell else []))
             line.append(_value_text(cell, decimals, fmt, marks))
             if g.delta:
-                line.append(_delta_text(cell, decimals, fmt))
+                line.append("" if cell is None else delta_text(cell.delta, cell.delta_ci, decimals, fmt))
             if g.ref:
                 ref = cell.ref if cell is not None else None
                 line.append("" if ref is None else fmt_ref(ref[0], fmt)

@@ -45,6 +45,23 @@ def fmt_num(x: float, decimals: int, fmt: str, signed: bool = False) -> str:
     return "$-$" + s[1:] if fmt == "latex" and s.startswith("-") else s
 
 
+def excludes_zero(ci: tuple[float, float]) -> bool:
+    """A confidence interval that does not hold 0: the difference is significant at its level."""
+    return ci[0] > 0 or ci[1] < 0
+
+
+def delta_text(delta: float | None, ci: tuple[float, float] | None, decimals: int, fmt: str) -> str:
+    """Δ with its interval and the mark of an interval that excludes 0: ``+1.23 [+0.41, +2.05]*``."""
+    if delta is None:
+        return ""
+    text = fmt_num(delta, decimals, fmt, True)
+    if ci:
+        text += f" [{fmt_num(ci[0], decimals, fmt, True)}, {fmt_num(ci[1], decimals, fmt, True)}]"
+        if excludes_zero(ci):
+            text += "*" if fmt == "md" else r"$^{*}$"
+    return text
+
+
 def fmt_ref(x: float, fmt: str) -> str:
     """A published reference value as given (``%g``)."""
     s = f"{x:g}"

@@ -20,8 +20,8 @@ from kdbench import stats
 from kdbench.results import higher_is_better
 from kdbench.tables.records import (BASELINE, EVAL_KIND, TASK_METRICS, TEACHER, in_order, metric_row,
                                     model_records, pair_order, recency, stat, teacher_sha_of_distill)
-from kdbench.tables.render import (bold, check_format, csv_round, csv_text, dash, fmt_num, fmt_ref, latex_block,
-                                   latex_escape, pipe_table, pm)
+from kdbench.tables.render import (bold, check_format, csv_round, csv_text, dash, delta_text, excludes_zero, fmt_num,
+                                   fmt_ref, latex_block, latex_escape, pipe_table, pm)
 
 CORRUPTION_EVAL = "corruptions"
 ROBUST_FAMILIES = ("noise", "blur", "weather", "digital")
@@ -306,23 +306,6 @@ def _summary_grid(rows: list[_RowStats], cols: list[_Col], decimals: int, baseli
     return out
 
 
-def _excludes_zero(ci: tuple[float, float]) -> bool:
-    return ci[0] > 0 or ci[1] < 0
-
-
-def _delta_text(g: dict, decimals: int, fmt: str) -> str:
-    """Δ paired by seed with its 95 % interval and the mark of an interval that excludes 0 (as the paper table)."""
-    if g["delta"] is None:
-        return ""
-    text = fmt_num(g["delta"], decimals, fmt, True)
-    ci = g.get("delta_ci")
-    if ci:
-        text += f" [{fmt_num(ci[0], decimals, fmt, True)}, {fmt_num(ci[1], decimals, fmt, True)}]"
-        if _excludes_zero(ci):
-            text += "*" if fmt == "md" else r"$^{*}$"
-    return text
-
-
 def robustness_table(records: list[dict], fmt: str = "md", *, metric: str | None = None, reference: str = BASELINE,
                      decimals: int = 2) -> str:
     """The corruption-robustness table of one suite version's records (``layout="robustness"``).
@@ -378,7 +361,7 @@ def robustness_table(records: list[dict], fmt: str = "md", *, metric: str | None
                                      "delta_ci_low": None if not g.get("delta_ci") else csv_round(g["delta_ci"][0]),
                                      "delta_ci_high": None if not g.get("delta_ci") else csv_round(g["delta_ci"][1]),
                                      "n_paired": g.get("n_paired") if g["delta"] is not None else None,
-                                     "significant": "" if not g.get("delta_ci") else _excludes_zero(g["delta_ci"]),
+                                     "significant": "" if not g.get("delta_ci") else excludes_zero(g["delta_ci"]),
                                      "best": g["best"],
                                      "reference": st.ref if c.ref else None,
                                      "reference_source": st.ref_source if c.ref else "",
@@ -396,7 +379,7 @@ def robustness_table(records: list[dict], fmt: str = "md", *, metric: str | None
                 g = grid[(st.label, c.key)]
                 line.append(_fmt_stat(g["mean"], g["std"], g["n"], decimals, fmt, g["best"]))
                 if c.delta:
-                    line.append(_delta_text(g, decimals, fmt))
+                    line.append(delta_text(g["delta"], g.get("delta_ci"), decimals, fmt))
                 if c.ref:
                     line.append("" if st.ref is None else fmt_ref(st.ref, fmt))
             line.append(str(len(st.per_seed)))
