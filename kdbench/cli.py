@@ -65,11 +65,33 @@ def _matrix(specs) -> str:
                     tablefmt="simple")
 
 
+def _cohorts(specs) -> str:
+    """The cohorts the scheduler would form of these runs (kdbench/cohort.py), one line each."""
+    from kdbench.cohort import cohort_id, cohorts
+
+    groups = [c for c in cohorts([s for s in specs if s.kind == "distill"]) if len(c) > 1]
+    if not groups:
+        return "cohorts: none (every run trains alone)"
+    n = sum(len(c) for c in groups)
+    lines = [f"cohorts: {len(groups)}, holding {n} distill runs (each trains on shared batches and teacher forwards; "
+             "--cohort off trains every run alone)"]
+    for c in groups:
+        lines.append(f"  {cohort_id(c)}  {c[0].pair} seed {c[0].seed}: {len(c)} runs: "
+                     + " ".join(s.label for s in c))
+    return "\n".join(lines)
+
+
 def cmd_run(a) -> int:
     from kdbench.scheduler import launch
     from kdbench.graph import select_specs
     from kdbench.suite import check_data_available, find_suite, load_suite
 
+    if a.cohort == "off":  # inherited by the jobs; kdbench/cohort.py
+        import os
+
+        from kdbench.cohort import ENV
+
+        os.environ[ENV] = "off"
     suite = load_suite(find_suite(a.suite), a.overrides)  # a bare name: ./suites/<name>.yaml, then the package's
     specs = select_specs(suite, a.filter)
     for note in suite.notes:
@@ -79,6 +101,8 @@ def cmd_run(a) -> int:
         print(f"{suite.path}: {suite.name} v{suite.version}, {len(specs)} runs "
               f"({', '.join(f'{n} {k}' for k, n in kinds.items() if n)})")
         print(_matrix(specs))
+        print()
+        print(_cohorts(specs))
         return 0
     check_results_folder(Path(a.results), suite.name)
     from kdbench.results import suite_snapshot_path, write_json_atomic
@@ -399,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rerun-replaced", action="store_true",
                    help="train again the distill runs trained with a teacher file replaced since (retrained in its "
                         "folder, or another file under the same path); without it they are kept and flagged")
+    r.add_argument("--cohort", choices=("on", "off"), default="on",
+                   help="on (default): distill runs that share the teacher, data, seed and recipe train together, "
+                        "one data pass and one teacher forward per batch (same numbers); off: every run alone")
     r.add_argument("--no-wait", action="store_true",
                    help="slurm: submit the whole run graph (needs as job dependencies) and return at once")
     _add_plugins_arg(r)

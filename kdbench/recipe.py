@@ -99,6 +99,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (int(seed) * 1_000_003 + int(epoch) * 7_919) % (2**31 - 1)
 
 
+def batch_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of the random draws that make batch ``index`` of ``epoch`` (augmentation in the training process):
+    its own stream, so the batches do not depend on what the student or the method draws between them."""
+    return (epoch_seed(seed, epoch) * 1_000_033 + int(index) * 104_729 + 1) % (2**31 - 1)
+
+
 def build_optimizer(params, cfg: dict):
     """The ``torch.optim`` optimiser of a recipe's ``optimizer:`` (sgd, adamw, adam) over ``params``."""
     import torch

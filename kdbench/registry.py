@@ -673,7 +673,7 @@ MODELS = Registry("model source", discover=("kdbench.models",), scan=Scan(
     decorators=("MODELS.register",), root=("kdbench.models.sources", "Source"), attrs=("prefix",)))
 DATASETS = Registry("dataset", discover=("kdbench.data",), scan=Scan(
     decorators=("DATASETS.register",), root=("kdbench.data.plugin", "DatasetPlugin"),
-    attrs=("task", "needs_root", "layout", "corruption_point"), params_of="build"))
+    attrs=("task", "needs_root", "layout", "corruption_point", "augments"), params_of="build"))
 TASKS = Registry("task", discover=("kdbench.tasks",))
 
 

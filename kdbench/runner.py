@@ -29,7 +29,9 @@ preemption) is noted in the record's ``scheduler`` with the job id. ``threads``:
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
+import json
 import importlib.metadata
 import os
 import platform
@@ -38,6 +40,7 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +186,113 @@ def run_one(spec: RunSpec, results: str | os.PathLike = "results", *, requeues: 
             return _run_one(spec, results, rdir, requeues, dist, threads)
 
 
+def run_cohort(specs: list[RunSpec], results: str | os.PathLike = "results", *, requeues: int = 0,
+               threads: int | None = None) -> list[dict]:
+    """Run the distill runs of a cohort (``kdbench.cohort``) together, in this process: the data and the teacher's
+    forward are shared, each run keeps its own record, folder, checkpoint and numbers (``kdbench.train.fit_cohort``);
+    return their records in the order of ``specs``. Idempotent per run: an ``ok`` run is returned as is, a run
+    another process holds is run alone after the others (waiting for its lock), each resumes from its own
+    checkpoint. A run that fails to set up, diverges or fails is recorded so and the others go on."""
+    from kdbench import ddp
+    from kdbench.cohort import cohort_id
+    from kdbench.results import finish_record, new_record, read_record, write_spec
+    from kdbench.step import Diverged
+    from kdbench.train import Member, fit_cohort
+
+    results = Path(results)
+    records: dict[str, dict] = {}
+    later: list[RunSpec] = []
+    with contextlib.ExitStack() as stack:
+        todo = []
+        for spec in specs:
+            rdir = run_dir_for(results, spec)
+            if _done(rdir, read_record(rdir), spec, results, warn=False):
+                records[spec.run_id] = read_record(rdir)
+                continue
+            if not _try_lock(stack, rdir):
+                later.append(spec)
+                continue
+            old = read_record(rdir)  # another process may have run it meanwhile
+            if _done(rdir, old, spec, results):
+                records[spec.run_id] = old
+                continue
+            clean_stale_temps(rdir)
+            todo.append((spec, rdir))
+        if len(todo) == 1:
+            spec, rdir = todo[0]
+            records[spec.run_id] = _run_one(spec, results, rdir, requeues, ddp.SINGLE, threads)
+        elif todo:
+            _set_threads(todo[0][0], threads)
+            cid = cohort_id([s for s, _ in todo])
+            shared: dict = {}
+            jobs = []
+            for spec, rdir in todo:
+                rdir.mkdir(parents=True, exist_ok=True)
+                write_spec(rdir, spec)
+                record = new_record(spec, scheduler={**scheduler_info(), "requeues": int(requeues)})
+                record["cohort"] = {"id": cid, "runs": [s.run_id for s, _ in todo]}
+                try:
+                    jobs.append(_prepare_train(spec, results, rdir, record, ddp.SINGLE, shared))
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as e:
+                    _fault(e, record, traceback.format_exc())
+                    finish_record(rdir, record)
+                    records[spec.run_id] = record
+            members = [Member(j.student, j.method, j.place) for j in jobs]
+            if members:
+                fit_cohort(members, shared.get("teacher"), shared["task"], shared["data"], jobs[0].recipe,
+                           seed=jobs[0].spec.seed, desc=f"cohort {cid}: {len(members)} runs of {jobs[0].spec.pair} "
+                                                        f"s{jobs[0].spec.seed}")
+            for job, m in zip(jobs, members):
+                record = job.record
+                if m.error is None:
+                    try:
+                        _finish_train(job, m.result)
+                        record["status"] = "ok"
+                    except (KeyboardInterrupt, SystemExit):
+                        raise
+                    except Exception as e:
+                        _fault(e, record, traceback.format_exc())
+                else:
+                    _fault(m.error, record, m.error_text)
+                    if isinstance(m.error, Diverged):
+                        record["status"] = "diverged"
+                finish_record(job.rdir, record)
+                records[job.spec.run_id] = record
+    for spec in later:
+        records[spec.run_id] = run_one(spec, results, requeues=requeues, threads=threads)
+    return [records[s.run_id] for s in specs]
+
+
+def _try_lock(stack: contextlib.ExitStack, rdir: Path) -> bool:
+    """Take the run's lock (as :func:`run_lock`) without waiting; False when another process holds it."""
+    import fcntl
+
+    rdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(rdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    except OSError:  # a filesystem without locks: unlocked, as run_lock
+        pass
+    stack.callback(os.close, fd)
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+    return True
+
+
+def _fault(e: BaseException, record: dict, text: str) -> None:
+    """Record a run's error as :func:`_run_one` does; a disk fault is not the run's: it stops the cohort."""
+    if isinstance(e, OSError) and e.errno in DISK_FAULTS:
+        raise e
+    record["status"] = "failed"
+    record["error"] = text[-TRACEBACK_TAIL:]
+
+
 def _run_one(spec: RunSpec, results: Path, rdir: Path, requeues: int, dist, threads: int | None) -> dict:
     from kdbench.results import finish_record, new_record, write_spec
 
@@ -272,12 +382,46 @@ def _load_teacher(spec: RunSpec, results: Path, record: dict, task, data, device
 
 def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None:
     """teacher and distill runs: train the student (a teacher run trains the teacher as a baseline student)."""
+    from kdbench.train import fit
+
+    job = _prepare_train(spec, results, rdir, record, dist)
+    res = fit(job.student, job.teacher, job.method, job.task, job.data, job.recipe, seed=spec.seed, place=job.place)
+    _finish_train(job, res)
+
+
+@dataclass
+class TrainJob:
+    """A teacher or distill run, set up to train (:func:`_prepare_train`): what :func:`kdbench.train.fit` needs and
+    the record it fills."""
+
+    spec: RunSpec
+    rdir: Path
+    record: dict
+    dist: Any
+    device: Any
+    task: Any
+    data: Any
+    recipe: Recipe
+    student: Any
+    teacher: Any
+    method: Any
+    place: Any
+
+
+def _prepare_train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist, shared: dict | None = None) -> TrainJob:
+    """Build the run's student, teacher and method (with its stage) and fill the record's facts. ``shared``: what
+    the members of a cohort build once (device, task, data; the loaded teacher and its record entries)."""
     import torch
 
     from kdbench.registry import METHODS
-    from kdbench.train import RunPlace, fit, weights_digest
+    from kdbench.train import RunPlace, weights_digest
 
-    device, task, data = _setup(spec, record, dist)
+    shared = {} if shared is None else shared
+    if "data" not in shared:
+        shared["device"], shared["task"], shared["data"] = _setup(spec, record, dist)
+    else:
+        record["env"] = environment(shared["device"])
+    device, task, data = shared["device"], shared["task"], shared["data"]
     recipe = Recipe.of(spec.recipe)
     torch.manual_seed(spec.seed)
     student = task.build_model(spec.student, data)
@@ -286,10 +430,16 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
 
     teacher = None
     if spec.teacher is not None:
-        teacher, t_rec = _load_teacher(spec, results, record, task, data, device)
-        if t_rec is None:  # a checkpoint teacher: evaluate it once here, for the table's teacher row
-            loader = task.loader(data.val, recipe.eval_batch_size)
-            record["teacher_metrics"] = _metric_rows(task.evaluate(teacher, loader, device), "final", task)
+        key = json.dumps([spec.teacher, spec.teacher_run], sort_keys=True, default=str)
+        if shared.get("teacher_key") != key:
+            t_record: dict = {}
+            teacher, t_rec = _load_teacher(spec, results, t_record, task, data, device)
+            if t_rec is None:  # a checkpoint teacher: evaluate it once here, for the table's teacher row
+                loader = task.loader(data.val, recipe.eval_batch_size)
+                t_record["teacher_metrics"] = _metric_rows(task.evaluate(teacher, loader, device), "final", task)
+            shared.update(teacher_key=key, teacher=teacher, teacher_record=t_record)
+        teacher = shared["teacher"]
+        record.update(copy.deepcopy(shared["teacher_record"]))
 
     ctx = build_context(task, data, recipe, student, teacher, device, spec.student["model"],
                         (spec.teacher or {}).get("model", ""))
@@ -310,27 +460,31 @@ def _train(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
                                f"({record['teacher']['weights']}): the file changed; delete {s_dir} to redo the stage")
         method.load_stage(_load_stage(s_dir / STAGE_FILE, s_rec))
         record["stage"] = {"run": spec.stage_run, "dir": str(s_dir)}
+    place = RunPlace(rdir, device, run_id=spec.run_id, dist=dist, resources=spec.resources,
+                     desc=f"{spec.label} {spec.pair} s{spec.seed}")
+    return TrainJob(spec, rdir, record, dist, device, task, data, recipe, student, teacher, method, place)
 
-    res = fit(student, teacher, method, task, data, recipe, seed=spec.seed,
-              place=RunPlace(rdir, device, run_id=spec.run_id, dist=dist, resources=spec.resources,
-                             desc=f"{spec.label} {spec.pair} s{spec.seed}"))
+
+def _finish_train(job: TrainJob, res) -> None:
+    """Fill the record of a run that trained to its end: metrics, cost, warnings; write its model file."""
+    record, task, dist, method = job.record, job.task, job.dist, job.method
     record["metrics"] = _metric_rows(res.final, "final", task) + _metric_rows(res.best, "best", task)
     record["best_epoch"] = res.best_epoch
     record["data_digest"] = next((h["data_digest"] for h in res.history if "data_digest" in h), None)
     record["cost"] = {"wall_time_s": round(res.wall_time_s, 3), "step_time_s": res.step_time_s,
                       "peak_mem_mb": res.peak_mem_mb, "extra_params": method.extra_parameters(),
                       "epochs": len(res.history), **machine_load()}
-    if teacher is not None and dist.is_main:  # the floor's teacher part (kdbench table --layout cost)
-        record["cost"]["teacher_forward_s"] = teacher_forward_time(teacher, method.taps().teacher, task, data,
-                                                                   recipe, device)
+    if job.teacher is not None and dist.is_main:  # the floor's teacher part (kdbench table --layout cost)
+        record["cost"]["teacher_forward_s"] = teacher_forward_time(job.teacher, method.taps().teacher, task, job.data,
+                                                                   job.recipe, job.device)
     record["scheduler"]["resumes"] = res.resumes
     if res.warnings:
         record["warnings"] = list(res.warnings)
     if dist.enabled:
         record["scheduler"]["world_size"] = dist.world
     if dist.is_main:  # a suite-trained teacher is loaded from it; every model is kept for its eval runs
-        write_torch_atomic(rdir / MODEL_FILE, student.net.state_dict())
-        record["artifact"] = artifact_entry(rdir / MODEL_FILE)  # its sha256: dependents refuse another file
+        write_torch_atomic(job.rdir / MODEL_FILE, job.student.net.state_dict())
+        record["artifact"] = artifact_entry(job.rdir / MODEL_FILE)  # its sha256: dependents refuse another file
 
 
 def machine_load() -> dict:

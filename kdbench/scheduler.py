@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from kdbench.cohort import cohorts
 from kdbench.graph import (_blocked, _warn, crash_record, job_folder, pending, progress_name, replaced_teacher_runs,
                            report_replaced, resume_points, runs_per_gpu, select_specs, set_aside_run, summary,
                            topological)
@@ -175,17 +176,28 @@ def signals_interrupt():
 
 
 def _walk_debug(todo: list[RunSpec], results: Path, log) -> list[dict]:
-    from kdbench.runner import run_one
+    """Every run in this process, in the graph's order; the ready runs of a cohort together (kdbench/cohort.py)."""
+    from kdbench.runner import run_cohort, run_one
 
     by_id = {s.run_id: s for s in todo}
     status: dict[str, str] = {}
     out = []
-    for spec in todo:
+    remaining = list(todo)
+    while remaining:
+        spec = remaining.pop(0)
         bad = next((n for n in spec.needs if n in by_id and status.get(n) != "ok"), None)
-        rec = _blocked(spec, by_id[bad], status.get(bad, "unknown"), results) if bad else run_one(spec, results)
-        status[spec.run_id] = rec["status"]
-        log(summary(rec))
-        out.append(rec)
+        if bad:
+            recs = [_blocked(spec, by_id[bad], status.get(bad, "unknown"), results)]
+        else:
+            ready = [s for s in remaining if all(n not in by_id or status.get(n) == "ok" for n in s.needs)]
+            group = cohorts([spec] + ready)[0]
+            for s in group[1:]:
+                remaining.remove(s)
+            recs = run_cohort(group, results) if len(group) > 1 else [run_one(spec, results)]
+        for rec in recs:
+            status[rec["run_id"]] = rec["status"]
+            log(summary(rec))
+            out.append(rec)
     return out
 
 
@@ -199,11 +211,15 @@ def run_many(specs: list[RunSpec], results: str, threads: int | None = None) -> 
     import signal
     import threading
 
-    from kdbench.runner import run_one
+    from kdbench.runner import run_cohort, run_one
 
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    return [run_one(spec, results, threads=threads) for spec in specs]
+    out = []
+    for group in cohorts(specs):  # a cohort's runs train together (kdbench/cohort.py)
+        out += run_cohort(group, results, threads=threads) if len(group) > 1 else [run_one(group[0], results,
+                                                                                           threads=threads)]
+    return out
 
 
 def _collect(job, specs: list[RunSpec], results: Path) -> list[dict]:
@@ -299,7 +315,8 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
                     break
                 group = [s for s in ready if _res_key(s) == _res_key(first)]
                 per_job = max(1, min(LOCAL_RUNS_PER_JOB, -(-len(group) // cap)))
-                batch = group[:per_job]
+                together = cohorts(group)  # a cohort is one job (kdbench/cohort.py)
+                batch = together[0] if len(together[0]) > 1 else [c[0] for c in together if len(c) == 1][:per_job]
                 ex = submitit.LocalExecutor(folder=folder)
                 timeout = int(first.resources.get("timeout_min") or 24 * 60)
                 ex.update_parameters(timeout_min=timeout * len(batch), gpus_per_node=len(gpus),

@@ -47,6 +47,7 @@ import submitit
 import submitit.helpers
 
 from kdbench.results import run_dir_for, write_spec
+from kdbench.cohort import cohorts
 from kdbench.graph import crash_record, job_folder, levels, runs_per_gpu, summary
 from kdbench.registry import PLUGINS_ENV
 from kdbench.suite import RunSpec, Suite
@@ -284,6 +285,29 @@ def job_states(suite_dir: str | os.PathLike) -> dict[str, dict]:
     return out
 
 
+class CohortJob(RunJob):
+    """What a SLURM array task runs for a cohort (``kdbench/cohort.py``): its runs train together in the task's
+    process (:func:`kdbench.runner.run_cohort`) on the task's GPU and ``cpus_per_task`` cores. Requeued like
+    :class:`RunJob`: every member resumes from its own last epoch checkpoint. The task fails only when none of its
+    runs ended ok: the evaluations of the members that did then run (``afterok`` on the task), and those of a
+    member that diverged or failed are recorded as blocked by it."""
+
+    def __call__(self, specs: list[RunSpec], results: str) -> list[dict]:  # type: ignore[override]
+        from kdbench.results import error_line
+        from kdbench.runner import run_cohort
+
+        self._use_plugins()
+        recs = run_cohort(specs, results, requeues=self.requeues, threads=specs[0].resources.get("cpus_per_task"))
+        if all(r["status"] != "ok" for r in recs):
+            raise RunNotOk("; ".join(f"{s.kind} run {s.run_id} ({s.label}, {s.pair}, seed {s.seed}) ended "
+                                     f"{r['status']}: {error_line(r.get('error'))}" for s, r in zip(specs, recs)))
+        return recs
+
+    def checkpoint(self, specs: list[RunSpec], results: str) -> submitit.helpers.DelayedSubmission:  # type: ignore[override]
+        self.requeues += 1
+        return submitit.helpers.DelayedSubmission(self, specs, results)
+
+
 def submit_slurm(suite: Suite, todo: list[RunSpec], results: Path, parallel: int | None,
                  log: Callable[[str], None] = print) -> list[dict]:
     """Submit every pending run of the graph at once (see the module docstring); return the new entries of
@@ -318,8 +342,13 @@ def submit_slurm(suite: Suite, todo: list[RunSpec], results: Path, parallel: int
                                  slurm_additional_parameters={"kill-on-invalid-dep": "yes"})
             when = _now()
             pack = runs_per_gpu(specs[0].resources)
+            together = cohorts(specs)
             try:
-                if pack > 1:  # one array task per pack of `pack` runs sharing the task's GPU
+                if any(len(c) > 1 for c in together):  # one array task per cohort (kdbench/cohort.py)
+                    specs = [s for c in together for s in c]
+                    task_jobs = ex.map_array(CohortJob(), together, [str(results)] * len(together))
+                    jobs = [job for job, c in zip(task_jobs, together) for _ in c]
+                elif pack > 1:  # one array task per pack of `pack` runs sharing the task's GPU
                     packs = [specs[i:i + pack] for i in range(0, len(specs), pack)]
                     pack_jobs = ex.map_array(RunPack(), packs, [str(results)] * len(packs))
                     jobs = [job for job, p in zip(pack_jobs, packs) for _ in p]
@@ -340,7 +369,9 @@ def submit_slurm(suite: Suite, todo: list[RunSpec], results: Path, parallel: int
             _append_jobs(suite_dir, entries)
             n_jobs = len({str(j.job_id) for j in jobs})
             what = f"job array {str(jobs[0].job_id).split('_')[0]}" if n_jobs > 1 else f"job {jobs[0].job_id}"
-            if pack > 1:
+            if any(len(c) > 1 for c in together):
+                what += f" ({n_jobs} task(s), one per cohort)"
+            elif pack > 1:
                 what += f" ({n_jobs} task(s), up to {pack} runs per GPU)"
             log(f"submitted {len(jobs)} {kind} run(s) as {what}"
                 + (f", after {' '.join(deps)} (afterok)" if deps else ""))

@@ -68,8 +68,22 @@ def _outputs_fp32(out: Outputs) -> Outputs:
                    extras=out.extras)
 
 
+def teacher_forward(teacher: nn.Module, task, x, taps_teacher, setup: StepSetup, device: torch.device) -> Outputs:
+    """The frozen teacher's forward as a step takes it: under ``no_grad``, autocast as the setup says (``amp``, and
+    ``teacher_amp`` with its outputs cast back to fp32). A cohort (``kdbench.train.fit_cohort``) takes it once per
+    batch with the union of its members' taps and hands each member its part."""
+    amp = setup.amp
+    dtype = amp if isinstance(amp, torch.dtype) else None
+    with torch.autocast(device_type=device.type, dtype=dtype, enabled=bool(amp)), torch.no_grad():
+        if setup.teacher_amp is None:
+            return task.forward(teacher, x, None, taps_teacher)
+        with torch.autocast(device_type=device.type, dtype=setup.teacher_amp):
+            return _outputs_fp32(task.forward(teacher, x, None, taps_teacher))
+
+
 def train_step(student: nn.Module, teacher: nn.Module | None, method: nn.Module, task, batch: Batch,
-               setup: StepSetup | None = None, *, loss_scale: float = 1.0, **options) -> StepOutput:
+               setup: StepSetup | None = None, *, loss_scale: float = 1.0, teacher_out: Outputs | None = None,
+               **options) -> StepOutput:
     """One training step of distillation, taken as ``setup`` says; keyword ``options`` are fields of
     :class:`StepSetup` (for a caller that sets one or two: ``optimizer=opt, device=device``).
 
@@ -80,7 +94,8 @@ def train_step(student: nn.Module, teacher: nn.Module | None, method: nn.Module,
     (through ``scaler`` when given; times ``loss_scale``, this rank's share of the global batch, in a
     distributed run), average the gradients over ranks, clip their norm to ``grad_clip``, step. Without one,
     only the backward. ``task`` needs ``forward(model, x, y, taps)`` and ``loss(outputs, y)``; ``batch`` carries
-    the inputs and targets, already on the device.
+    the inputs and targets, already on the device. ``teacher_out``: the teacher's outputs for this batch, already
+    computed (:func:`teacher_forward`); the teacher's forward is then not taken again.
     """
     s = replace(setup or _DEFAULT, **options) if options else (setup or _DEFAULT)
     x, y = batch.inputs, batch.targets
@@ -90,14 +105,9 @@ def train_step(student: nn.Module, teacher: nn.Module | None, method: nn.Module,
     dtype = amp if isinstance(amp, torch.dtype) else None
     with torch.autocast(device_type=device.type, dtype=dtype, enabled=bool(amp)):
         s_out = task.forward(student if s.student_forward is None else s.student_forward, x, y, taps.student)
-        t_out = None
-        if teacher is not None:
-            with torch.no_grad():
-                if s.teacher_amp is None:
-                    t_out = task.forward(teacher, x, None, taps.teacher)
-                else:
-                    with torch.autocast(device_type=device.type, dtype=s.teacher_amp):
-                        t_out = _outputs_fp32(task.forward(teacher, x, None, taps.teacher))
+        t_out = teacher_out
+        if teacher is not None and t_out is None:
+            t_out = teacher_forward(teacher, task, x, taps.teacher, s, device)
         task_loss = task.loss(s_out, y)
         terms = method(s_out, t_out, batch)
     loss = method.task_loss_weight * task_loss.float() + sum((v.float() for v in terms.values()),

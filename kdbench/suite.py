@@ -56,7 +56,7 @@ PAIR_KEYS = {"name", "teacher", "student", "params"}
 METHOD_KEYS = {"name", "label", "params"}
 RESOURCE_KEYS = {"gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes", "tasks_per_node",
                  "slurm_partition", "slurm_account", "slurm_qos", "slurm_constraint", "slurm_array_parallelism",
-                 "runs_per_gpu"}
+                 "runs_per_gpu", "cohort_size"}
 REFERENCE_KEYS = {"method", "pair", "metric", "value", "source"}
 
 
@@ -98,6 +98,9 @@ class RunSpec:
     stage_run: str | None = None  # distill: run_id of the stage run whose stage.pt it loads (also in needs)
     target: str | None = None  # eval: run_id of the evaluated model (a checkpoint teacher: see model_id)
     eval: dict | None = None  # eval: the chunk, e.g. {"name": "corruptions", "corruption": ..., "severities": [...]}
+    #: teacher/distill: its training batches are augmented in the training process (no loader workers), with the
+    #: draws seeded per batch (``kdbench.train.batch_rng``): part of the run's identity (:func:`batch_rng`)
+    batch_rng: bool = False
 
     @property
     def run_id(self) -> str:
@@ -106,6 +109,8 @@ class RunSpec:
         key["needs"] = sorted(self.needs)
         if self.kind in ("teacher", "distill"):
             key["recipe"] = self.recipe
+            if self.batch_rng:
+                key["batch_rng"] = True
         if self.kind == "distill":  # a teacher is shared by every pair that trains the same one; a run is not
             key["pair"] = self.pair
         if self.kind == "stage":  # the stage reads the training data in batches of the recipe's size
@@ -332,7 +337,7 @@ def _check_recipe(path: Path, where: str, recipe: dict, partial: bool = False) -
 
 def _check_resources(path: Path, where: str, resources: dict) -> None:
     """Values of the resource keys kdbench itself reads (the others go to the scheduler as they are)."""
-    for k in ("gpus_per_node", "cpus_per_task", "runs_per_gpu"):
+    for k in ("gpus_per_node", "cpus_per_task", "runs_per_gpu", "cohort_size"):
         v = resources.get(k)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "gpus_per_node" else 1)):
             raise _err(path, f"{where}.{k}", f"expected an integer >= {0 if k == 'gpus_per_node' else 1}, got {v!r}")
@@ -617,6 +622,30 @@ def _check_pair_entry(path: Path, where: str, pair: Any, checked: _Checked, pair
     return teacher, student, pname, pair_params
 
 
+def batch_rng(data: dict, recipe: dict) -> bool:
+    """Whether a training run on ``data`` with ``recipe`` augments its batches in the training process: the dataset
+    draws random numbers for its training split (its plugin's ``augments``) and the loader has no workers
+    (``num_workers`` 0 or ``auto``, which is 0 on CPU). Those draws are seeded per batch (``kdbench.train``), so
+    they do not depend on what the method or the student draws; the flag is part of the run_id (the draws differ
+    from the global-RNG ones of runs recorded before it). Torch-free (the plugin's metadata is read from its file)."""
+    from kdbench.registry import DATASETS
+
+    if (recipe.get("num_workers") or 0) not in (0, "auto"):
+        return False
+    try:
+        info = DATASETS.info(data["name"])
+        if info is not None:
+            aug = info.attrs.get("augments", True)
+            default = (info.params.get(aug) or (None, False))[1] if isinstance(aug, str) else aug
+        else:
+            plugin = DATASETS.get(data["name"])
+            aug = getattr(plugin, "augments", True)
+            default = plugin.option_defaults().get(aug, False) if isinstance(aug, str) else aug
+    except KeyError:
+        return True
+    return bool(data.get(aug, default)) if isinstance(aug, str) else bool(aug)
+
+
 def _expand_teacher(path: Path, where: str, teacher: dict, pname: str, p_i: int, checked: _Checked,
                     specs: _Graph) -> str | None:
     """A pair's teacher: a suite-trained teacher's run (its run_id returned) or a checkpoint (None), and the eval
@@ -636,6 +665,8 @@ def _expand_teacher(path: Path, where: str, teacher: dict, pname: str, p_i: int,
     tspec = RunSpec(kind="teacher", reference=t_ref, data=deep_merge(checked.data, _jsonable(t_data)),
                     recipe=deep_merge(checked.recipe, _jsonable(t_recipe)), student=_jsonable(t_for_runs),
                     teacher=None, teacher_run=None, seed=int(tr.get("seed", 0)), **t_facts,
+                    batch_rng=batch_rng(deep_merge(checked.data, _jsonable(t_data)),
+                                        deep_merge(checked.recipe, _jsonable(t_recipe))),
                     **{**common, "resources": {**common["resources"], **_jsonable(tr.get("resources") or {})}})
     teacher_run = specs.add(tspec)
     specs.add_evals(t_for_runs, teacher_run, (teacher_run,), {**t_facts, "seed": tspec.seed}, checked)
@@ -683,7 +714,7 @@ def _expand_method(path: Path, where: str, m_i: int, method: tuple, teacher: dic
             teacher=_jsonable(t_for_runs) if cls.needs_teacher else None,
             teacher_run=teacher_run if cls.needs_teacher else None, stage_run=stage_run,
             needs=t_needs + ((stage_run,) if stage_run else ()), params=_jsonable(resolved), seed=seed,
-            reference=ref, **facts, **common)
+            reference=ref, batch_rng=batch_rng(data, recipe), **facts, **common)
         rid = specs.add(dspec)
         specs.add_evals(student, rid, (rid,), dict(params=dspec.params, seed=seed, **facts), checked)
 

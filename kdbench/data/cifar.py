@@ -147,6 +147,7 @@ def _class_names(d: dict, path: Path, num_classes: int = 100) -> list[str]:
 @DATASETS.register("cifar100")
 class CIFAR100(DatasetPlugin):
     layout = LAYOUT
+    augments = "augment"  # the training split is augmented when the option is true
 
     def check(self, root, **options):
         if root is None:

@@ -14,6 +14,7 @@ from kdbench.registry import DATASETS
 class Digits(DatasetPlugin):
     needs_root = False
     layout = "(ships with scikit-learn: sklearn.datasets.load_digits)"
+    augments = "augment"  # the training split is augmented when the option is true
 
     def check(self, root, **options):
         self.option_check(**options)

@@ -157,6 +157,7 @@ class _AnnotatedFolder(Dataset):
 class ImageFolderData(DatasetPlugin):
     layout = LAYOUT
     corruption_point = CORRUPTION_POINT  # ImageNet-C (see _load)
+    augments = "augment"  # the training split is augmented when the option is true
 
     def check(self, root, **options):
         if root is None:

@@ -36,6 +36,10 @@ class DatasetPlugin:
     #: where its datasets apply a corruption (kdbench.robustness.corruption_point): "decoded" (the stored or decoded
     #: image, before resizing) or "center_crop" (after the eval transform's resize and crop: ImageNet-C)
     corruption_point = "decoded"
+    #: whether its training split draws random numbers (augmentation): True (always), False (never), or the name
+    #: of the boolean ``build`` option that turns it on (``"augment"``). Such draws are seeded per batch
+    #: (``kdbench.train.batch_rng``), which is part of a training run's identity (``RunSpec.batch_rng``).
+    augments: bool | str = True
 
     def check(self, root: str | None, **options: Any) -> None:
         raise NotImplementedError
