@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "methods.md"
 
 # The section of each built-in method (``baseline`` is described in §0).
-SECTIONS = {"kd": "1", "cwd": "2", "pkd": "3", "reviewkd": "4", "catkd": "5", "freekd": "7", "afp": "9", "uhkd": "10"}
+SECTIONS = {"kd": "1", "cwd": "2", "pkd": "3", "reviewkd": "4", "catkd": "5", "freekd": "7", "afp": "9", "uhkd": "10",
+            "dkd": "12", "dist": "13", "fitnet": "14", "ofa": "15"}
 
 _REF = r"§\d+(?:\.\d+)?(?:\s*#\d+)?"
 _CITATION = re.compile(rf"docs/methods\.md\s+({_REF}(?:\s*,\s*{_REF})*)")
@@ -58,7 +59,7 @@ def test_citation_parser_reads_lists_subsections_and_register_rows():
 
 def test_doc_has_every_section_of_the_numbering():
     sections, _, rows = _doc_index(DOC.read_text(encoding="utf-8"))
-    assert sections == {str(n) for n in range(12)}, sorted(sections, key=int)
+    assert sections == {str(n) for n in range(16)}, sorted(sections, key=int)
     assert set(range(1, 19)) <= rows  # the register keeps the reference numbering of rows 1-18
 
 
