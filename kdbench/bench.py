@@ -121,7 +121,8 @@ class Entry:
     method: str
     step: Callable[[], Any]
     extra_params: int = 0
-    kind: str = "method"  # "student" | "teacher" | "method"
+    kind: str = "method"  # "student" | "teacher" | "method" | "cohort"
+    member: tuple | None = None  # a method entry: (student, teacher or None, method, task, batch, setup)
 
 
 @dataclass
@@ -194,9 +195,11 @@ def _load_stage_seeded(method) -> None:
     method.load_stage({k: v.clone() for k, v in prompts.state_dict().items()})
 
 
-def build_entries(suite, pattern: str | None = None, device=None, log=print) -> list[tuple[str, dict, list[Entry]]]:
+def build_entries(suite, pattern: str | None = None, device=None, log=print,
+                  cohort: bool = False) -> list[tuple[str, dict, list[Entry]]]:
     """Per pair of ``suite`` (its runs matching ``pattern`` on label, method or pair): ``(pair, info, entries)``
-    with the student-step and teacher-forward entries first, then one entry per method label (first seed)."""
+    with the student-step and teacher-forward entries first, then one entry per method label (first seed), and
+    with ``cohort`` a last entry: the step of all of them as one cohort (:func:`cohort_step`)."""
     import torch
 
     from kdbench.method import Batch
@@ -264,7 +267,8 @@ def build_entries(suite, pattern: str | None = None, device=None, log=print) -> 
                 train_step(student, t, method, task, batch, setup)
 
             return Entry(pair, spec.label if kind == "method" else "(student step)", spec.method if kind == "method"
-                         else "baseline", step, method.extra_parameters(), kind)
+                         else "baseline", step, method.extra_parameters(), kind,
+                         member=(student, t, method, task, batch, setup))
 
         entries.append(make(first, "student"))
         if teacher is not None:
@@ -279,12 +283,40 @@ def build_entries(suite, pattern: str | None = None, device=None, log=print) -> 
         for spec in specs:
             log(f"  building {pair} / {spec.label}")
             entries.append(make(spec, "method"))
+        if cohort:
+            entries.append(Entry(pair, "(cohort step)", "", cohort_step([e.member for e in entries
+                                                                          if e.kind == "method"], device), 0, "cohort"))
         out.append((pair, info, entries))
     return out
 
 
+def cohort_step(members: list[tuple], device) -> Callable[[], None]:
+    """One step of a cohort of these method entries, as :func:`kdbench.train.fit_cohort` takes it: the teacher's
+    forward once with the union of the members' taps, then every member's :func:`kdbench.step.train_step` with its
+    part of it."""
+    import torch
+
+    from kdbench.step import teacher_forward, train_step
+    from kdbench.train import _only_taps
+
+    with_teacher = [m for m in members if m[1] is not None]
+    union = tuple(dict.fromkeys(t for m in with_teacher for t in m[5].taps.teacher))
+
+    def step():
+        t_all = None
+        if with_teacher:
+            student, teacher, method, task, batch, setup = with_teacher[0]
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                t_all = teacher_forward(teacher, task, batch.inputs, union, setup, device)
+        for student, teacher, method, task, batch, setup in members:
+            t_out = None if teacher is None else _only_taps(t_all, setup.taps.teacher)
+            train_step(student, teacher, method, task, batch, setup, teacher_out=t_out)
+
+    return step
+
+
 def run_bench(suite_path: str | os.PathLike, pattern: str | None = None, steps: int = 5, device: str | None = None,
-              overrides: list[str] = (), memory: bool = True, log=print) -> tuple[list[dict], dict]:
+              overrides: list[str] = (), memory: bool = True, log=print, cohort: bool = False) -> tuple[list[dict], dict]:
     """Rows (one per entry, see :data:`COLUMNS`) and facts about the measurement (threads, device, rounds)."""
     import torch
 
@@ -295,13 +327,25 @@ def run_bench(suite_path: str | os.PathLike, pattern: str | None = None, steps: 
     suite = load_suite(suite_path, list(overrides))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
-    groups = build_entries(suite, pattern, dev, log=log)
+    groups = build_entries(suite, pattern, dev, log=log, cohort=cohort)
     rows: list[dict] = []
     for pair, info, entries in groups:
         fns = {i: e.step for i, e in enumerate(entries)}
         log(f"timing {pair}: {len(entries)} entries x {steps} interleaved rounds")
         best, med = summarize(interleaved_times(fns, steps, warmup=1, sync=sync))
         floor = best[0] + (best[1] if len(entries) > 1 and entries[1].kind == "teacher" else 0.0)
+        if cohort:  # one row per pair: the members' solo steps summed against the cohort's step
+            methods = [i for i, e in enumerate(entries) if e.kind == "method"]
+            solo = sum(best[i] for i in methods)
+            t_fwd = best[1] if entries[1].kind == "teacher" else 0.0
+            n_t = sum(1 for i in methods if entries[i].member[1] is not None)
+            rows.append({"pair": pair, "members": len(methods), "solo_ms_sum": 1000 * solo,
+                         "cohort_ms": 1000 * best[len(entries) - 1], "ratio": best[len(entries) - 1] / solo,
+                         "teacher_ms": 1000 * t_fwd,
+                         "bound": (solo - max(0, n_t - 1) * t_fwd) / solo, "student": info["student"],
+                         "teacher": info["teacher"], "batch_size": info["batch_size"], "input": info["input"],
+                         "labels": " ".join(entries[i].label for i in methods)})
+            continue
         for i, e in enumerate(entries):
             mem = peak_memory_mb(e.step, dev) if memory else float("nan")
             rows.append({"pair": pair, "label": e.label, "method": e.method, "min_ms": 1000 * best[i],
@@ -355,9 +399,30 @@ def format_md(rows: list[dict], facts: dict) -> str:
     return "\n".join(out)
 
 
-def format_csv(rows: list[dict]) -> str:
+COHORT_COLUMNS = ("pair", "members", "solo_ms_sum", "cohort_ms", "ratio", "teacher_ms", "bound")
+
+
+def format_cohort_md(rows: list[dict], facts: dict) -> str:
+    out = [f"# Cohort step: {facts['suite']}", "",
+           f"`kdbench bench --cohort` on {facts['device']}, {facts['threads']} threads, torch {facts['torch']}; random "
+           f"weights, synthetic batches; minimum of {facts['rounds']} interleaved rounds of every method's step alone "
+           "and of the cohort's step (one teacher forward with the union of the taps, then every member's step). "
+           "ratio = cohort / sum of the solo steps; bound = the ratio if sharing saved exactly the teacher forwards "
+           "of all members but one (the most it saves on one process).", ""]
+    if facts.get("load") == facts.get("load") and facts.get("load") is not None and facts.get("cpus"):
+        out[-1:] = [f"Machine load at the end: {facts['load']:.1f} on {facts['cpus']} CPUs.", ""]
+    out += ["| pair | members | solo steps, sum (ms) | cohort step (ms) | ratio | teacher forward (ms) | bound |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['pair']} | {r['members']} | {_fmt(r['solo_ms_sum'], 1)} | {_fmt(r['cohort_ms'], 1)} | "
+                   f"{_fmt(r['ratio'])} | {_fmt(r['teacher_ms'], 1)} | {_fmt(r['bound'])} |")
+    out += ["", "Members: " + "; ".join(f"{r['pair']}: {r['labels']}" for r in rows), ""]
+    return "\n".join(out)
+
+
+def format_csv(rows: list[dict], columns: tuple[str, ...] | None = None) -> str:
     buf = io.StringIO()
-    cols = list(COLUMNS) + ["batch_size", "input", "student", "teacher", "kind"]
+    cols = list(columns) if columns else list(COLUMNS) + ["batch_size", "input", "student", "teacher", "kind"]
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
@@ -374,6 +439,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: KDBENCH_THREADS or torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--cohort", action="store_true",
+                   help="per pair: the sum of the methods' solo steps against one cohort step of all of them "
+                        "(shared teacher forward; kdbench/cohort.py)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a suite value, e.g. --set recipe.batch_size=128 (repeatable)")
 
@@ -386,11 +454,14 @@ def run_cli(a: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     try:
         rows, facts = run_bench(a.suite, a.filter, a.steps, a.device, a.overrides, memory=not a.no_memory,
-                                log=lambda m: print(m, file=sys.stderr))
+                                log=lambda m: print(m, file=sys.stderr), cohort=a.cohort)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"kdbench bench: {e}", file=sys.stderr)
         return 2
-    md, text_csv = format_md(rows, facts), format_csv(rows)
+    if a.cohort:
+        md, text_csv = format_cohort_md(rows, facts), format_csv(rows, COHORT_COLUMNS)
+    else:
+        md, text_csv = format_md(rows, facts), format_csv(rows)
     print(md if a.format == "md" else text_csv, end="" if a.format == "csv" else "\n")
     if a.out:
         from kdbench.results import prepare_output

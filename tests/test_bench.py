@@ -62,6 +62,44 @@ def test_bench_filter_and_cli(tmp_path, capsys):
     assert all(ln.split(",")[-5] == "8" for ln in lines[1:])  # batch_size column follows --set
 
 
+def test_bench_cohort_rows_and_csv(tmp_path, capsys):
+    """``--cohort``: one row per pair, the members' solo steps summed against one cohort step, whose losses are
+    the members' own (kdbench.train.fit_cohort's step)."""
+    p = _suite(tmp_path, ["baseline", "kd", "cwd", "reviewkd"])
+    rows, facts = bench.run_bench(p, steps=1, memory=False, log=lambda m: None, cohort=True)
+    (r,) = rows
+    assert r["members"] == 4 and r["labels"] == "baseline kd cwd reviewkd"
+    assert r["ratio"] == pytest.approx(r["cohort_ms"] / r["solo_ms_sum"])
+    # the bound: the teacher forwards of the 3 members with a teacher but one are saved
+    assert r["bound"] == pytest.approx((r["solo_ms_sum"] - 2 * r["teacher_ms"]) / r["solo_ms_sum"])
+    assert bench.main([str(p), "--cohort", "--steps", "1", "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "pair,members,solo_ms_sum,cohort_ms,ratio,teacher_ms,bound" and len(lines) == 2
+    # the cohort step gives each member the loss its own step gives (no optimiser step: the weights stay)
+    import dataclasses
+
+    import kdbench.step as step_mod
+    from kdbench.suite import load_suite
+
+    entries = bench.build_entries(load_suite(p), log=lambda m: None, cohort=True)[0][2]
+    members = [e.member for e in entries if e.kind == "method"]
+    alone = [float(step_mod.train_step(*m[:5], dataclasses.replace(m[5], optimizer=None)).loss.detach())
+             for m in members]
+    seen, orig = [], step_mod.train_step
+
+    def spy(*a, **k):
+        out = orig(*a[:5], dataclasses.replace(a[5], optimizer=None), **k)
+        seen.append(float(out.loss.detach()))
+        return out
+
+    step_mod.train_step = spy
+    try:
+        bench.cohort_step(members, torch.device("cpu"))()
+    finally:
+        step_mod.train_step = orig
+    assert seen == pytest.approx(alone, rel=1e-6)
+
+
 def test_interleaved_times_order_and_summary():
     calls = []
     times = bench.interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2,

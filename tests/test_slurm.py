@@ -436,3 +436,26 @@ def test_run_past_its_time_limit_is_requeued_and_resumes_to_the_same_metrics(slu
     assert read_jobs(results / "slow")[ref["run_id"]]["job_id"] == job, "requeued under the same job id"
     st = _cli("status", str(results / "slow"))
     assert f"{job} (requeued {rec['scheduler']['requeues']}x)" in st.stdout and ": 1 ok" in st.stdout
+
+
+@pytest.mark.slurm
+def test_a_cohort_runs_as_one_array_task(slurm, write_suite, tmp_path):
+    """The distill runs that share the teacher, data and seed (kd, cwd, pkd) are one array task running
+    kdbench.runner.run_cohort; their records say so and match the runs trained alone (kdbench/cohort.py)."""
+    d = tiny_suite(methods=["baseline", "kd", "cwd", "pkd"], resources={"cpus_per_task": 1, "timeout_min": 10})
+    path = write_suite(d)
+    lines = []
+    remote = launch(load_suite(path), tmp_path / "slurm", executor="slurm", log=lines.append)
+    assert [r["status"] for r in remote] == ["ok"] * 5, [r.get("error") for r in remote]
+    members = [r for r in remote if r["label"] in ("kd", "cwd", "pkd")]
+    assert len({r["scheduler"]["job_id"] for r in members}) == 1  # one array task
+    assert len({r["cohort"]["id"] for r in members}) == 1 and len(members[0]["cohort"]["runs"]) == 3
+    assert any("one per cohort" in ln for ln in lines), lines
+    os.environ["KDBENCH_COHORT"] = "off"
+    try:
+        alone = launch(load_suite(path), tmp_path / "alone", executor="debug", log=lambda s: None)
+    finally:
+        del os.environ["KDBENCH_COHORT"]
+    by = {r["run_id"]: r for r in alone}
+    for r in remote:
+        assert r["metrics"] == by[r["run_id"]]["metrics"], r["label"]
