@@ -72,7 +72,9 @@ class Distiller(nn.Module):
         distillation run that uses it.
       * ``requires_taps``: ``{param: (side, tap)}``: when the boolean parameter ``param`` is true, the model on
         ``side`` ("teacher"/"student") must provide the semantic tap ``tap``; ``check_pair`` checks it against the
-        models' tap metadata at validate time (e.g. ReviewKD's ``teacher_preact`` needs ``stages_preact``).
+        models' tap metadata at validate time (e.g. ReviewKD's ``teacher_preact`` needs ``stages_preact``). A key
+        that is not a parameter labels a tap the method always needs (OFA: ``{"student stages": ("student",
+        "stages"), ...}``).
 
     The class attributes and the keyword-only ``__init__`` parameters (annotations, defaults) should be literals:
     ``kdbench ls``/``validate`` then read them from the file without importing it (``kdbench.methodinfo``).

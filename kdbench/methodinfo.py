@@ -177,8 +177,9 @@ def resolve_params(method: str, defaults: dict[str, Any], hints: dict[str, Any],
 def check_required_taps(method: str, requires_taps: dict[str, tuple[str, str]], defaults: dict[str, Any],
                         params: dict[str, Any], teacher_model: str, student_model: str) -> None:
     """The declarative pair check: ``requires_taps`` maps a (boolean) parameter to ``(side, tap)``, the tap the
-    model on that side must provide when the parameter is true; the models' taps come from
-    :func:`kdbench.models.catalog.model_taps` (torch-free for every source kdbench lists itself)."""
+    model on that side must provide when the parameter is true; a key that is not one of the method's parameters
+    is a label of a tap the method always needs (``{"student stages": ("student", "stages")}``). The models' taps
+    come from :func:`kdbench.models.catalog.model_taps` (torch-free for every source kdbench lists itself)."""
     if not requires_taps:
         return
     from kdbench.models.catalog import model_taps, tap_providers
@@ -187,10 +188,14 @@ def check_required_taps(method: str, requires_taps: dict[str, tuple[str, str]], 
     for param, (side, tap) in requires_taps.items():
         if side not in models:
             raise ValueError(f"{method}: requires_taps[{param!r}] names side {side!r}; valid: teacher, student")
-        if not params.get(param, defaults.get(param)):
+        always = param not in defaults
+        if not always and not params.get(param, defaults.get(param)):
             continue
         model = models[side]
         if tap not in model_taps(model):
+            if always:
+                raise ValueError(f"{method} needs the {side}'s {tap!r} tap, which only {tap_providers(tap)} provide, "
+                                 f"not {model!r}")
             raise ValueError(f"{method}: {param}=true needs the {tap!r} tap, which only {tap_providers(tap)} "
                              f"provide, not the {side} {model!r}; set {param}: false")
 

@@ -206,6 +206,9 @@ class OFA(Distiller):
     citation = ("Hao et al., One-for-All: Bridge the Gap Between Heterogeneous Architectures in Knowledge "
                 "Distillation, NeurIPS 2023 (docs/methods.md §15)")
     version = 1
+    # every branch reads the student's stages; d_s and d_t come from both networks' pooled features
+    requires_taps = {"student stages": ("student", "stages"), "student pooled": ("student", "pooled"),
+                     "teacher pooled": ("teacher", "pooled")}
 
     def __init__(
         self,
@@ -260,17 +263,6 @@ class OFA(Distiller):
                 branches.append(TokenProjector(c, h, w, d_s, max(n - i, 1), k))
         self.projectors = nn.ModuleList(branches)
         self.projectors.apply(init_weights)
-
-    @classmethod
-    def check_pair(cls, params, teacher_model, student_model):
-        super().check_pair(params, teacher_model, student_model)
-        from kdbench.models.catalog import model_taps, tap_providers
-
-        for side, model, tap in (("student", student_model, "stages"), ("student", student_model, "pooled"),
-                                 ("teacher", teacher_model, "pooled")):
-            if tap not in model_taps(model):
-                raise ValueError(f"ofa needs the {side}'s {tap!r} tap, which only {tap_providers(tap)} provide, "
-                                 f"not {model!r}")
 
     def taps(self) -> Taps:
         return Taps(student=("stages",), teacher=())
