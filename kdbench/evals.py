@@ -3,7 +3,9 @@
 ``val`` is what training does (the record's own metrics); every other entry of ``evals:`` becomes one ``eval``
 run per (finished model, chunk) -- for ``corruptions``, a chunk is one corruption with all its severities --
 so an interrupted sweep resumes per chunk and, inside a chunk, per (corruption, severity) cell
-(``kdbench.robustness`` keeps one JSON cell per pair under ``<model run dir>/evals/``).
+(``kdbench.robustness`` keeps one JSON cell per pair under ``<model run dir>/evals/``). The eval runs of one chunk
+over several models may run together (``kdbench/evalgroup.py``): :func:`run_eval_models` corrupts each image once
+for all of them.
 
 The validation and chunking below are torch-free (the suite loader uses them); :func:`run_eval` imports the
 engine when an eval runs.
@@ -119,17 +121,14 @@ def chunk_label(chunk: dict) -> str:
 
 
 def run_eval(spec, net, task, data, device, cell_dir, log=None, *, model_sha256: str | None = None,
-             warnings: list[str] | None = None) -> list[dict]:
+             warnings: list[str] | None = None, stats: dict | None = None) -> list[dict]:
     """Evaluate ``net`` (a finished model, eval mode, loaded from the file of sha256 ``model_sha256``) on the chunk
     ``spec.eval``; return metric rows (``{"eval", "metric", "select": "final", "value", "higher_is_better",
-    ...}``). Corruption cells are bound to ``model_sha256``; warnings (a cell set aside) go to ``warnings``."""
+    ...}``). Corruption cells are bound to ``model_sha256``; warnings (a cell set aside) go to ``warnings``;
+    ``stats`` (a dict) receives the counts of the corruption pass (:func:`kdbench.robustness.sweep_models`)."""
     chunk = spec.eval or {}
     name = chunk.get("name")
-    from kdbench.recipe import Recipe, loader_options
-
-    recipe = Recipe.of(spec.recipe)
-    bs = int(chunk.get("batch_size") or recipe.eval_batch_size)
-    workers = loader_options(recipe, spec.resources, device)["num_workers"]  # resolves num_workers: auto
+    bs, workers = _loader_options(spec, device)
     if name == "val":  # a re-evaluation of the clean validation set (a check that a saved model loads back)
         metrics = task.evaluate(net, task.loader(data.val, bs, num_workers=workers), device)
         return [{"eval": "val", "metric": k, "select": "final", "value": float(v),
@@ -140,6 +139,35 @@ def run_eval(spec, net, task, data, device, cell_dir, log=None, *, model_sha256:
         rows = evaluate_corruptions(net, task, data.val, device, corruptions=[chunk["corruption"]],
                                     severities=list(chunk["severities"]), cell_dir=cell_dir, batch_size=bs,
                                     num_workers=workers, log=log, released=chunk.get("root"),
-                                    model_sha256=model_sha256, warnings=warnings)
+                                    model_sha256=model_sha256, warnings=warnings,
+                                    **({"stats": stats} if stats is not None else {}))
         return [{"eval": "corruptions", "select": "final", **r} for r in rows]
     raise ValueError(f"unknown eval {name!r}")
+
+
+def _loader_options(spec, device) -> tuple[int, int]:
+    """(batch size, loader workers) of an eval run."""
+    from kdbench.recipe import Recipe, loader_options
+
+    recipe = Recipe.of(spec.recipe)
+    bs = int((spec.eval or {}).get("batch_size") or recipe.eval_batch_size)
+    return bs, loader_options(recipe, spec.resources, device)["num_workers"]  # resolves num_workers: auto
+
+
+def run_eval_models(spec, models: list, task, data, device, log=None) -> dict:
+    """:func:`run_eval` of several models (:class:`kdbench.robustness.SweepModel`: each its network, cell folder
+    and model file's sha256) on the corruption chunk ``spec.eval``, with one pass over its images: each (image,
+    corruption, severity) is corrupted once for all of them (:func:`kdbench.robustness.sweep_models`). Fills each
+    model's ``rows`` (or its ``error``); a failure of the shared part raises. Returns the pass's counts."""
+    chunk = spec.eval or {}
+    if chunk.get("name") != "corruptions":
+        raise ValueError(f"eval {chunk.get('name')!r} is not evaluated in groups (only corruption chunks are)")
+    from kdbench.robustness import sweep_models
+
+    bs, workers = _loader_options(spec, device)
+    stats = sweep_models(models, task, data.val, device, corruptions=[chunk["corruption"]],
+                         severities=list(chunk["severities"]), batch_size=bs, num_workers=workers, log=log,
+                         released=chunk.get("root"))
+    for m in models:
+        m.rows = [{"eval": "corruptions", "select": "final", **r} for r in m.rows]
+    return stats

@@ -30,8 +30,9 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from kdbench.corruptions import (ALL, BENCHMARK, EXTRA, FAMILIES, SETS,
                                  SEVERITIES, Corruptor, check_severities, corrupt, family_of,
@@ -143,7 +144,7 @@ def record_source(record: Mapping) -> tuple[str, str | None]:
 def evaluate_corruptions(net, task, val_dataset, device, *, corruptions, severities, cell_dir, batch_size: int,
                          num_workers: int = 0, log: Callable[[str], None] | None = None,
                          released: str | Path | None = None, model_sha256: str | None = None,
-                         warnings: list[str] | None = None) -> list[dict]:
+                         warnings: list[str] | None = None, stats: dict | None = None) -> list[dict]:
     """Evaluate ``net`` on ``val_dataset`` under every (corruption, severity); one JSON cell per pair in
     ``cell_dir`` (``<corruption>_s<severity>.json``, written atomically). A valid cell already there is reused
     (resume); corrupting happens in the DataLoader workers when ``num_workers > 0``. Returns the metric rows of
@@ -157,14 +158,61 @@ def evaluate_corruptions(net, task, val_dataset, device, *, corruptions, severit
 
     ``model_sha256``: the sha256 of the evaluated model file, kept in every cell; a cell of another file (or of
     none) is redone, never reused. A cell file that cannot be read as a finished cell is set aside (renamed, see
-    :func:`set_aside`) and redone, with a warning logged and appended to ``warnings``."""
+    :func:`set_aside`) and redone, with a warning logged and appended to ``warnings``.
+
+    The sweep of one model of :func:`sweep_models` (which evaluates several models on one corruption pass);
+    ``stats`` (a dict) receives its counts and the model's ``cells_evaluated`` (now) and ``cells_reused``."""
+    model = SweepModel(net, Path(cell_dir), model_sha256=model_sha256, warnings=warnings)
+    counts = sweep_models([model], task, val_dataset, device, corruptions=corruptions, severities=severities,
+                          batch_size=batch_size, num_workers=num_workers, log=log, released=released)
+    if model.error is not None:
+        raise model.error
+    if stats is not None:
+        stats.update(counts, cells_evaluated=model.cells, cells_reused=model.reused)
+    return model.rows
+
+
+@dataclass
+class SweepModel:
+    """One model of a corruption sweep (:func:`sweep_models`): the network (eval mode) and where its cells go
+    (``cell_dir``, bound to the sha256 of its file). The sweep fills ``rows`` (its metric rows, as
+    :func:`evaluate_corruptions` returns them), ``cells`` / ``reused`` (cells evaluated now / reused),
+    ``seconds`` (its share of the time of the cells it evaluated: its own evaluation plus its share of
+    corrupting the images) or, when its evaluation failed, ``error`` and ``error_text`` (the traceback)."""
+
+    net: Any
+    cell_dir: Path
+    model_sha256: str | None = None
+    warnings: list | None = None
+    name: str = ""  # how log lines name it (a sweep of several models)
+    rows: list = field(default_factory=list)
+    cells: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+    error: BaseException | None = None
+    error_text: str = ""
+
+
+def sweep_models(models: Sequence[SweepModel], task, val_dataset, device, *, corruptions, severities,
+                 batch_size: int, num_workers: int = 0, log: Callable[[str], None] | None = None,
+                 released: str | Path | None = None) -> dict:
+    """:func:`evaluate_corruptions` of several models with one corruption pass: each (image, corruption, severity)
+    is corrupted once, and every model that still needs that cell is evaluated on the same corrupted batches, one
+    model at a time (:func:`evaluate_together`); each model's cells are written as its own sweep writes them, with
+    the same numbers. A model whose evaluation fails gets ``error`` (the others go on, it takes no further cell);
+    a failure of the shared part (the data, the corruption) raises. Returns the pass's counts: ``cells`` (cells
+    whose images went through the pass), ``images_read`` (images through the pass), ``images_corrupted`` (of
+    those, corrupted here: generated ones), ``evaluations`` (images evaluated, summed over the models),
+    ``models``."""
+    import traceback
+
     from kdbench.results import write_json_atomic
 
     names = resolve_corruptions(corruptions)
     sevs = check_severities(severities)
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    cell_dir = Path(cell_dir)
-    cell_dir.mkdir(parents=True, exist_ok=True)
+    for m in models:
+        Path(m.cell_dir).mkdir(parents=True, exist_ok=True)
     if released is None:
         with_image_fn(val_dataset, None)  # refuses datasets without the hook before any work
         n = len(val_dataset)
@@ -175,22 +223,30 @@ def evaluate_corruptions(net, task, val_dataset, device, *, corruptions, severit
     metrics = dict(task.metrics)
     source = "generated" if released is None or cifar100c_generated(released) else "released"
     point = corruption_point(val_dataset) if released is None else None
-    rows: list[dict] = []
+    stats = {"models": len(models), "cells": 0, "images_read": 0, "images_corrupted": 0, "evaluations": 0}
     todo = [(c, s) for c in names for s in sevs]
-    done, checked = 0, False
+    checked = False
+    several = len(models) > 1
     for i, (c, s) in enumerate(todo, 1):
-        path = cell_path(cell_dir, c, s)
-        try:
-            cell = read_cell(path, c, s, n, source, point, model_sha256, task.primary_metric)
-        except UnreadableCell as e:
-            msg = f"warning: {path}: unreadable corruption cell ({e}); set aside as {set_aside(path).name}, redone"
-            log(msg)
-            if warnings is not None:
-                warnings.append(msg)
-            cell = None
-        if cell is not None:
-            done += 1
-            rows += cell_rows(cell, metrics)
+        need = []
+        for m in models:
+            if m.error is not None:
+                continue
+            path = cell_path(m.cell_dir, c, s)
+            try:
+                cell = read_cell(path, c, s, n, source, point, m.model_sha256, task.primary_metric)
+            except UnreadableCell as e:
+                msg = f"warning: {path}: unreadable corruption cell ({e}); set aside as {set_aside(path).name}, redone"
+                log(msg)
+                if m.warnings is not None:
+                    m.warnings.append(msg)
+                cell = None
+            if cell is not None:
+                m.reused += 1
+                m.rows += cell_rows(cell, metrics)
+                continue
+            need.append(m)
+        if not need:
             continue
         ds = (with_image_fn(val_dataset, Corruptor(c, s)) if released is None
               else cifar100c_dataset(released, c, s, like=val_dataset))
@@ -201,25 +257,244 @@ def evaluate_corruptions(net, task, val_dataset, device, *, corruptions, severit
             checked = True
         loader = task.loader(ds, batch_size, num_workers=num_workers)
         t0 = time.perf_counter()
-        values = task.evaluate(net, loader, device)
-        dt = time.perf_counter() - t0
-        cell = {"version": CELL_VERSION, "corruption": c, "severity": s, "family": family_of(c), "n_images": n,
-                "source": source, **({"point": point} if point else {}),
-                **({"model_sha256": model_sha256} if model_sha256 else {}),
-                "seconds": round(dt, 3), "images_per_s": round(n / max(dt, 1e-9), 2),
-                "metrics": {k: float(v) for k, v in values.items()
-                            if isinstance(v, (int, float)) and math.isfinite(float(v))}}
-        if task.primary_metric not in cell["metrics"]:
-            raise RuntimeError(f"{c} s{s}: the evaluation gave no finite {task.primary_metric} ({values!r}); "
-                               "no cell written")
-        write_json_atomic(path, cell)
-        rows += cell_rows(cell, metrics)
-        prim = task.primary_metric
-        log(f"[{i}/{len(todo)}] {c} s{s}: {prim} {cell['metrics'].get(prim, float('nan')):.2f} "
-            f"({n} images, {dt:.1f} s, {cell['images_per_s']:.1f} images/s)")
-    if done:
-        log(f"{done} of {len(todo)} cell(s) already in {cell_dir}: reused")
-    return rows
+        if len(need) == 1:  # one model: its own evaluation of the loader, as ever
+            try:
+                outcome = [(task.evaluate(need[0].net, loader, device), None, time.perf_counter() - t0)]
+            except Exception as e:
+                outcome = [(None, e, time.perf_counter() - t0)]
+                need[0].error_text = traceback.format_exc()
+        else:
+            outcome = evaluate_together(task, [m.net for m in need], loader, device)
+        dt_pass = time.perf_counter() - t0
+        stats["cells"] += 1
+        stats["images_read"] += n
+        stats["images_corrupted"] += n if released is None else 0
+        stats["evaluations"] += n * len(need)
+        if several:
+            what = "corrupted once" if released is None else "read once"
+            log(f"[{i}/{len(todo)}] {c} s{s}: {n} images {what}, evaluated by {len(need)} model(s) "
+                f"({dt_pass:.1f} s)")
+        for m, (values, err, dt) in zip(need, outcome):
+            if err is not None:
+                m.error = err
+                if not m.error_text:
+                    m.error_text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+                log(f"{c} s{s}{' ' + m.name if m.name else ''}: evaluation failed: {type(err).__name__}: {err}")
+                continue
+            try:
+                cell = {"version": CELL_VERSION, "corruption": c, "severity": s, "family": family_of(c),
+                        "n_images": n, "source": source, **({"point": point} if point else {}),
+                        **({"model_sha256": m.model_sha256} if m.model_sha256 else {}),
+                        "seconds": round(dt, 3), "images_per_s": round(n / max(dt, 1e-9), 2),
+                        "metrics": {k: float(v) for k, v in values.items()
+                                    if isinstance(v, (int, float)) and math.isfinite(float(v))}}
+                if task.primary_metric not in cell["metrics"]:
+                    raise RuntimeError(f"{c} s{s}: the evaluation gave no finite {task.primary_metric} ({values!r}); "
+                                       "no cell written")
+                write_json_atomic(cell_path(m.cell_dir, c, s), cell)
+            except Exception as e:
+                m.error, m.error_text = e, traceback.format_exc()
+                continue
+            m.rows += cell_rows(cell, metrics)
+            m.cells += 1
+            m.seconds += dt
+            prim = task.primary_metric
+            log(f"[{i}/{len(todo)}] {c} s{s}{' ' + m.name if m.name else ''}: {prim} "
+                f"{cell['metrics'].get(prim, float('nan')):.2f} ({n} images, {dt:.1f} s, "
+                f"{cell['images_per_s']:.1f} images/s)")
+    for m in models:
+        if m.reused:
+            log(f"{m.reused} of {len(todo)} cell(s) already in {m.cell_dir}: reused")
+    if several and stats["cells"]:
+        what = (f"{stats['images_corrupted']} images corrupted once" if released is None
+                else f"{stats['images_read']} released images read once")
+        log(f"one corruption pass for {len(models)} models ({', '.join(names)}): {what}, "
+            f"{stats['evaluations']} image evaluations ({stats['evaluations'] / stats['images_read']:.1f} models "
+            "per image)")
+    return stats
+
+
+class _Cancelled(BaseException):
+    """Raised in the evaluating threads of :func:`evaluate_together` when the main thread stops (Ctrl-C)."""
+
+
+_END = object()
+
+
+class _Lockstep:
+    """One loader shared by the evaluations of several models, each in its own thread, taking turns: the member
+    whose turn it is runs (its evaluation's code up to its next batch request) while the others wait, so only one
+    model computes at a time, and every batch is loaded (corrupted) once and handed to each member in turn (a copy
+    of its tensors each). A batch is dropped once every member has taken it."""
+
+    def __init__(self, loader, n: int):
+        import threading
+
+        self.loader = loader
+        self.cond = threading.Condition()
+        self.order = list(range(n))  # members still evaluating, in turn order
+        self.turn: int | None = 0 if n else None
+        self.holder: int | None = None
+        self.since = 0.0
+        self.own = [0.0] * n  # seconds each member held the turn, loading excluded
+        self.load_s = 0.0
+        self.it = None
+        self.k = -1  # index of the batch held
+        self.batch = None
+        self.end = False
+        self.load_error: BaseException | None = None
+        self.cancelled = False
+
+    def wait(self, i: int) -> None:
+        with self.cond:
+            while self.turn != i and not self.cancelled:
+                self.cond.wait()
+            if self.cancelled:
+                raise _Cancelled()
+            self.holder, self.since = i, time.perf_counter()
+
+    def give(self, i: int, leaving: bool = False) -> None:
+        with self.cond:
+            if self.holder == i:
+                self.own[i] += time.perf_counter() - self.since
+                self.holder = None
+            if i in self.order:
+                pos = self.order.index(i)
+                if leaving:
+                    self.order.pop(pos)
+                if self.turn == i:
+                    self.turn = (None if not self.order else
+                                 self.order[pos % len(self.order)] if leaving else
+                                 self.order[(pos + 1) % len(self.order)])
+            self.cond.notify_all()
+
+    def cancel(self) -> None:
+        with self.cond:
+            self.cancelled = True
+            self.cond.notify_all()
+
+    def get(self, i: int, k: int):
+        """Batch ``k`` for member ``i``, who holds the turn (loaded now if it is the next one); ``_END`` after the
+        last."""
+        if self.load_error is not None:
+            raise RuntimeError(f"loading the batch failed in another model's turn: {self.load_error!r}")
+        if k == self.k + 1 and not self.end:
+            t0 = time.perf_counter()
+            try:
+                if self.it is None:
+                    self.it = iter(self.loader)
+                self.batch, self.k = next(self.it), k
+            except StopIteration:
+                self.end, self.batch, self.it = True, None, None
+            except BaseException as e:
+                self.load_error = e
+                raise
+            finally:
+                dt = time.perf_counter() - t0
+                self.load_s += dt
+                self.own[i] -= dt
+        if self.end and k > self.k:
+            return _END
+        if k != self.k:
+            raise RuntimeError("an evaluation that reads its loader more than once (or out of order) cannot share "
+                               "a corruption pass; run it alone (KDBENCH_EVAL_GROUPS=off)")
+        return _copy(self.batch)
+
+
+def _copy(x):
+    """``x`` with every tensor in it copied (tuples, lists, dicts followed): each model gets a batch of its own."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*(_copy(v) for v in x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_copy(v) for v in x)
+    if isinstance(x, dict):
+        return type(x)((k, _copy(v)) for k, v in x.items())
+    return x
+
+
+class _MemberLoader:
+    """What a member's evaluation iterates: the shared loader's batches, in its turns. Other attributes (the
+    dataset, the batch size) are the shared loader's."""
+
+    def __init__(self, step: _Lockstep, i: int):
+        self._step, self._i = step, i
+
+    def __iter__(self):
+        k = 0
+        while True:
+            self._step.give(self._i)
+            self._step.wait(self._i)
+            batch = self._step.get(self._i, k)
+            if batch is _END:
+                return
+            yield batch
+            k += 1
+
+    def __len__(self) -> int:
+        return len(self._step.loader)
+
+    def __getattr__(self, name):
+        return getattr(self._step.loader, name)
+
+
+def evaluate_together(task, nets: Sequence, loader, device) -> list[tuple]:
+    """``task.evaluate(net, loader, device)`` of every net of ``nets`` with one pass over ``loader`` (each batch
+    loaded once; see :class:`_Lockstep`): one ``(metrics, error, seconds)`` per net, ``error`` the exception its
+    evaluation raised (then ``metrics`` is None), ``seconds`` its own evaluation time plus an equal share of the
+    loading. Each evaluation runs the task's own code on a copy of the same batches, in the same order, one at a
+    time, so it gives the numbers it gives alone. A failure to load a batch raises here; Ctrl-C stops every
+    evaluation."""
+    import threading
+
+    import torch
+
+    n = len(nets)
+    step = _Lockstep(loader, n)
+    t0 = time.perf_counter()
+    step.it = iter(loader)  # here, in the main thread: loader workers start as they do for one model
+    step.load_s += time.perf_counter() - t0
+    out: list = [None] * n
+    errors: list = [None] * n
+    grad = torch.is_grad_enabled()
+
+    def member(i: int) -> None:
+        try:
+            step.wait(i)
+            with torch.set_grad_enabled(grad):
+                out[i] = task.evaluate(nets[i], _MemberLoader(step, i), device)
+        except _Cancelled:
+            pass
+        except BaseException as e:  # the task's own error, kept for its model; the others go on
+            errors[i] = e
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                step.cancel()
+        finally:
+            step.give(i, leaving=True)
+
+    threads = [threading.Thread(target=member, args=(i,), name=f"kdbench-eval-{i}", daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+    except BaseException:  # Ctrl-C: the member computing stops at its next batch, the others at once
+        step.cancel()
+        deadline = time.time() + 10
+        for t in threads:
+            t.join(max(0.0, deadline - time.time()))
+        raise
+    stop = next((e for e in errors if isinstance(e, (KeyboardInterrupt, SystemExit))), None)
+    if stop is not None:  # not a model's failure: the pass is stopped (no cell of it is written)
+        raise stop
+    if step.load_error is not None:
+        raise step.load_error
+    share = step.load_s / n
+    return [(out[i] if errors[i] is None else None, errors[i], step.own[i] + share) for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -278,5 +553,6 @@ def error_summary(clean_top1: float, top1: Grid, ref_clean_top1: float, ref_top1
 
 __all__ = ["BENCHMARK", "EXTRA", "ALL", "FAMILIES", "SETS", "SEVERITIES", "resolve_corruptions", "check_severities",
            "family_of", "seed_for", "corrupt", "Corruptor", "with_image_fn", "throughput", "evaluate_corruptions",
+           "SweepModel", "sweep_models", "evaluate_together",
            "read_cell", "UnreadableCell", "set_aside", "cell_path", "corruption_point", "cell_rows", "record_source", "SOURCES", "mpc", "performance_summary",
            "corruption_errors", "error_summary"]

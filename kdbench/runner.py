@@ -19,6 +19,10 @@ What each kind leaves in its run folder: ``teacher`` and ``distill`` a ``model.p
 state dict), ``stage`` a ``stage.pt`` (tensors only, loaded with ``weights_only=True`` by the distill runs
 that need it), ``eval`` its metric rows (corruption cells go to ``<evaluated run dir>/evals/``).
 
+Runs that share their work run together in one process, each keeping its own record, folder and numbers:
+``run_cohort`` (distill runs of a cohort, ``kdbench/cohort.py``) and ``run_eval_group`` (the eval runs of one
+chunk over several models, ``kdbench/evalgroup.py``: one corruption pass).
+
 A job with several tasks trains one run with torch.distributed (``kdbench/ddp.py``): every rank runs
 ``run_one``, only rank 0 writes (spec, record, checkpoint, model) and returns the written record.
 ``requeues`` (set by ``kdbench.slurm.RunJob`` when SLURM requeued the job after a time limit or a
@@ -195,7 +199,7 @@ def run_cohort(specs: list[RunSpec], results: str | os.PathLike = "results", *, 
     checkpoint. A run that fails to set up, diverges or fails is recorded so and the others go on."""
     from kdbench import ddp
     from kdbench.cohort import cohort_id
-    from kdbench.results import finish_record, new_record, read_record, write_spec
+    from kdbench.results import finish_record
     from kdbench.step import Diverged
     from kdbench.train import Member, fit_cohort
 
@@ -203,21 +207,7 @@ def run_cohort(specs: list[RunSpec], results: str | os.PathLike = "results", *, 
     records: dict[str, dict] = {}
     later: list[RunSpec] = []
     with contextlib.ExitStack() as stack:
-        todo = []
-        for spec in specs:
-            rdir = run_dir_for(results, spec)
-            if _done(rdir, read_record(rdir), spec, results, warn=False):
-                records[spec.run_id] = read_record(rdir)
-                continue
-            if not _try_lock(stack, rdir):
-                later.append(spec)
-                continue
-            old = read_record(rdir)  # another process may have run it meanwhile
-            if _done(rdir, old, spec, results):
-                records[spec.run_id] = old
-                continue
-            clean_stale_temps(rdir)
-            todo.append((spec, rdir))
+        todo = _claim(specs, results, stack, records, later)
         if len(todo) == 1:
             spec, rdir = todo[0]
             records[spec.run_id] = _run_one(spec, results, rdir, requeues, ddp.SINGLE, threads)
@@ -225,20 +215,8 @@ def run_cohort(specs: list[RunSpec], results: str | os.PathLike = "results", *, 
             _set_threads(todo[0][0], threads)
             cid = cohort_id([s for s, _ in todo])
             shared: dict = {}
-            jobs = []
-            for spec, rdir in todo:
-                rdir.mkdir(parents=True, exist_ok=True)
-                write_spec(rdir, spec)
-                record = new_record(spec, scheduler={**scheduler_info(), "requeues": int(requeues)})
-                record["cohort"] = {"id": cid, "runs": [s.run_id for s, _ in todo]}
-                try:
-                    jobs.append(_prepare_train(spec, results, rdir, record, ddp.SINGLE, shared))
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except Exception as e:
-                    _fault(e, record, traceback.format_exc())
-                    finish_record(rdir, record)
-                    records[spec.run_id] = record
+            jobs = _prepare_each(todo, _prepare_train, results, requeues, shared, records,
+                                 {"cohort": {"id": cid, "runs": [s.run_id for s, _ in todo]}})
             members = [Member(j.student, j.method, j.place) for j in jobs]
             if members:
                 fit_cohort(members, shared.get("teacher"), shared["task"], shared["data"], jobs[0].recipe,
@@ -263,6 +241,53 @@ def run_cohort(specs: list[RunSpec], results: str | os.PathLike = "results", *, 
     for spec in later:
         records[spec.run_id] = run_one(spec, results, requeues=requeues, threads=threads)
     return [records[s.run_id] for s in specs]
+
+
+def _claim(specs: list[RunSpec], results: Path, stack: contextlib.ExitStack, records: dict, later: list) -> list:
+    """The runs of a group this process runs now, as ``(spec, run dir)``, each locked until ``stack`` closes; the
+    records of the runs already ``ok`` go to ``records``, the runs another process holds to ``later``."""
+    from kdbench.results import read_record
+
+    todo = []
+    for spec in specs:
+        rdir = run_dir_for(results, spec)
+        if _done(rdir, read_record(rdir), spec, results, warn=False):
+            records[spec.run_id] = read_record(rdir)
+            continue
+        if not _try_lock(stack, rdir):
+            later.append(spec)
+            continue
+        old = read_record(rdir)  # another process may have run it meanwhile
+        if _done(rdir, old, spec, results):
+            records[spec.run_id] = old
+            continue
+        clean_stale_temps(rdir)
+        todo.append((spec, rdir))
+    return todo
+
+
+def _prepare_each(todo: list, prepare, results: Path, requeues: int, shared: dict, records: dict,
+                  facts: dict | None = None) -> list:
+    """``prepare(spec, results, rdir, record, dist, shared)`` for each claimed run of a group, with a new record
+    (plus ``facts``); a run that cannot be set up is recorded failed in ``records`` and left out."""
+    from kdbench import ddp
+    from kdbench.results import finish_record, new_record, write_spec
+
+    jobs = []
+    for spec, rdir in todo:
+        rdir.mkdir(parents=True, exist_ok=True)
+        write_spec(rdir, spec)
+        record = new_record(spec, scheduler={**scheduler_info(), "requeues": int(requeues)})
+        record.update(facts or {})
+        try:
+            jobs.append(prepare(spec, results, rdir, record, ddp.SINGLE, shared))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:
+            _fault(e, record, traceback.format_exc())
+            finish_record(rdir, record)
+            records[spec.run_id] = record
+    return jobs
 
 
 def _try_lock(stack: contextlib.ExitStack, rdir: Path) -> bool:
@@ -556,10 +581,39 @@ def _stage(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None
 
 def _eval(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None:
     """An eval run: the finished model (its run's model.pt, or a checkpoint teacher's weights) on one chunk."""
-    from kdbench.evals import run_eval
+    _eval_prepared(_prepare_eval(spec, results, rdir, record, dist))
+
+
+@dataclass
+class EvalJob:
+    """An eval run, set up to evaluate (:func:`_prepare_eval`): the loaded network, the folder of its cells, the
+    record it fills."""
+
+    spec: RunSpec
+    rdir: Path
+    record: dict
+    device: Any
+    task: Any
+    data: Any
+    net: Any
+    sha256: str
+    cell_dir: Path
+    warnings: list
+
+
+def _prepare_eval(spec: RunSpec, results: Path, rdir: Path, record: dict, dist, shared: dict | None = None) -> EvalJob:
+    """Load the evaluated model and fill the record's facts. ``shared``: what the eval runs of one process build once
+    (device, task and data of one ``data:``; the environment facts)."""
     from kdbench.models.sources import load_weights
 
-    device, task, data = _setup(spec, record, dist)
+    shared = {} if shared is None else shared
+    key = json.dumps([spec.task, spec.data], sort_keys=True, default=str)
+    if shared.get("data_key") != key:
+        shared["device"], shared["task"], shared["data"] = _setup(spec, record, dist)
+        shared.update(data_key=key, env=copy.deepcopy(record["env"]))
+    else:
+        record["env"] = copy.deepcopy(shared["env"])
+    device, task, data = shared["device"], shared["task"], shared["data"]
     net = task.build_model(spec.student, data)
     expect = None
     if spec.needs:
@@ -572,14 +626,113 @@ def _eval(spec: RunSpec, results: Path, rdir: Path, record: dict, dist) -> None:
     record["student"] = {"model": spec.student["model"], "params": sum(p.numel() for p in net.parameters()),
                          "weights": str(weights), "sha256": sha}
     net.to(device).eval().requires_grad_(False)
-    t0 = time.perf_counter()
-    warnings: list[str] = []
     cell_dir = run_dir(results, spec.suite, spec.target) / EVALS_DIR
     clean_stale_temps(cell_dir)  # cells a killed eval run was writing (every cell write takes milliseconds)
-    record["metrics"] = run_eval(spec, net, task, data, device, cell_dir, model_sha256=sha, warnings=warnings)
-    record["cost"] = {"wall_time_s": round(time.perf_counter() - t0, 3)}
-    if warnings:
-        record["warnings"] = warnings
+    return EvalJob(spec, rdir, record, device, task, data, net, sha, cell_dir, [])
+
+
+def _finish_eval(job: EvalJob, rows: list[dict], stats: dict, seconds: float, group: dict | None = None) -> None:
+    """Fill the record of an eval run that finished: its rows, its cost (``seconds``: its time; in a group its share
+    of the pass), what its corruption pass shared (``corruption_pass``: images corrupted in this process, models
+    evaluated on them), its warnings."""
+    record = job.record
+    record["metrics"] = rows
+    record["cost"] = {"wall_time_s": round(seconds, 3)}
+    if stats.get("images_read") is not None:
+        record["corruption_pass"] = {
+            **(group or {"group": None, "runs": [job.spec.run_id]}), "models": stats["models"],
+            "cells": stats.get("cells_evaluated", stats["cells"]),
+            "cells_reused": stats.get("cells_reused", 0), "images_read": stats["images_read"],
+            "images_corrupted": stats["images_corrupted"], "evaluations": stats["evaluations"],
+            "shared_by": round(stats["evaluations"] / stats["images_read"], 3) if stats["images_read"] else 0.0}
+    if job.warnings:
+        record["warnings"] = list(job.warnings)
+
+
+def run_eval_group(specs: list[RunSpec], results: str | os.PathLike = "results", *, requeues: int = 0,
+                   threads: int | None = None, shared: dict | None = None) -> list[dict]:
+    """Run the eval runs of an eval group (``kdbench.evalgroup``: several models, one chunk) together, in this
+    process: each (image, corruption, severity) is corrupted once and every model that needs the cell is evaluated
+    on it (:func:`kdbench.evals.run_eval_models`); each run keeps its own record, cells and numbers; return their
+    records in the order of ``specs``. Idempotent per run, as :func:`run_cohort`: an ``ok`` run is returned as is,
+    a run another process holds is run alone after the others (waiting for its lock), a cell a model already has
+    is reused. A run whose model fails to load or to evaluate is recorded failed and the others go on; a failure
+    of the shared pass (the data, the corruption) fails every run of the group. ``shared``: what successive
+    groups of one process reuse (the data)."""
+    from kdbench.evalgroup import group_id
+    from kdbench.results import finish_record
+
+    results = Path(results)
+    shared = {} if shared is None else shared
+    records: dict[str, dict] = {}
+    later: list[RunSpec] = []
+    with contextlib.ExitStack() as stack:
+        todo = _claim(specs, results, stack, records, later)
+        if todo:
+            _set_threads(todo[0][0], threads)
+            runs = [s.run_id for s, _ in todo]
+            group = {"group": group_id([s for s, _ in todo]), "runs": runs} if len(todo) > 1 else None
+            jobs: list[EvalJob] = _prepare_each(todo, _prepare_eval, results, requeues, shared, records)
+            if len(jobs) == 1:  # one model left to evaluate: its run alone (it has its cells' pass to itself)
+                j = jobs[0]
+                try:
+                    _eval_prepared(j)
+                    j.record["status"] = "ok"
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as e:
+                    _fault(e, j.record, traceback.format_exc())
+                finish_record(j.rdir, j.record)
+                records[j.spec.run_id] = j.record
+            elif jobs:
+                _eval_together(jobs, group, records)
+    for spec in later:
+        records[spec.run_id] = run_one(spec, results, requeues=requeues, threads=threads)
+    return [records[s.run_id] for s in specs]
+
+
+def _eval_prepared(job: EvalJob) -> None:
+    """The evaluation of one prepared eval run (as :func:`_eval`)."""
+    from kdbench.evals import run_eval
+
+    t0 = time.perf_counter()
+    stats: dict = {}
+    rows = run_eval(job.spec, job.net, job.task, job.data, job.device, job.cell_dir, model_sha256=job.sha256,
+                    warnings=job.warnings, stats=stats)
+    _finish_eval(job, rows, stats, time.perf_counter() - t0)
+
+
+def _eval_together(jobs: list[EvalJob], group: dict | None, records: dict) -> None:
+    """Evaluate the models of several prepared eval runs of one chunk on one corruption pass; record each run."""
+    from kdbench.evals import run_eval_models
+    from kdbench.results import finish_record
+    from kdbench.robustness import SweepModel
+
+    models = [SweepModel(j.net, j.cell_dir, model_sha256=j.sha256, warnings=j.warnings,
+                         name=f"{j.spec.label} {j.spec.pair} s{j.spec.seed}") for j in jobs]
+    stats: dict = {}
+    t0 = time.perf_counter()
+    try:
+        stats = run_eval_models(jobs[0].spec, models, jobs[0].task, jobs[0].data, jobs[0].device)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # the shared pass failed (the data, the corruption): every run with it
+        text = traceback.format_exc()
+        for m in models:
+            if m.error is None:
+                m.error, m.error_text = e, text
+    # each run's time: its own evaluations and share of the corrupting (its cells' seconds), plus an equal share of
+    # what the pass spent outside the cells (reading cells, building the corrupted sets)
+    rest = max(0.0, time.perf_counter() - t0 - sum(m.seconds for m in models)) / len(models)
+    for j, m in zip(jobs, models):
+        if m.error is None:
+            _finish_eval(j, m.rows, {**stats, "cells_evaluated": m.cells, "cells_reused": m.reused}, m.seconds + rest,
+                         group)
+            j.record["status"] = "ok"
+        else:
+            _fault(m.error, j.record, m.error_text or repr(m.error))
+        finish_record(j.rdir, j.record)
+        records[j.spec.run_id] = j.record
 
 
 def _load_stage(path: Path, s_rec: dict) -> dict:

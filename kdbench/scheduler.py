@@ -9,6 +9,12 @@ each with the run_ids it ``needs``) with one of three executors:
 * ``slurm``: the whole graph submitted at once as job arrays with ``afterok`` dependencies
   (``kdbench.slurm``).
 
+Runs that gain from running together in one process do so with every executor (``kdbench.evalgroup.groups``):
+the ready distill runs of a cohort (``kdbench/cohort.py``: shared batches and teacher forwards) and the ready eval
+runs of one chunk over several models (``kdbench/evalgroup.py``: one corruption pass). With eval groups on, the
+debug and local walks start eval runs after the other ready runs, so that a chunk's group gathers the models
+trained meanwhile. ``--cohort off`` (``KDBENCH_COHORT=off``) runs every run alone, in the graph's order.
+
 A run whose record says ``ok`` is skipped (a run others need also needs its file: a missing or corrupt
 ``model.pt``/``stage.pt`` is rebuilt); a corrupt record, or one copied from another run, stops the launch
 naming the file. SIGTERM and SIGHUP stop a walk as Ctrl-C does, and any abort stops the local workers
@@ -28,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from kdbench.cohort import cohorts
+from kdbench.evalgroup import deferred, groups, run_group
 from kdbench.graph import (_blocked, _warn, crash_record, job_folder, pending, progress_name, replaced_teacher_runs,
                            report_replaced, resume_points, runs_per_gpu, select_specs, set_aside_run, summary,
                            topological)
@@ -176,13 +182,14 @@ def signals_interrupt():
 
 
 def _walk_debug(todo: list[RunSpec], results: Path, log) -> list[dict]:
-    """Every run in this process, in the graph's order; the ready runs of a cohort together (kdbench/cohort.py)."""
-    from kdbench.runner import run_cohort, run_one
-
+    """Every run in this process, in the graph's order; the ready runs of a cohort together (kdbench/cohort.py), the
+    ready eval runs of one chunk together (kdbench/evalgroup.py: one corruption pass for all their models; the
+    eval runs come after the training runs, so that each chunk's group holds every model)."""
     by_id = {s.run_id: s for s in todo}
     status: dict[str, str] = {}
     out = []
-    remaining = list(todo)
+    remaining = deferred(todo)
+    shared: dict = {}
     while remaining:
         spec = remaining.pop(0)
         bad = next((n for n in spec.needs if n in by_id and status.get(n) != "ok"), None)
@@ -190,10 +197,10 @@ def _walk_debug(todo: list[RunSpec], results: Path, log) -> list[dict]:
             recs = [_blocked(spec, by_id[bad], status.get(bad, "unknown"), results)]
         else:
             ready = [s for s in remaining if all(n not in by_id or status.get(n) == "ok" for n in s.needs)]
-            group = cohorts([spec] + ready)[0]
+            group = groups([spec] + ready)[0]
             for s in group[1:]:
                 remaining.remove(s)
-            recs = run_cohort(group, results) if len(group) > 1 else [run_one(spec, results)]
+            recs = run_group(group, results, shared=shared)
         for rec in recs:
             status[rec["run_id"]] = rec["status"]
             log(summary(rec))
@@ -211,14 +218,12 @@ def run_many(specs: list[RunSpec], results: str, threads: int | None = None) -> 
     import signal
     import threading
 
-    from kdbench.runner import run_cohort, run_one
-
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     out = []
-    for group in cohorts(specs):  # a cohort's runs train together (kdbench/cohort.py)
-        out += run_cohort(group, results, threads=threads) if len(group) > 1 else [run_one(group[0], results,
-                                                                                           threads=threads)]
+    shared: dict = {}  # the data, built once for the eval groups of the job
+    for group in groups(specs):  # a cohort's runs train together (kdbench/cohort.py), an eval group's models are
+        out += run_group(group, results, threads=threads, shared=shared)  # evaluated on one corruption pass
     return out
 
 
@@ -305,6 +310,7 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
                         finish(_blocked(spec, by_id[bad], status[bad], results))
                         changed = True
             ready = [s for s in waiting if all(n not in by_id or status.get(n) == "ok" for n in s.needs)]
+            ready = deferred(ready)  # eval runs after the others: a chunk's group gathers the models trained meanwhile
             while ready:
                 first = ready[0]
                 cap = min([limit_of(first)] + [lim for _, _, lim, _ in running])
@@ -314,9 +320,15 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
                 if gpus is None:  # every GPU holds runs_per_gpu runs already
                     break
                 group = [s for s in ready if _res_key(s) == _res_key(first)]
-                per_job = max(1, min(LOCAL_RUNS_PER_JOB, -(-len(group) // cap)))
-                together = cohorts(group)  # a cohort is one job (kdbench/cohort.py)
-                batch = together[0] if len(together[0]) > 1 else [c[0] for c in together if len(c) == 1][:per_job]
+                # a cohort is a job of its own (kdbench/cohort.py); an eval group (its models evaluated on one
+                # corruption pass, kdbench/evalgroup.py) is one unit of a job, as a single run is: up to per_job units
+                together = groups(group)
+                if len(together[0]) > 1 and together[0][0].kind != "eval":
+                    batch = together[0]
+                else:
+                    units = [c for c in together if len(c) == 1 or c[0].kind == "eval"]
+                    per_job = max(1, min(LOCAL_RUNS_PER_JOB, -(-len(units) // cap)))
+                    batch = [s for c in units[:per_job] for s in c]
                 ex = submitit.LocalExecutor(folder=folder)
                 timeout = int(first.resources.get("timeout_min") or 24 * 60)
                 ex.update_parameters(timeout_min=timeout * len(batch), gpus_per_node=len(gpus),

@@ -8,7 +8,9 @@ SLURM (``executor="slurm"``), decisions beyond DESIGN.md §6:
   the runs it ``needs`` (``--dependency=afterok:<array>_<task>:...``): a distill run on its suite-trained
   teacher and on its method's stage run, an eval run on the model it evaluates; runs that need nothing (the
   baseline, checkpoint-teacher stages) start at once. ``--kill-on-invalid-dep=yes``: when a needed run
-  fails, its dependents are cancelled instead of pending forever. A run that is still pending/running from
+  fails, its dependents are cancelled instead of pending forever. A cohort of distill runs is one array task
+  (:class:`CohortJob`); the eval runs of one chunk over several models (an eval group, ``kdbench/evalgroup.py``)
+  are one array task after all of their models (:class:`EvalGroupJob`, ``afterany``), submitted last. A run that is still pending/running from
   an earlier submission is depended on, not resubmitted; nothing pending or running is submitted twice.
 * Resources: the suite's ``resources:`` (submitit's generic names plus ``slurm_*`` passed through), updated
   for a suite-trained teacher by its ``train: {resources: ...}`` (one array per distinct set of resources);
@@ -308,11 +310,37 @@ class CohortJob(RunJob):
         return submitit.helpers.DelayedSubmission(self, specs, results)
 
 
+class EvalGroupJob(CohortJob):
+    """What a SLURM array task runs for an eval group (``kdbench/evalgroup.py``): the eval runs of one chunk over
+    several models, evaluated together in the task's process on one corruption pass
+    (:func:`kdbench.runner.run_eval_group`). Requeued like :class:`RunJob`: every model resumes from its own
+    cells. The task fails only when none of its runs ended ok."""
+
+    def __call__(self, specs: list[RunSpec], results: str) -> list[dict]:  # type: ignore[override]
+        from kdbench.results import error_line
+        from kdbench.runner import run_eval_group
+
+        self._use_plugins()
+        recs = run_eval_group(specs, results, requeues=self.requeues,
+                              threads=specs[0].resources.get("cpus_per_task"))
+        if all(r["status"] != "ok" for r in recs):
+            raise RunNotOk("; ".join(f"{s.kind} run {s.run_id} ({s.label}, {s.pair}, seed {s.seed}) ended "
+                                     f"{r['status']}: {error_line(r.get('error'))}" for s, r in zip(specs, recs)))
+        return recs
+
+
 def submit_slurm(suite: Suite, todo: list[RunSpec], results: Path, parallel: int | None,
                  log: Callable[[str], None] = print) -> list[dict]:
     """Submit every pending run of the graph at once (see the module docstring); return the new entries of
-    ``jobs.jsonl`` (with ``spec``)."""
+    ``jobs.jsonl`` (with ``spec``).
+
+    Eval groups (``kdbench/evalgroup.py``): the eval runs that no run needs and that form groups of several models
+    are submitted last, one array task per group (:class:`EvalGroupJob`), each task after every model of its group
+    (``afterany``: a model that failed has its eval run recorded failed by the task, the other models are
+    evaluated)."""
     import shutil
+
+    from kdbench.evalgroup import eval_group_key, groups
 
     if not shutil.which("sbatch"):
         raise SlurmError("--executor slurm needs SLURM's sbatch on PATH, and there is none here. On a laptop, "
@@ -324,58 +352,81 @@ def submit_slurm(suite: Suite, todo: list[RunSpec], results: Path, parallel: int
     folder = job_folder(results, suite.name).resolve()  # absolute: `kdbench status` may run from elsewhere
     depth = levels(todo)
     submitted: list[dict] = []
+
+    def submit(kind: str, units: list[list[RunSpec]], deps: tuple, level: int, job, what: str,
+               dep_type: str = "afterok") -> None:
+        """One job array: one task per unit (a run, a cohort, a pack, an eval group) with ``job``."""
+        specs = [s for u in units for s in u]
+        params = slurm_parameters(specs[0].resources, parallel)
+        ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES)
+        extra = {"slurm_dependency": f"{dep_type}:" + ":".join(deps)} if deps else {}
+        ex.update_parameters(name=f"kdbench-{suite.name}-{kind}", **params, **extra,
+                             slurm_additional_parameters={"kill-on-invalid-dep": "yes"})
+        when = _now()
+        try:
+            if job is None:
+                jobs = ex.map_array(RunJob(), specs, [str(results)] * len(specs))
+            else:
+                task_jobs = ex.map_array(job, units, [str(results)] * len(units))
+                jobs = [j for j, u in zip(task_jobs, units) for _ in u]
+        except Exception as e:  # sbatch's message says what is wrong (partition, account, limits...)
+            raise SlurmError(f"SLURM refused the {len(specs)} {kind} run(s) of {suite.name} "
+                             f"(resources {specs[0].resources}): {e}") from None
+        entries = []
+        for j, spec in zip(jobs, specs):
+            job_of[spec.run_id] = str(j.job_id)
+            write_spec(run_dir_for(results, spec), spec)
+            entries.append({"run_id": spec.run_id, "job_id": str(j.job_id), "submitted_at": when,
+                            "folder": str(folder), "stage": level, "depends": list(deps), "kind": spec.kind,
+                            "needs": list(spec.needs), "label": spec.label, "pair": spec.pair,
+                            "seed": spec.seed, "suite_version": spec.suite_version,
+                            "pair_index": spec.pair_index, "method_index": spec.method_index})
+        _append_jobs(suite_dir, entries)
+        n_jobs = len({str(j.job_id) for j in jobs})
+        desc = f"job array {str(jobs[0].job_id).split('_')[0]}" if n_jobs > 1 else f"job {jobs[0].job_id}"
+        if what:
+            desc += f" ({n_jobs} task(s), {what})"
+        log(f"submitted {len(jobs)} {kind} run(s) as {desc}" + (f", after {' '.join(deps)} ({dep_type})" if deps else ""))
+        submitted.extend({**e, "spec": s} for e, s in zip(entries, specs))
+
+    needed = {n for s in todo for n in s.needs}
+    grouped = [s for s in todo if s.kind == "eval" and s.run_id not in needed and s.run_id not in active
+               and eval_group_key(s) is not None]
+    late = {s.run_id for s in grouped}
     for level in sorted(set(depth.values())):
-        groups: dict[tuple, list[RunSpec]] = {}
+        by_key: dict[tuple, list[RunSpec]] = {}
         for spec in (s for s in todo if depth[s.run_id] == level):
             if spec.run_id in active:
                 e = active[spec.run_id]
                 log(f"[{e['status']:>8}] {spec.label:<14} {spec.pair:<28} seed {spec.seed} {spec.kind} "
                     f"(job {e['job_id']}, submitted earlier)")
                 continue
+            if spec.run_id in late:
+                continue
             deps = tuple(job_of[n] for n in spec.needs if n in job_of)
-            groups.setdefault((spec.kind, json.dumps(spec.resources, sort_keys=True), deps), []).append(spec)
-        for (kind, _, deps), specs in groups.items():
-            params = slurm_parameters(specs[0].resources, parallel)
-            ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES)
-            extra = {"slurm_dependency": "afterok:" + ":".join(deps)} if deps else {}
-            ex.update_parameters(name=f"kdbench-{suite.name}-{kind}", **params, **extra,
-                                 slurm_additional_parameters={"kill-on-invalid-dep": "yes"})
-            when = _now()
+            by_key.setdefault((spec.kind, json.dumps(spec.resources, sort_keys=True), deps), []).append(spec)
+        for (kind, _, deps), specs in by_key.items():
             pack = runs_per_gpu(specs[0].resources)
             together = cohorts(specs)
-            try:
-                if any(len(c) > 1 for c in together):  # one array task per cohort (kdbench/cohort.py)
-                    specs = [s for c in together for s in c]
-                    task_jobs = ex.map_array(CohortJob(), together, [str(results)] * len(together))
-                    jobs = [job for job, c in zip(task_jobs, together) for _ in c]
-                elif pack > 1:  # one array task per pack of `pack` runs sharing the task's GPU
-                    packs = [specs[i:i + pack] for i in range(0, len(specs), pack)]
-                    pack_jobs = ex.map_array(RunPack(), packs, [str(results)] * len(packs))
-                    jobs = [job for job, p in zip(pack_jobs, packs) for _ in p]
-                else:
-                    jobs = ex.map_array(RunJob(), specs, [str(results)] * len(specs))
-            except Exception as e:  # sbatch's message says what is wrong (partition, account, limits...)
-                raise SlurmError(f"SLURM refused the {len(specs)} {kind} run(s) of {suite.name} "
-                                 f"(resources {specs[0].resources}): {e}") from None
-            entries = []
-            for job, spec in zip(jobs, specs):
-                job_of[spec.run_id] = str(job.job_id)
-                write_spec(run_dir_for(results, spec), spec)
-                entries.append({"run_id": spec.run_id, "job_id": str(job.job_id), "submitted_at": when,
-                                "folder": str(folder), "stage": level, "depends": list(deps), "kind": spec.kind,
-                                "needs": list(spec.needs), "label": spec.label, "pair": spec.pair,
-                                "seed": spec.seed, "suite_version": spec.suite_version,
-                                "pair_index": spec.pair_index, "method_index": spec.method_index})
-            _append_jobs(suite_dir, entries)
-            n_jobs = len({str(j.job_id) for j in jobs})
-            what = f"job array {str(jobs[0].job_id).split('_')[0]}" if n_jobs > 1 else f"job {jobs[0].job_id}"
-            if any(len(c) > 1 for c in together):
-                what += f" ({n_jobs} task(s), one per cohort)"
-            elif pack > 1:
-                what += f" ({n_jobs} task(s), up to {pack} runs per GPU)"
-            log(f"submitted {len(jobs)} {kind} run(s) as {what}"
-                + (f", after {' '.join(deps)} (afterok)" if deps else ""))
-            submitted += [{**e, "spec": s} for e, s in zip(entries, specs)]
+            if any(len(c) > 1 for c in together):  # one array task per cohort (kdbench/cohort.py)
+                submit(kind, together, deps, level, CohortJob(), "one per cohort")
+            elif pack > 1:  # one array task per pack of `pack` runs sharing the task's GPU
+                packs = [specs[i:i + pack] for i in range(0, len(specs), pack)]
+                submit(kind, packs, deps, level, RunPack(), f"up to {pack} runs per GPU")
+            else:
+                submit(kind, [[s] for s in specs], deps, level, None, "")
+    # the eval groups, after every run they need has been submitted: one array per (resources, dependency set)
+    arrays: dict[tuple, list[list[RunSpec]]] = {}
+    for g in groups(grouped):
+        deps = tuple(sorted({job_of[n] for s in g for n in s.needs if n in job_of}))
+        arrays.setdefault((json.dumps(g[0].resources, sort_keys=True), deps, len(g) > 1), []).append(g)
+    for (_, deps, several), units in arrays.items():
+        level = max(depth[s.run_id] for u in units for s in u)
+        if several:
+            submit("eval", units, deps, level, EvalGroupJob(), "one per eval group: one corruption pass for its "
+                                                               "models", dep_type="afterany")
+        else:
+            submit("eval", units, deps, level, None, "")
     return submitted
 
 

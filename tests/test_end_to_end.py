@@ -177,8 +177,10 @@ def test_prompt_stage_is_its_own_run_once_for_all_seeds_and_cached(write_suite, 
 
 
 def test_eval_runs_evaluate_saved_models_and_resume(write_suite, tmp_path, monkeypatch):
-    """An eval run loads the model.pt of the run it needs and records rows with target, corruption, severity."""
-
+    """An eval run loads the model.pt of the run it needs and records rows with target, corruption, severity.
+    (Eval groups off: the fake robustness module below evaluates one model at a time; tests/test_eval_groups.py
+    covers the groups.)"""
+    monkeypatch.setenv("KDBENCH_COHORT", "off")
     calls = []
 
     def fake_corruptions(net, task, data, device, *, corruptions, severities, cell_dir, batch_size, **kw):
