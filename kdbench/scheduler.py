@@ -253,6 +253,42 @@ def _raise_disk_fault(text: str) -> None:
         raise OSError(int(m.group(1)), m.group(2).strip() + " (in a worker)")
 
 
+class CpuShare:
+    """The torch threads of the next local job: its share of the cores (cores / jobs at once), fewer when other
+    processes keep cores busy. Measured (``benchmarks/bench_threads.py``): beside another busy process, a step with
+    as many threads as cores waits on the cores it shares and slows several times more than a one-thread step, so
+    a job gets no more threads than the cores the others leave free, shared among the jobs (at least one). The
+    others' load is the 1-minute load average less this walk's own jobs' threads, averaged the same way (the
+    kernel's exponential 1-minute average), so that its own jobs ending does not look like someone else's load.
+    ``KDBENCH_THREADS`` (read by the runs) overrides it."""
+
+    def __init__(self, cpus: int | None = None, loadavg: Callable[[], tuple] | None = None):
+        self.cpus = cpus or os.cpu_count() or 1
+        self.loadavg = loadavg or getattr(os, "getloadavg", None)
+        self.ours = 0.0
+        self.t = time.monotonic()
+
+    def observe(self, threads_running: int) -> None:
+        """This walk's jobs run ``threads_running`` threads now."""
+        import math
+
+        now = time.monotonic()
+        decay = math.exp(-(now - self.t) / 60.0)
+        self.ours = self.ours * decay + threads_running * (1.0 - decay)
+        self.t = now
+
+    def threads(self, jobs: int) -> tuple[int, float]:
+        """``(threads, others)`` for a job of ``jobs`` running at once: ``others`` is the load not this walk's."""
+        share = max(1, self.cpus // max(1, jobs))
+        try:
+            load = float(self.loadavg()[0]) if self.loadavg else 0.0
+        except OSError:
+            return share, 0.0
+        others = max(0.0, load - self.ours)
+        free = self.cpus - others
+        return max(1, min(share, int(free / max(1, jobs) + 0.5))), others
+
+
 def _res_key(spec: RunSpec) -> str:
     return json.dumps(spec.resources, sort_keys=True)
 
@@ -266,6 +302,7 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
     waiting = list(todo)
     running: list[tuple] = []  # (job, specs, limit, gpus)
     slots = GpuSlots(_gpu_count())
+    cpu, job_threads, said_busy = CpuShare(), {}, False
     out: list[dict] = []
     folder = job_folder(results, suite.name)
 
@@ -333,10 +370,16 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
                 timeout = int(first.resources.get("timeout_min") or 24 * 60)
                 ex.update_parameters(timeout_min=timeout * len(batch), gpus_per_node=len(gpus),
                                      **({"visible_gpus": list(gpus)} if gpus else {}))
-                threads = max(1, (os.cpu_count() or 1) // cap)
+                threads, others = cpu.threads(cap)
+                if threads < max(1, cpu.cpus // cap) and not said_busy:
+                    said_busy = True
+                    live.log(f"the machine is busy (load {others:.1f} of other processes on {cpu.cpus} CPUs): "
+                             f"jobs get {threads} thread(s) each; KDBENCH_THREADS=N sets them")
                 with _controller_signals():
                     job = ex.submit(run_many, batch, str(results), threads)
                 running.append((job, batch, cap, gpus))
+                job_threads[id(job)] = threads
+                cpu.observe(sum(job_threads.get(id(j), 0) for j, _, _, _ in running))
                 for s in batch:
                     waiting.remove(s)
                     ready.remove(s)
@@ -350,6 +393,7 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
                 else:
                     still.append((job, batch, cap, gpus))
             running = still
+            cpu.observe(sum(job_threads.get(id(j), 0) for j, _, _, _ in running))
             live.poll(now_running())
             if waiting and not running and not any(
                     all(n not in by_id or n in status for n in s.needs) for s in waiting):
