@@ -459,3 +459,41 @@ def test_a_cohort_runs_as_one_array_task(slurm, write_suite, tmp_path):
     by = {r["run_id"]: r for r in alone}
     for r in remote:
         assert r["metrics"] == by[r["run_id"]]["metrics"], r["label"]
+
+
+@pytest.mark.slurm
+def test_an_eval_group_runs_as_one_array_task(slurm, tmp_path):
+    """The eval runs of one corruption chunk over the suite's three finished models are one array task that
+    corrupts each image once (kdbench/evalgroup.py); their numbers are those of the runs alone."""
+    from kdb_util import train_digits32
+
+    path, res = train_digits32(tmp_path, ["baseline", "kd"], suite="grp")
+    d = yaml.safe_load(path.read_text())
+    d["evals"] = ["val", {"name": "corruptions", "set": ["gaussian_noise", "contrast"], "severities": [1]}]
+    d["resources"] = {"cpus_per_task": 1, "timeout_min": 10}
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    alone = tmp_path / "alone"
+    shutil.copytree(res, alone)
+    lines = []
+    remote = launch(load_suite(path), res, executor="slurm", log=lines.append)
+    assert [r["status"] for r in remote] == ["ok"] * 6, [r.get("error") for r in remote]  # 3 models x 2 chunks
+    by_chunk = {}
+    for r in remote:
+        by_chunk.setdefault(r["eval"]["corruption"], []).append(r)
+    for chunk, recs in by_chunk.items():
+        assert len({r["scheduler"]["job_id"] for r in recs}) == 1, chunk  # one array task per chunk
+        assert {len(r["corruption_pass"]["runs"]) for r in recs} == {3}
+        assert {r["corruption_pass"]["images_corrupted"] for r in recs} == {540}  # once, for the three models
+    os.environ["KDBENCH_COHORT"] = "off"
+    try:
+        solo = launch(load_suite(path), alone, executor="debug", log=lambda s: None)
+    finally:
+        del os.environ["KDBENCH_COHORT"]
+    by = {r["run_id"]: r for r in solo}
+
+    def numbers(rec):
+        return [(m["corruption"], m["severity"], m["metric"], m["value"]) for m in rec["metrics"]
+                if m["metric"] != "images_per_s"]
+
+    for r in remote:
+        assert numbers(r) == numbers(by[r["run_id"]])
