@@ -66,7 +66,8 @@ def environment(device: Any = None) -> dict:
     import kdbench
 
     env = {"kdbench": kdbench.__version__, "python": platform.python_version(), "torch": torch.__version__,
-           "host": socket.gethostname(), "device": str(device) if device is not None else None}
+           "host": socket.gethostname(), "device": str(device) if device is not None else None,
+           "threads": torch.get_num_threads()}  # a run's thread count can change its last float digits
     for dist in ("torchvision", "timm"):  # from the installed metadata: importing them costs seconds per run
         try:
             env[dist] = importlib.metadata.version(dist)

@@ -254,13 +254,16 @@ def _raise_disk_fault(text: str) -> None:
 
 
 class CpuShare:
-    """The torch threads of the next local job: its share of the cores (cores / jobs at once), fewer when other
-    processes keep cores busy. Measured (``benchmarks/bench_threads.py``): beside another busy process, a step with
-    as many threads as cores waits on the cores it shares and slows several times more than a one-thread step, so
-    a job gets no more threads than the cores the others leave free, shared among the jobs (at least one). The
-    others' load is the 1-minute load average less this walk's own jobs' threads, averaged the same way (the
-    kernel's exponential 1-minute average), so that its own jobs ending does not look like someone else's load.
-    ``KDBENCH_THREADS`` (read by the runs) overrides it."""
+    """The torch threads of the next local job, its share of the cores (cores / jobs at once), and whether other
+    processes keep the cores busy. The share does not follow the load: a run's thread count changes its float
+    rounding, and over an epochs-long run its numbers (the quickstart's teacher: 99.81 top-1 on 2 threads, 99.44
+    on 1), so a default that followed another user's load would make the same suite give other numbers on another
+    day. Beside a busy process a step with as many threads as cores waits on the cores it shares and slows several
+    times more than a one-thread step (``benchmarks/bench_threads.py``), so the walk says once when the others'
+    load is at least half a core per job and names ``KDBENCH_THREADS``, the user's choice, recorded with every run
+    (``env.threads``). The others' load is the 1-minute load average less this walk's own jobs' threads, averaged
+    the same way (the kernel's exponential 1-minute average), so that its own jobs ending is not someone else's
+    load."""
 
     def __init__(self, cpus: int | None = None, loadavg: Callable[[], tuple] | None = None):
         self.cpus = cpus or os.cpu_count() or 1
@@ -277,16 +280,21 @@ class CpuShare:
         self.ours = self.ours * decay + threads_running * (1.0 - decay)
         self.t = now
 
-    def threads(self, jobs: int) -> tuple[int, float]:
-        """``(threads, others)`` for a job of ``jobs`` running at once: ``others`` is the load not this walk's."""
-        share = max(1, self.cpus // max(1, jobs))
+    def threads(self, jobs: int) -> int:
+        """The threads of a job of ``jobs`` running at once."""
+        return max(1, self.cpus // max(1, jobs))
+
+    def others(self) -> float:
+        """The load of other processes (0 when the load average cannot be read)."""
         try:
             load = float(self.loadavg()[0]) if self.loadavg else 0.0
         except OSError:
-            return share, 0.0
-        others = max(0.0, load - self.ours)
-        free = self.cpus - others
-        return max(1, min(share, int(free / max(1, jobs) + 0.5))), others
+            return 0.0
+        return max(0.0, load - self.ours)
+
+    def busy(self, jobs: int) -> bool:
+        """Other processes keep at least half a core per job busy and the jobs have more than one thread."""
+        return self.threads(jobs) > 1 and self.others() >= 0.5 * max(1, jobs)
 
 
 def _res_key(spec: RunSpec) -> str:
@@ -370,11 +378,13 @@ def _walk_local(suite: Suite, todo: list[RunSpec], results: Path, parallel: int 
                 timeout = int(first.resources.get("timeout_min") or 24 * 60)
                 ex.update_parameters(timeout_min=timeout * len(batch), gpus_per_node=len(gpus),
                                      **({"visible_gpus": list(gpus)} if gpus else {}))
-                threads, others = cpu.threads(cap)
-                if threads < max(1, cpu.cpus // cap) and not said_busy:
+                threads = cpu.threads(cap)
+                if not said_busy and not os.environ.get("KDBENCH_THREADS") and cpu.busy(cap):
                     said_busy = True
-                    live.log(f"the machine is busy (load {others:.1f} of other processes on {cpu.cpus} CPUs): "
-                             f"jobs get {threads} thread(s) each; KDBENCH_THREADS=N sets them")
+                    live.log(f"note: the machine is busy (load {cpu.others():.1f} of other processes on {cpu.cpus} "
+                             f"CPUs): each job runs {threads} threads, which wait on the cores they share; "
+                             "KDBENCH_THREADS=1 makes steps faster there (the thread count can change a run's "
+                             "last float digits, so kdbench does not change it by itself)")
                 with _controller_signals():
                     job = ex.submit(run_many, batch, str(results), threads)
                 running.append((job, batch, cap, gpus))

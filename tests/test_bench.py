@@ -161,29 +161,28 @@ def test_recipe_and_resource_keys_are_validated(tmp_path):
         load(resources={"gpus_per_node": 1, "runs_per_gpu": 0})
 
 
-def test_cpu_share_gives_fewer_threads_on_a_busy_machine(monkeypatch):
+def test_cpu_share_keeps_the_threads_and_tells_a_busy_machine(monkeypatch):
     from kdbench import scheduler
 
     clock = [0.0]
     monkeypatch.setattr(scheduler.time, "monotonic", lambda: clock[0])
     load = [0.1]
     share = scheduler.CpuShare(cpus=2, loadavg=lambda: (load[0], 0, 0))
-    assert share.threads(1) == (2, pytest.approx(0.1))  # idle: a job alone gets both cores
-    assert share.threads(2)[0] == 1  # two jobs: one core each
-    load[0] = 2.0  # another process keeps both cores busy
-    assert share.threads(1)[0] == 1
-    load[0] = 1.0  # one core busy: one thread
-    assert share.threads(1)[0] == 1
+    assert share.threads(1) == 2 and share.threads(2) == 1  # the cores / the jobs at once
+    assert not share.busy(1)
+    load[0] = 2.0  # another process keeps both cores busy: the threads stay (numbers), the walk says so
+    assert share.threads(1) == 2 and share.busy(1) and share.others() == pytest.approx(2.0)
+    assert not share.busy(2)  # one thread per job already
     # the walk's own 2-thread job, running for minutes, is not someone else's load
     share.observe(2)
     clock[0] = 600.0
     share.observe(2)
     load[0] = 2.1
-    assert share.threads(1) == (2, pytest.approx(0.1, abs=0.01))
+    assert share.others() == pytest.approx(0.1, abs=0.01) and not share.busy(1)
     # its job ended a second ago: the load average still holds it, and so does the walk's own average
     clock[0] = 601.0
     share.observe(0)
-    assert share.threads(1)[0] == 2
+    assert not share.busy(1)
 
 
 def test_gpu_slots_pack_runs_per_gpu():
