@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:  # pragma: no cover
     from kdbench.suite import RunSpec
@@ -60,15 +60,22 @@ def cohort_key(spec: RunSpec) -> str | None:
 def cohorts(specs: list[RunSpec]) -> list[list[RunSpec]]:
     """``specs`` grouped into cohorts (in their order; a run that joins none is a cohort of one), each at most its
     runs' ``cohort_size``."""
+    return group_by(specs, cohort_key, cohort_size)
+
+
+def group_by(specs: list[RunSpec], key: Callable[[RunSpec], str | None],
+             size: Callable[[RunSpec], int]) -> list[list[RunSpec]]:
+    """``specs`` in groups of equal ``key`` (None: a group of one), in the order of each group's first run, a group
+    closing at its first run's ``size``."""
     groups: dict[str, list[list[RunSpec]]] = {}
     out: list[list[RunSpec]] = []
     for s in specs:
-        key = cohort_key(s)
-        if key is None:
+        k = key(s)
+        if k is None:
             out.append([s])
             continue
-        chunks = groups.setdefault(key, [])
-        if not chunks or len(chunks[-1]) >= cohort_size(s):
+        chunks = groups.setdefault(k, [])
+        if not chunks or len(chunks[-1]) >= size(s):
             chunks.append([])
             out.append(chunks[-1])
         chunks[-1].append(s)

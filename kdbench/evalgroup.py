@@ -24,12 +24,11 @@ Grouped are the corruption chunks (generated or released) only: ``val`` re-evalu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import TYPE_CHECKING
 
-from kdbench.cohort import cohort_key, cohort_size
+from kdbench.cohort import cohort_id, cohort_key, cohort_size, group_by
 from kdbench.cohort import enabled as cohorts_enabled
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,20 +71,7 @@ def groups(specs: list[RunSpec]) -> list[list[RunSpec]]:
     """``specs`` grouped into what runs together: the cohorts of distill runs (:func:`kdbench.cohort.cohorts`,
     the same groups) and the eval groups (:func:`eval_group_key`), in the order of their first run; a run that joins
     none is a group of one. Each group holds at most its runs' ``cohort_size``."""
-    chunks: dict[str, list[list[RunSpec]]] = {}
-    out: list[list[RunSpec]] = []
-    for s in specs:
-        key = _key(s)
-        if key is None:
-            out.append([s])
-            continue
-        size = cohort_size(s) if key.startswith("cohort") else group_size(s)
-        lists = chunks.setdefault(key, [])
-        if not lists or len(lists[-1]) >= size:
-            lists.append([])
-            out.append(lists[-1])
-        lists[-1].append(s)
-    return out
+    return group_by(specs, _key, lambda s: cohort_size(s) if s.kind == "distill" else group_size(s))
 
 
 def is_eval_group(group: list[RunSpec]) -> bool:
@@ -93,9 +79,8 @@ def is_eval_group(group: list[RunSpec]) -> bool:
 
 
 def group_id(specs: list[RunSpec]) -> str:
-    """A short name of an eval group: a digest of its members' run_ids."""
-    blob = ",".join(sorted(s.run_id for s in specs))
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+    """A short name of an eval group: a digest of its members' run_ids (as a cohort's)."""
+    return cohort_id(specs)
 
 
 def deferred(todo: list[RunSpec]) -> list[RunSpec]:
