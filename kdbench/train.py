@@ -98,7 +98,7 @@ def _peak_mem_mb(device: torch.device) -> float:
         return float("nan")
 
 
-@dataclass
+@dataclass(eq=False)
 class Member:
     """One run of a cohort (:func:`fit_cohort`): its student, method and place; after the fit, its result or the
     exception that ended it (it left the cohort there; the others went on)."""
@@ -306,10 +306,11 @@ def _train_epoch(active: list[Member], teacher, task, data, recipe: Recipe, seed
         x, y = task.to_device(x, y, device)
         xs = {False: x}
         t_all = None
-        if teacher is not None and any(m.method.needs_teacher for m in live):
+        shared = [m for m in live if m.loop.teacher is not None and not _own_teacher_forward(m, teacher)]
+        if shared:
             cl = lead.channels_last
             xs[cl] = to_channels_last(x) if cl else x
-            union = tuple(dict.fromkeys(t for m in live for t in m.loop.setup.taps.teacher))
+            union = tuple(dict.fromkeys(t for m in shared for t in m.loop.setup.taps.teacher))
             with torch.random.fork_rng(devices=_rng_devices(device)):  # the members' streams are left alone
                 t_all = teacher_forward(teacher, task, xs[cl], union, lead.setup, device)
         t_teacher = time.perf_counter() - t0
@@ -320,7 +321,7 @@ def _train_epoch(active: list[Member], teacher, task, data, recipe: Recipe, seed
                 grp["lr"] = lr0 * lr_factor(recipe.schedule, step, steps, recipe.epochs)
             if loop.channels_last not in xs:
                 xs[loop.channels_last] = to_channels_last(x) if loop.channels_last else x
-            t_out = None if t_all is None or loop.teacher is None else _only_taps(t_all, loop.setup.taps.teacher)
+            t_out = _only_taps(t_all, loop.setup.taps.teacher) if m in shared else None  # None: its own forward
             _set_rng_state(m.rng, device)
             try:
                 out = train_step(loop.student, loop.teacher, m.method, task,
@@ -334,7 +335,7 @@ def _train_epoch(active: list[Member], teacher, task, data, recipe: Recipe, seed
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             # what the step costs a run alone: its own part and the teacher's forward
-            m.step_times[0] += time.perf_counter() - t1 + (t_teacher if loop.teacher is not None else 0.0)
+            m.step_times[0] += time.perf_counter() - t1 + (t_teacher if m in shared else 0.0)
             m.step_times[1] += 1
             n_steps[id(m)] += 1
             acc = sums[id(m)]
@@ -351,6 +352,12 @@ def _train_epoch(active: list[Member], teacher, task, data, recipe: Recipe, seed
                           "steps": n_steps[id(m)], **{f"train_{k}": v / n for k, v in acc.items()},
                           **({"data_digest": digest.hexdigest()[:16]} if digest is not None else {})}
     return entries
+
+
+def _own_teacher_forward(m: Member, teacher) -> bool:
+    """The member's teacher taps depend on its student's forward (``TapModel.student_dependent_taps``): its step
+    takes the teacher's forward itself, after its student's, as a run alone does."""
+    return bool(set(m.loop.setup.taps.teacher) & set(getattr(teacher, "student_dependent_taps", ())))
 
 
 def _only_taps(out: Outputs, taps: tuple[str, ...]) -> Outputs:

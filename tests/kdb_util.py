@@ -82,7 +82,8 @@ def one_classification_step(name: str, *, fold: bool = False, teacher_setup=None
 
 def assert_same_step(a, b) -> None:
     """Two :func:`one_classification_step` results agree: the same loss terms (to 1e-4 relative) and student
-    gradients (to 1e-3 relative)."""
+    gradients (to 1e-3 relative, with an absolute floor of 1e-5 times the tensor's largest entry when that is above
+    1: float rounding of a sum scales with its terms; DIST at random init has gradient entries of ~16)."""
     import pytest
     import torch
 
@@ -91,7 +92,8 @@ def assert_same_step(a, b) -> None:
     for k in terms_a:
         assert terms_b[k] == pytest.approx(terms_a[k], rel=1e-4, abs=1e-6), k
     for k in grads_a:
-        assert torch.allclose(grads_a[k], grads_b[k], rtol=1e-3, atol=1e-5), k
+        scale = max(1.0, float(grads_a[k].abs().max()))
+        assert torch.allclose(grads_a[k], grads_b[k], rtol=1e-3, atol=1e-5 * scale), k
 
 
 def train_digits32(root: Path, methods: list, suite: str = "rob") -> tuple[Path, Path]:

@@ -240,6 +240,8 @@ class DetectorModel(TapModel):
             raise ValueError(f"{name}: reg_tap must be one of {', '.join(REG_TAPS)}, got {reg_tap!r}")
         self.kind = kind
         self.roi_reg = kind == "fasterrcnn" and reg_tap == "roi"
+        if self.roi_reg:  # the teacher's RoI regression runs on the RoIs of the student's forward
+            self.student_dependent_taps = frozenset({"reg"})
         n_levels = len(net.backbone.body.return_layers) + (1 if kind == "fasterrcnn" else 2)
         self.fpn_levels = nn.ModuleList(nn.Identity() for _ in range(n_levels))
 

@@ -94,6 +94,10 @@ class TapModel(nn.Module):
     """
 
     supported: tuple[str, ...] = ("logits",)
+    #: taps whose teacher-side value depends on the student's forward in the same step (a two-stage detector's
+    #: ``reg`` on the student's RoIs): a cohort (``kdbench.train.fit_cohort``) takes them in each member's step,
+    #: after its student's forward, instead of once for all
+    student_dependent_taps: frozenset[str] = frozenset()
 
     def __init__(self, net: nn.Module, name: str):
         super().__init__()
