@@ -660,7 +660,7 @@ def run_eval_group(specs: list[RunSpec], results: str | os.PathLike = "results",
     is reused. A run whose model fails to load or to evaluate is recorded failed and the others go on; a failure
     of the shared pass (the data, the corruption) fails every run of the group. ``shared``: what successive
     groups of one process reuse (the data)."""
-    from kdbench.evalgroup import group_id
+    from kdbench.cohort import cohort_id as group_id  # (kdbench.evalgroup, which imports this module, names it so)
     from kdbench.results import finish_record
 
     results = Path(results)
