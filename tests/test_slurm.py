@@ -117,7 +117,7 @@ def test_slurm_parameters_map_suite_resources_to_sbatch(tmp_path, monkeypatch):
 
 
 def test_unknown_resource_key_is_rejected_with_the_valid_list(write_suite):
-    with pytest.raises(SuiteError, match=r"resources\.gpus: unknown key; valid keys here: cpus_per_task, "
+    with pytest.raises(SuiteError, match=r"resources\.gpus: unknown key; valid keys here: cohort_size, cpus_per_task, "
                                          r"gpus_per_node, mem_gb, nodes"):
         load_suite(write_suite(tiny_suite(resources={"gpus": 2})))
 
