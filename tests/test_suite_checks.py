@@ -72,7 +72,7 @@ def test_bare_suite_names(tmp_path, monkeypatch):
 def test_cli_finds_a_suite_by_name(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert main(["run", "quickstart", "--dry-run"]) == 0
-    assert "quickstart v1, 36 runs" in capsys.readouterr().out
+    assert "quickstart v1, 48 runs" in capsys.readouterr().out
     assert main(["validate", "quickstart", "--no-data"]) == 0
     assert main(["validate", "nosuch", "--no-data"]) == 1
     assert "suite 'nosuch' not found" in capsys.readouterr().err
