@@ -130,3 +130,16 @@ def tiny_imagenet_val(root: Path) -> None:
     shutil.move(str(staging), val / "images")
     (val / "val_annotations.txt").write_text("\n".join(lines) + "\n")
 
+
+def random_classification_data(n: int = 8, size: int = 32, k: int = 10):
+    """A classification dataset of ``n`` seeded random ``size``-px images, labels ``0..k-1`` in turn (train = val):
+    what the method tests build a context and take a step with."""
+    import torch
+
+    from kdbench.data.base import ClassificationData, TensorImages
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = torch.arange(n) % k
+    ds = TensorImages(x, y, mean=[0.0] * 3, std=[1.0] * 3)
+    return ClassificationData(ds, ds, num_classes=k, in_chans=3, image_size=size, classes=[str(i) for i in range(k)])

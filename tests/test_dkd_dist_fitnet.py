@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from kdbench.data.base import ClassificationData, TensorImages
 from kdbench.method import Batch, Context, Outputs
 from kdbench.methods.dist import DIST, dist_loss, pearson_rows
 from kdbench.methods.dkd import DKD, dkd_loss
@@ -20,6 +19,8 @@ from kdbench.registry import METHODS
 from kdbench.runner import build_context
 from kdbench.step import train_step
 from kdbench.tasks.classification import ClassificationTask
+
+from kdb_util import random_classification_data
 
 K = 10
 
@@ -277,11 +278,7 @@ VIT = ("timm:vit_tiny_patch16_224", dict(img_size=32, patch_size=4, embed_dim=32
 
 
 def _data(n=8, size=32):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 3, size, size, generator=g)
-    y = torch.arange(n) % K
-    ds = TensorImages(x, y, mean=[0.0] * 3, std=[1.0] * 3)
-    return ClassificationData(ds, ds, num_classes=K, in_chans=3, image_size=size, classes=[str(i) for i in range(K)])
+    return random_classification_data(n, size, K)
 
 
 def _train(name: str, params: dict, teacher_kind: str = "cnn", steps: int = 3, epoch: int = 1):

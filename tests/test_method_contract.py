@@ -11,13 +11,14 @@ import math
 import pytest
 import torch
 
-from kdbench.data.base import ClassificationData, TensorImages
 from kdbench.method import Batch, Distiller
 from kdbench.models.sources import build_model
 from kdbench.registry import METHODS
 from kdbench.runner import build_context
 from kdbench.tasks.classification import ClassificationTask
 from kdbench.step import train_step
+
+from kdb_util import random_classification_data
 
 K = 10
 HETERO_TEACHERS = {
@@ -31,11 +32,7 @@ HETERO_PARAMS = {"reviewkd": {"teacher_preact": False}}
 
 
 def _data(n=8, size=32):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 3, size, size, generator=g)
-    y = torch.arange(n) % K
-    ds = TensorImages(x, y, mean=[0.0] * 3, std=[1.0] * 3)
-    return ClassificationData(ds, ds, num_classes=K, in_chans=3, image_size=size, classes=[str(i) for i in range(K)])
+    return random_classification_data(n, size, K)
 
 
 def _classification_methods():
