@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ TOP_KEYS = {
 REQUIRED_TOP = ("suite", "version", "task", "data", "recipe", "pairs", "methods", "seeds")
 MODEL_KEYS = {"model", "weights", "kwargs", "train"}
 TEACHER_TRAIN_KEYS = {"recipe", "data", "seed", "resources"}
-PAIR_KEYS = {"name", "teacher", "student", "params"}
+PAIR_KEYS = {"name", "teacher", "student", "params", "recipe", "data"}
 METHOD_KEYS = {"name", "label", "params"}
 RESOURCE_KEYS = {"gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes", "tasks_per_node",
                  "slurm_partition", "slurm_account", "slurm_qos", "slurm_constraint", "slurm_array_parallelism",
@@ -490,10 +490,11 @@ def validate_and_expand(path: Path, raw: dict, notes: list[str] | None = None) -
         where = f"pairs[{p_i}]"
         teacher, student, pname, pair_params = _check_pair_entry(path, where, pair, checked, pair_names, notes)
         pair_names.append(pname)
-        teacher_run = _expand_teacher(path, where, teacher, pname, p_i, checked, specs)
+        for_pair = _pair_overrides(path, where, pair, raw, checked)
+        teacher_run = _expand_teacher(path, where, teacher, pname, p_i, for_pair, specs)
         for m_i, method in enumerate(checked.methods):
             _expand_method(path, where, m_i, method, teacher, student, teacher_run, pname, p_i, pair_params,
-                           checked, specs)
+                           for_pair, specs)
     _check_references(path, checked.refs, pair_names, checked.labels)
     return specs.specs
 
@@ -620,6 +621,30 @@ def _check_pair_entry(path: Path, where: str, pair: Any, checked: _Checked, pair
     pair_params = _pair_params(path, f"{where}.params", pair.get("params") or {}, checked.labels,
                                [m[1] for m in checked.methods], notes)
     return teacher, student, pname, pair_params
+
+
+def _pair_overrides(path: Path, where: str, pair: dict, raw: dict, checked: _Checked) -> _Checked:
+    """The suite-wide parts as one pair's runs see them: the pair's own ``recipe:`` and ``data:`` (partial
+    mappings) deep-merged over the suite's, each checked as a whole (e.g. a CNN student and a ViT student of one
+    suite trained with their own optimiser, schedule and augmentation). An ``optimizer:`` or ``schedule:`` that
+    names another one replaces the suite's instead of merging into it. Without overrides, ``checked`` itself."""
+    if not pair.get("recipe") and not pair.get("data"):
+        return checked
+    recipe, data = checked.recipe, checked.data
+    if pair.get("recipe"):
+        over = _jsonable(_check_recipe(path, f"{where}.recipe", pair["recipe"], partial=True))
+        base = dict(raw["recipe"])
+        for k in ("optimizer", "schedule"):  # another optimiser or schedule: the pair's mapping replaces the suite's
+            if isinstance(over.get(k), dict) and over[k].get("name", (base.get(k) or {}).get("name")) != \
+                    (base.get(k) or {}).get("name"):
+                base.pop(k, None)
+        recipe = Recipe.of(_check_recipe(path, f"{where}.recipe", deep_merge(base, over))).identity()
+    if pair.get("data"):
+        if not isinstance(pair["data"], dict):
+            raise _err(path, f"{where}.data", f"expected a mapping of data options, got {pair['data']!r}")
+        data = deep_merge(checked.data, _jsonable(pair["data"]))
+        _check_data(path, f"{where}.data", data, checked.task)
+    return replace(checked, recipe=recipe, data=data)
 
 
 def batch_rng(data: dict, recipe: dict) -> bool:

@@ -93,10 +93,14 @@ def plan_sweep(suite_dir, corruptions: str | list | None = None, severities: lis
         for c in names:  # the files are there, in the released layout
             cifar100c_slice(root, c, sevs[0])
     chunk_list = chunks(checked, corruption_point(base.data))
+    # a pair may set its own recipe and data (``pairs[].recipe``/``data``): its models' evals carry the pair's
+    by_pair = {}
+    for s in distill:
+        by_pair.setdefault(s.pair_index, dict(data=s.data, recipe=s.recipe, resources=s.resources))
     common = dict(data=base.data, recipe=base.recipe, resources=base.resources)
     specs = []
     for s, _ in sorted(models, key=lambda m: (m[0].pair_index, m[0].method_index, m[0].seed)):
-        specs += run_eval_specs(s, chunk_list, **common)
+        specs += run_eval_specs(s, chunk_list, **by_pair.get(s.pair_index, common))
     seen = set()
     for s in distill:  # checkpoint teachers (weights:) have no run: their evals go by model_id
         t = s.teacher
@@ -109,5 +113,6 @@ def plan_sweep(suite_dir, corruptions: str | list | None = None, severities: lis
         if not Path(t["weights"]).is_file():
             raise FileNotFoundError(f"the checkpoint teacher of pair {s.pair}: no file {t['weights']}")
         specs += eval_specs(t, mid, (), {**teacher_facts(s.pair, s.pair_index), "seed": 0}, chunk_list,
-                            suite=s.suite, suite_version=s.suite_version, task=task, **common)
+                            suite=s.suite, suite_version=s.suite_version, task=task,
+                            **by_pair.get(s.pair_index, common))
     return Suite(path=suite_dir, raw={"suite": base.suite, "version": suite_version, "task": task}, specs=specs)
