@@ -7,6 +7,10 @@ by ``validate``) refuses an empty file, a file that is not a pickle (text, json)
 ends with its STOP byte); ``build`` checks the content (keys, shapes, dtypes, labels). ``write_cifar100`` writes a
 small dataset in exactly this format (for tests and for trying suites without the real data); it is read back
 through the same loader.
+
+The ``timm_transform`` option of ``cifar100`` replaces kdbench's own augmentation and resizing with timm's
+ImageNet-style pipelines (``timm.data.create_transform``), as the OFA paper's code (OFAKD, a fork of timm's
+train.py) trains CIFAR-100 students at 224 px: see :meth:`CIFAR100.build`.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdbench.data.base import (NOT_FOUND_HINT, ClassificationData, DataFileError, DataLayoutError, DatasetPlugin, TensorImages, compose,
-                               random_crop_flip, resize_to, stratified_fraction)
+from kdbench.data.base import (NOT_FOUND_HINT, ClassificationData, DataFileError, DataLayoutError, DatasetPlugin, TensorImages, TorchSeeded,
+                               compose, random_crop_flip, resize_to, stratified_fraction)
 from kdbench.registry import DATASETS
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -144,12 +148,138 @@ def _class_names(d: dict, path: Path, num_classes: int = 100) -> list[str]:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
+#: the keyword arguments of ``timm.data.create_transform(is_training=True)`` that ``timm_transform.train`` may
+#: set (the augmentation arguments OFAKD's train.py passes), with the kinds of value accepted
+TIMM_TRAIN_KEYS = {
+    "scale": "a list of two numbers (the crop's area range, e.g. [0.08, 1.0])",
+    "ratio": "a list of two numbers (the crop's aspect-ratio range, e.g. [0.75, 1.3333])",
+    "hflip": "a probability", "vflip": "a probability",
+    "color_jitter": "a number, a list of 3 or 4 numbers, or null (timm applies it only without auto_augment)",
+    "auto_augment": "a timm auto-augment string (e.g. 'rand-m9-mstd0.5-inc1') or null",
+    "interpolation": "a timm interpolation name ('bilinear', 'bicubic', 'random', ...)",
+    "re_prob": "a probability (random erasing, after normalisation)",
+    "re_mode": "a timm random-erasing mode ('const', 'rand', 'pixel')",
+    "re_count": "an integer >= 1",
+}
+#: the keyword arguments of ``timm.data.create_transform(is_training=False)`` that ``timm_transform.eval`` may set
+TIMM_EVAL_KEYS = {
+    "crop_pct": "a number > 0 (resize to int(image_size / crop_pct), then centre-crop image_size)",
+    "interpolation": "a timm interpolation name ('bilinear', 'bicubic', ...)",
+}
+TIMM_SPLITS = {"train": TIMM_TRAIN_KEYS, "eval": TIMM_EVAL_KEYS}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _numbers(v, counts: tuple[int, ...]) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) in counts and all(_is_number(x) for x in v)
+
+
+#: what each key's value must be (None where timm takes null for its default)
+_TIMM_VALUE_OK = {
+    "scale": lambda v: v is None or _numbers(v, (2,)),
+    "ratio": lambda v: v is None or _numbers(v, (2,)),
+    "hflip": lambda v: _is_number(v) and 0 <= v <= 1,
+    "vflip": lambda v: _is_number(v) and 0 <= v <= 1,
+    "color_jitter": lambda v: v is None or _is_number(v) or _numbers(v, (3, 4)),
+    "auto_augment": lambda v: v is None or isinstance(v, str),
+    "interpolation": lambda v: isinstance(v, str) and bool(v),
+    "re_prob": lambda v: _is_number(v) and 0 <= v <= 1,
+    "re_mode": lambda v: isinstance(v, str),
+    "re_count": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    "crop_pct": lambda v: v is None or (_is_number(v) and v > 0),
+}
+
+
+def check_timm_transform(spec) -> dict[str, dict] | None:
+    """The ``timm_transform`` option of ``cifar100`` checked, without torch or timm: None (not set), or
+    ``{"train": {...}, "eval": {...}}`` with every split present (an absent or null split is ``{}``: timm's
+    defaults). A value that is not a mapping, an unknown split or key, or a value of the wrong kind is a
+    ValueError naming ``data.timm_transform...`` and what is valid. Values are handed to timm as they are (lists
+    as lists); timm itself refuses what it cannot build (an unknown auto-augment string, interpolation or
+    erasing mode) when the dataset is built."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise ValueError(f"data.timm_transform must be a mapping {{train: {{...}}, eval: {{...}}}}, got "
+                         f"{type(spec).__name__} {spec!r}")
+    bad = sorted(str(k) for k in spec if k not in TIMM_SPLITS)
+    if bad:
+        raise ValueError(f"data.timm_transform: unknown key {bad[0]!r}; valid: {', '.join(TIMM_SPLITS)}")
+    out = {}
+    for split, valid in TIMM_SPLITS.items():
+        sub = spec.get(split)
+        sub = {} if sub is None else sub
+        if not isinstance(sub, dict):
+            raise ValueError(f"data.timm_transform.{split} must be a mapping of timm.data.create_transform "
+                             f"arguments ({', '.join(valid)}), got {type(sub).__name__} {sub!r}")
+        bad = sorted(str(k) for k in sub if k not in valid)
+        if bad:
+            raise ValueError(f"data.timm_transform.{split}: unknown key {bad[0]!r}; valid: {', '.join(valid)}")
+        for k, v in sub.items():
+            if not _TIMM_VALUE_OK[k](v):
+                raise ValueError(f"data.timm_transform.{split}.{k} must be {valid[k]}, got {v!r}")
+        out[split] = dict(sub)
+    return out
+
+
+class _OnPIL:
+    """``fn`` applied to a uint8 ``H×W×3`` numpy image converted to a PIL RGB image (what
+    ``torchvision.datasets.CIFAR100`` hands its transform)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, arr: np.ndarray):
+        from PIL import Image
+
+        return self.fn(Image.fromarray(arr))
+
+    def __repr__(self) -> str:
+        return f"_OnPIL({self.fn!r})"
+
+
+def timm_transforms(image_size: int, spec: dict[str, dict], augment: bool = True):
+    """``(train, eval)`` image transforms of the ``timm_transform`` option (checked by
+    :func:`check_timm_transform`): each maps a uint8 ``32×32×3`` numpy image to a normalised ``3×S×S`` float
+    tensor (``S = image_size``), normalised with CIFAR-100's mean and std (as OFAKD sets them).
+
+    ``eval``: ``timm.data.create_transform(image_size, is_training=False, crop_pct, interpolation, mean, std)``
+    (resize the shorter side to ``int(S / crop_pct)``, centre-crop ``S``, to tensor, normalise). ``train``:
+    ``create_transform(image_size, is_training=True, **spec['train'], mean, std)`` (random resized crop, flips,
+    colour jitter or auto-augment, to tensor, normalise, random erasing), wrapped in :class:`TorchSeeded` so
+    that its draws come from the global torch RNG alone; without ``augment`` the train transform is the eval
+    one. A value timm refuses is a ValueError naming the option."""
+    from timm.data import create_transform
+
+    def make(split: str, is_training: bool):
+        kwargs = dict(spec[split])
+        for k in ("scale", "ratio"):  # timm takes tuples (it also builds tuples from lists)
+            if kwargs.get(k) is not None:
+                kwargs[k] = tuple(kwargs[k])
+        if isinstance(kwargs.get("color_jitter"), list):
+            kwargs["color_jitter"] = tuple(kwargs["color_jitter"])
+        try:
+            return create_transform(int(image_size), is_training=is_training, mean=CIFAR100_MEAN, std=CIFAR100_STD,
+                                    **kwargs)
+        except Exception as e:  # noqa: BLE001 - whatever timm raises for a bad value, the message names the option
+            raise ValueError(f"data.timm_transform.{split}: timm.data.create_transform refused {kwargs}: "
+                             f"{type(e).__name__}: {e}") from None
+
+    t_eval = _OnPIL(make("eval", False))
+    t_train = TorchSeeded(_OnPIL(make("train", True))) if augment else t_eval
+    return t_train, t_eval
+
+
 @DATASETS.register("cifar100")
 class CIFAR100(DatasetPlugin):
     layout = LAYOUT
     augments = "augment"  # the training split is augmented when the option is true
 
     def check(self, root, **options):
+        check_timm_transform(options.get("timm_transform"))  # before any file is read
         if root is None:
             raise DataLayoutError(f"data.root is required for cifar100. Expected layout: {LAYOUT}")
         folder = _folder(root)
@@ -161,13 +291,38 @@ class CIFAR100(DatasetPlugin):
         return 32
 
     def build(self, root=None, *, train_fraction: float = 1.0, augment: bool = True, fraction_seed: int = 0,
-              image_size: int = 32) -> ClassificationData:
-        """``image_size`` other than 32 upsamples bilinearly (e.g. 224 for timm ViT/Swin students and teachers)."""
+              image_size: int = 32, timm_transform: dict | None = None) -> ClassificationData:
+        """``image_size`` other than 32 upsamples bilinearly (e.g. 224 for timm ViT/Swin students and teachers);
+        with ``augment`` the training images are padded by 4, randomly cropped back and randomly flipped (on the
+        normalised 32×32 tensor, before the upsampling), drawing from the global torch RNG.
+
+        ``timm_transform: {train: {...}, eval: {...}}`` (None: the pipeline above) makes the images with timm's
+        ImageNet-style transforms instead, as OFAKD (the OFA paper's code) trains CIFAR-100 at 224 px: each
+        stored 32×32 image, as a PIL image (after ``image_fn``, e.g. a corruption), goes through
+        ``timm.data.create_transform(image_size, ...)`` with CIFAR-100's mean and std. ``train`` holds
+        create_transform's training arguments (:data:`TIMM_TRAIN_KEYS`: scale, ratio, hflip, vflip,
+        color_jitter, auto_augment, interpolation, re_prob, re_mode, re_count; unset: timm's defaults),
+        ``eval`` its evaluation ones (:data:`TIMM_EVAL_KEYS`: crop_pct, interpolation): the validation split's
+        transform, and the training split's when ``augment`` is false. The training transform's draws (timm's
+        and torchvision's, from Python's ``random``, numpy's and torch's RNGs) are made a function of the global
+        torch RNG: per image one seed is drawn from it and the three RNGs are seeded from that seed, their
+        states restored afterwards (:class:`kdbench.data.base.TorchSeeded`). The same torch seed thus gives the
+        same images (the training loop seeds torch per batch: reproducible and resumable), and the global
+        ``random``/numpy states are left as they were. See :func:`timm_transforms`."""
+        spec = check_timm_transform(timm_transform)
         folder = _folder(root)
         x_tr, ytr = _split_arrays(_load(folder / "train"), folder / "train")
         x_te, yte = _split_arrays(_load(folder / "test"), folder / "test")
         classes = _class_names(_load(folder / "meta"), folder / "meta")
         keep = stratified_fraction(ytr, float(train_fraction), seed=fraction_seed)
+        if spec is not None:
+            t_train, t_eval = timm_transforms(int(image_size), spec, augment=bool(augment))
+            train = TensorImages(torch.from_numpy(x_tr[keep]), torch.from_numpy(ytr[keep]), CIFAR100_MEAN,
+                                 CIFAR100_STD, image_transform=t_train)
+            val = TensorImages(torch.from_numpy(x_te.copy()), torch.from_numpy(yte), CIFAR100_MEAN, CIFAR100_STD,
+                               image_transform=t_eval)
+            return ClassificationData(train, val, num_classes=100, in_chans=3, image_size=int(image_size),
+                                      classes=classes)
         aug = random_crop_flip(pad=4) if augment else None
         resize = resize_to(int(image_size)) if int(image_size) != 32 else None
         t_train = compose(aug, resize)
@@ -325,9 +480,10 @@ def cifar100c_slice(folder: str | os.PathLike, corruption: str, severity: int,
 
 def cifar100c_dataset(folder: str | os.PathLike, corruption: str, severity: int, like: TensorImages) -> TensorImages:
     """One (corruption, severity) of a CIFAR-100-C folder as a dataset normalised (and resized) as ``like``
-    (the clean CIFAR-100 validation set). The folder's rows must be 5 × ``len(like)`` and each severity's labels
-    the clean test labels, in their order (:func:`cifar100c_slice`; the released files are the test set at each
-    severity, in order)."""
+    (the clean CIFAR-100 validation set; its ``image_transform`` too, e.g. the eval transform of the
+    ``timm_transform`` option). The folder's rows must be 5 × ``len(like)`` and each severity's labels the clean
+    test labels, in their order (:func:`cifar100c_slice`; the released files are the test set at each severity,
+    in order)."""
     images, labels = cifar100c_slice(folder, corruption, severity, n_clean=len(like))
     clean = np.asarray(like.labels)
     if len(clean) == len(labels) and not np.array_equal(labels, clean):
@@ -338,7 +494,7 @@ def cifar100c_dataset(folder: str | os.PathLike, corruption: str, severity: int,
                             f"{k}: {int(clean[k])}); expected the test labels repeated for severities 1-5, in order")
     x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()
     return TensorImages(x, torch.from_numpy(labels), like.mean.flatten().tolist(), like.std.flatten().tolist(),
-                        like.transform)
+                        like.transform, image_transform=getattr(like, "image_transform", None))
 
 
 def write_cifar100_c(cifar_root: str | os.PathLike, out: str | os.PathLike, corruptions="benchmark",
