@@ -207,7 +207,7 @@ def build_entries(suite, pattern: str | None = None, device=None, log=print,
     from kdbench.registry import METHODS, TASKS
     from kdbench.runner import build_context
     from kdbench.perf import prepare_models
-    from kdbench.recipe import Recipe, amp_dtype, build_optimizer, teacher_dtype
+    from kdbench.recipe import Recipe, amp_dtype, build_mixup, build_optimizer, mix_batch, mixup_seed, teacher_dtype
     from kdbench.step import StepSetup, train_step
 
     device = device or torch.device("cpu")
@@ -252,8 +252,12 @@ def build_entries(suite, pattern: str | None = None, device=None, log=print,
             if cls.stage_params:
                 _load_stage_seeded(method)
             x, y = prepare_models(student, t, method, device, x_cpu, y_cpu, task=task)
+            task.configure_training(recipe)  # as fit: the recipe's label smoothing in the task loss
+            mixup = build_mixup(recipe, data.num_classes)
+            if mixup is not None:  # as fit: a mixed batch (soft targets); a copy, since mixup works in place
+                x, y = mix_batch(mixup, x.clone(), y, mixup_seed(0, 1, 0))
             params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
-            opt = build_optimizer(params, recipe.optimizer)
+            opt = build_optimizer(params, recipe.optimizer, modules=(student, method))
             batch = Batch(inputs=x, targets=y, epoch=max(1, recipe.epochs // 2), step=0, epochs=recipe.epochs,
                           steps_per_epoch=1)
             amp = amp_dtype(recipe.amp, device)  # as fit: AMP, bf16 teacher, compile on GPU per recipe

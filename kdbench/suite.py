@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from kdbench.recipe import OPTIMIZERS, RECIPE_CHOICES, RECIPE_KEYS, SCHEDULES, Recipe
+from kdbench.recipe import OPTIMIZERS, RECIPE_CHOICES, RECIPE_KEYS, SCHEDULES, Recipe, RecipeError
 
 
 class SuiteError(ValueError):
@@ -550,7 +550,7 @@ def _validate(path: Path, raw: dict) -> _Checked:
         raise _err(path, "task", f"unknown task {task!r}; valid: {', '.join(TASK_NAMES)}")
     _check_data(path, "data", raw["data"], task)
     eval_chunks = _check_evals(path, raw, task)
-    recipe = Recipe.of(_check_recipe(path, "recipe", raw["recipe"])).identity()
+    recipe = _recipe_identity(path, "recipe", _check_recipe(path, "recipe", raw["recipe"]))
     seeds = raw["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise _err(path, "seeds", f"expected a non-empty list of integers, got {seeds!r}")
@@ -623,6 +623,15 @@ def _check_pair_entry(path: Path, where: str, pair: Any, checked: _Checked, pair
     return teacher, student, pname, pair_params
 
 
+def _recipe_identity(path: Path, where: str, recipe: dict) -> dict:
+    """A checked recipe's identity (:meth:`Recipe.identity`); a value out of its range (``Recipe.of``) is an error
+    naming the file and ``where``."""
+    try:
+        return Recipe.of(recipe).identity()
+    except RecipeError as e:
+        raise _err(path, f"{where}.{e.key}", e.reason) from None
+
+
 def _pair_overrides(path: Path, where: str, pair: dict, raw: dict, checked: _Checked) -> _Checked:
     """The suite-wide parts as one pair's runs see them: the pair's own ``recipe:`` and ``data:`` (partial
     mappings) deep-merged over the suite's, each checked as a whole (e.g. a CNN student and a ViT student of one
@@ -638,7 +647,7 @@ def _pair_overrides(path: Path, where: str, pair: dict, raw: dict, checked: _Che
             if isinstance(over.get(k), dict) and over[k].get("name", (base.get(k) or {}).get("name")) != \
                     (base.get(k) or {}).get("name"):
                 base.pop(k, None)
-        recipe = Recipe.of(_check_recipe(path, f"{where}.recipe", deep_merge(base, over))).identity()
+        recipe = _recipe_identity(path, f"{where}.recipe", _check_recipe(path, f"{where}.recipe", deep_merge(base, over)))
     if pair.get("data"):
         if not isinstance(pair["data"], dict):
             raise _err(path, f"{where}.data", f"expected a mapping of data options, got {pair['data']!r}")
@@ -687,6 +696,7 @@ def _expand_teacher(path: Path, where: str, teacher: dict, pname: str, p_i: int,
     t_ref = tuple(_jsonable({k: v for k, v in r.items() if k not in ("method", "pair")})
                   for r in checked.refs if r["method"] == "teacher" and r["pair"] == pname)
     common = checked.common
+    _recipe_identity(path, f"{where}.teacher.train.recipe", deep_merge(checked.recipe, _jsonable(t_recipe)))
     tspec = RunSpec(kind="teacher", reference=t_ref, data=deep_merge(checked.data, _jsonable(t_data)),
                     recipe=deep_merge(checked.recipe, _jsonable(t_recipe)), student=_jsonable(t_for_runs),
                     teacher=None, teacher_run=None, seed=int(tr.get("seed", 0)), **t_facts,

@@ -8,10 +8,17 @@ Reproducibility: every epoch reseeds the global RNG and the data order from ``(s
 from its last checkpoint continues exactly as an uninterrupted one would. A batch made in the training process
 (no loader workers) draws its augmentation from its own stream, seeded from ``(seed, epoch, batch)``
 (:func:`batches`): the runs of one seed see the same batches whatever their methods draw (common random numbers).
+A recipe's ``mixup`` mixes each training batch once, on the device, before the teacher's forward (the teacher
+sees the mixed images too, and so does every member of a cohort), with numpy's global RNG seeded from ``(seed,
+epoch, batch)`` and put back afterwards (``kdbench.recipe.mix_batch``): the same mixed batches in every run of a
+seed and after a resume. The targets are then soft (N×K) for the task loss and the method's ``Batch``. The
+recipe's ``label_smoothing`` goes to the task's training loss (``task.configure_training``).
 
 Distributed runs (``dist`` with world > 1, see ``kdbench/ddp.py``): each rank trains on its slice of every
 global batch with synchronised batch norm and averaged gradients; only rank 0 evaluates (metrics broadcast)
-and writes the checkpoint and the log. With world 1 the loop is exactly the single-process one.
+and writes the checkpoint and the log. With world 1 the loop is exactly the single-process one. Under mixup each
+rank mixes its own slice, with the same draws on every rank (one mixing weight per global batch); the pairs of
+mixed images are then those within a slice, not those of the single-process batch.
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ from kdbench import ddp
 from kdbench.checkpoint import read_checkpoint, restore_checkpoint, write_checkpoint, write_log
 from kdbench.method import Batch, Distiller, Outputs
 from kdbench.perf import channels_last_enabled, prepare_models, to_channels_last
-from kdbench.recipe import (Recipe, amp_dtype, batch_seed, build_optimizer, epoch_seed, loader_options, lr_factor,
-                            steps_per_epoch, teacher_dtype)
+from kdbench.recipe import (Recipe, amp_dtype, base_lr, batch_seed, build_mixup, build_optimizer, epoch_seed,
+                            loader_options, lr_factor, mix_batch, mixup_seed, steps_per_epoch, teacher_dtype)
 from kdbench.results import CHECKPOINT_FILE, LOG_FILE
 from kdbench.step import Diverged, StepSetup, teacher_forward, train_step
 
@@ -85,6 +92,7 @@ class _Loop:
     base_lrs: list[float]
     channels_last: bool
     loader_options: dict
+    mixup: Any = None  # timm.data.Mixup of the recipe's mixup, or None
 
 
 def _peak_mem_mb(device: torch.device) -> float:
@@ -147,6 +155,7 @@ def fit_cohort(members: list[Member], teacher: nn.Module | None, task, data, rec
     from kdbench.progress import ProgressFile
 
     recipe = Recipe.of(recipe)
+    _configure_task(task, recipe)
     primary = task.primary_metric
     ready = []
     for m in members:
@@ -192,6 +201,17 @@ def fit_cohort(members: list[Member], teacher: nn.Module | None, task, data, rec
             res.step_time_s = m.step_times[0] / max(1, m.step_times[1])
             res.peak_mem_mb = _peak_mem_mb(device)
     return members
+
+
+def _configure_task(task, recipe: Recipe) -> None:
+    """Hand the recipe's training-loss settings to the task (``configure_training``: the classification task's
+    label smoothing). A task without that hook cannot take ``label_smoothing`` or ``mixup``: ValueError."""
+    configure = getattr(task, "configure_training", None)
+    if configure is not None:
+        configure(recipe)
+    elif recipe.label_smoothing or recipe.mixup is not None:
+        raise ValueError(f"recipe.label_smoothing and recipe.mixup are for classification; the "
+                         f"{getattr(task, 'name', type(task).__name__)} task takes neither")
 
 
 def _leave(m: Member, e: BaseException, text: str) -> None:
@@ -241,7 +261,7 @@ def _set_up(student, teacher, method, task, data, recipe: Recipe, seed: int, pla
         ddp.broadcast_module(student, dist)
         ddp.broadcast_module(method, dist)
     params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
-    opt = build_optimizer(params, recipe.optimizer)
+    opt = build_optimizer(params, recipe.optimizer, modules=(student, method))
     use_amp = amp_dtype(recipe.amp, device)  # None: off (always on CPU)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp == torch.float16)  # bf16 needs no loss scaling
     setup = StepSetup(optimizer=opt, params=params, scaler=scaler if scaler.is_enabled() else None,
@@ -250,7 +270,8 @@ def _set_up(student, teacher, method, task, data, recipe: Recipe, seed: int, pla
                       student_forward=torch.compile(student) if recipe.compile else None)  # opt-in
     return _Loop(student, teacher, method, task, data, recipe, seed, recipe.epochs,
                  steps_per_epoch(recipe, len(data.train)), device, dist, setup, scaler,
-                 [g["lr"] for g in opt.param_groups], channels_last, loader_options(recipe, place.resources, device))
+                 [g["lr"] for g in opt.param_groups], channels_last, loader_options(recipe, place.resources, device),
+                 build_mixup(recipe, data.num_classes))
 
 
 def _resume(loop: _Loop, path: Path, place: RunPlace) -> tuple[FitResult, int, list]:
@@ -276,6 +297,7 @@ def _train_epoch(active: list[Member], teacher, task, data, recipe: Recipe, seed
     lead = active[0].loop
     device, dist = lead.device, lead.dist
     bs, n_train, steps = recipe.batch_size, len(data.train), lead.steps
+    mixup, lr0_recipe = lead.mixup, base_lr(recipe.optimizer)
     torch.manual_seed(epoch_seed(seed, epoch))
     g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     scale = 1.0
@@ -297,13 +319,20 @@ def _train_epoch(active: list[Member], teacher, task, data, recipe: Recipe, seed
         live = [m for m in active if m.error is None]
         if not live:
             break
-        if digest is not None:
+        if digest is not None and mixup is None:
             feed_digest(digest, x)
             feed_digest(digest, y)
         step = (epoch - 1) * steps + i
         batch = Batch(inputs=None, targets=None, epoch=epoch, step=step, epochs=recipe.epochs, steps_per_epoch=steps)
         t0 = time.perf_counter()
         x, y = task.to_device(x, y, device)
+        if mixup is not None:  # once for the cohort: the teacher and every member see the same mixed batch
+            x, y = mix_batch(mixup, x, y, mixup_seed(seed, epoch, i))
+            if digest is not None:  # the batch as the networks see it (its copy to the host is not timed)
+                t_digest = time.perf_counter()
+                feed_digest(digest, x)
+                feed_digest(digest, y)
+                t0 += time.perf_counter() - t_digest
         xs = {False: x}
         t_all = None
         shared = [m for m in live if m.loop.teacher is not None and not _own_teacher_forward(m, teacher)]
@@ -318,7 +347,7 @@ def _train_epoch(active: list[Member], teacher, task, data, recipe: Recipe, seed
             loop = m.loop
             t1 = time.perf_counter()
             for grp, lr0 in zip(loop.setup.optimizer.param_groups, loop.base_lrs):
-                grp["lr"] = lr0 * lr_factor(recipe.schedule, step, steps, recipe.epochs)
+                grp["lr"] = lr0 * lr_factor(recipe.schedule, step, steps, recipe.epochs, lr=lr0_recipe)
             if loop.channels_last not in xs:
                 xs[loop.channels_last] = to_channels_last(x) if loop.channels_last else x
             t_out = _only_taps(t_all, loop.setup.taps.teacher) if m in shared else None  # None: its own forward

@@ -64,3 +64,22 @@ def test_the_same_optimiser_merges_key_by_key(write_suite):
     s = load_suite(write_suite(two_pairs(recipe={"optimizer": {"lr": 0.2}})))
     (run,) = [r for r in by_pair(s, 1, "distill") if r.method == "kd"]
     assert run.recipe["optimizer"] == {"name": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 5.0e-4}
+
+
+@pytest.mark.parametrize("where, recipe, expect", [
+    ("suite", {"label_smoothing": 1.5}, "tiny.yaml: recipe.label_smoothing: expected a number"),
+    ("pair", {"mixup": {"mode": "global"}}, "tiny.yaml: pairs[1].recipe.mixup.mode: unknown mode 'global'"),
+    ("teacher", {"batch_size": 7, "mixup": {"cutmix_alpha": 1.0}},
+     "tiny.yaml: pairs[0].teacher.train.recipe.batch_size: mixup needs an even batch size"),
+])
+def test_a_recipe_value_out_of_range_names_the_file_and_key(write_suite, where, recipe, expect):
+    d = two_pairs()
+    if where == "suite":
+        d["recipe"].update(recipe)
+    elif where == "pair":
+        d["pairs"][1]["recipe"] = recipe
+    else:
+        d["pairs"][0]["teacher"]["train"]["recipe"] = recipe
+    with pytest.raises(SuiteError) as e:
+        load_suite(write_suite(d))
+    assert expect in str(e.value), str(e.value)

@@ -25,8 +25,8 @@ def test_frozen_and_strict():
     r = Recipe.of(GIVEN)
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.epochs = 1
-    with pytest.raises(ValueError, match="unknown recipe key.*label_smoothing"):
-        Recipe.of({**GIVEN, "label_smoothing": 0.1})
+    with pytest.raises(ValueError, match="unknown recipe key.*ema_decay"):
+        Recipe.of({**GIVEN, "ema_decay": 0.999})
     with pytest.raises(ValueError, match="recipe lacks schedule"):
         Recipe.of({k: v for k, v in GIVEN.items() if k != "schedule"})
 

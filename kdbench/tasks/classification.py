@@ -1,5 +1,5 @@
-"""Image classification: data from the dataset plugins, models from the model sources, cross-entropy,
-top-1/top-5 accuracy (in %)."""
+"""Image classification: data from the dataset plugins, models from the model sources, cross-entropy (with the
+recipe's label smoothing in training), top-1/top-5 accuracy (in %)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,17 @@ class ClassificationTask(Task):
     name = "classification"
     evals = TASK_FACTS["classification"]["evals"]
     primary_metric = TASK_FACTS["classification"]["primary_metric"]
+    #: the label smoothing of the training loss (:meth:`loss`) on class-index targets; set by
+    #: :meth:`configure_training` from the recipe, 0 until then
+    label_smoothing: float = 0.0
+
+    def configure_training(self, recipe) -> None:
+        """Take what the recipe says about the training loss: its ``label_smoothing`` (0 when it sets none).
+        ``kdbench.train.fit`` calls it before training, so the harness's task loss and the method's
+        ``Context.task_loss`` (this task's :meth:`loss`) both use it. Evaluation is unaffected."""
+        from kdbench.recipe import value
+
+        self.label_smoothing = float(value(recipe, "label_smoothing"))
 
     # -- models ----------------------------------------------------------------------------------
     def build_model(self, spec: dict[str, Any], data):
@@ -33,7 +44,14 @@ class ClassificationTask(Task):
 
     # -- loss and evaluation ---------------------------------------------------------------------
     def loss(self, out: Outputs, targets: Tensor) -> Tensor:
-        return F.cross_entropy(out.logits.float(), targets)
+        """The training loss: cross-entropy of the logits with ``targets``, class indices ``(N,)`` (smoothed by
+        :attr:`label_smoothing`, as timm's ``LabelSmoothingCrossEntropy``) or soft targets ``(N, K)``, class
+        probabilities taken as they are (mixup's, with the label smoothing already in them: timm's
+        ``SoftTargetCrossEntropy``)."""
+        logits = out.logits.float()
+        if targets.is_floating_point():
+            return F.cross_entropy(logits, targets.float())
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
     def evaluate(self, model, loader, device) -> dict[str, float]:
