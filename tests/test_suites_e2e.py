@@ -71,7 +71,8 @@ def _write_teachers(suite: Path, ckpt: Path, kwargs_sets: list[str], monkeypatch
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("suite", ["quickstart.yaml", "cifar100_homogeneous.yaml", "cifar100_heterogeneous.yaml"])
+@pytest.mark.parametrize("suite", ["quickstart.yaml", "cifar100_homogeneous.yaml", "cifar100_heterogeneous.yaml",
+                                   "cifar100_heterogeneous_ofa.yaml"])
 def test_cifar_suites_run_end_to_end_shrunk(suite, tmp_path, monkeypatch):
     monkeypatch.setenv("KDBENCH_DATA", str(tmp_path / "data"))
     write_cifar100(tmp_path / "data" / "cifar100", n_train_per_class=2, n_test_per_class=1)
