@@ -193,6 +193,15 @@ _TIMM_VALUE_OK = {
 }
 
 
+def _known_keys(where: str, m, valid, what: str) -> None:
+    """``m`` is a mapping whose keys are all in ``valid``, else a ValueError naming ``where``."""
+    if not isinstance(m, dict):
+        raise ValueError(f"{where} must be {what}, got {type(m).__name__} {m!r}")
+    bad = sorted(str(k) for k in m if k not in valid)
+    if bad:
+        raise ValueError(f"{where}: unknown key {bad[0]!r}; valid: {', '.join(valid)}")
+
+
 def check_timm_transform(spec) -> dict[str, dict] | None:
     """The ``timm_transform`` option of ``cifar100`` checked, without torch or timm: None (not set), or
     ``{"train": {...}, "eval": {...}}`` with every split present (an absent or null split is ``{}``: timm's
@@ -202,22 +211,13 @@ def check_timm_transform(spec) -> dict[str, dict] | None:
     erasing mode) when the dataset is built."""
     if spec is None:
         return None
-    if not isinstance(spec, dict):
-        raise ValueError(f"data.timm_transform must be a mapping {{train: {{...}}, eval: {{...}}}}, got "
-                         f"{type(spec).__name__} {spec!r}")
-    bad = sorted(str(k) for k in spec if k not in TIMM_SPLITS)
-    if bad:
-        raise ValueError(f"data.timm_transform: unknown key {bad[0]!r}; valid: {', '.join(TIMM_SPLITS)}")
+    _known_keys("data.timm_transform", spec, TIMM_SPLITS, "a mapping {train: {...}, eval: {...}}")
     out = {}
     for split, valid in TIMM_SPLITS.items():
         sub = spec.get(split)
         sub = {} if sub is None else sub
-        if not isinstance(sub, dict):
-            raise ValueError(f"data.timm_transform.{split} must be a mapping of timm.data.create_transform "
-                             f"arguments ({', '.join(valid)}), got {type(sub).__name__} {sub!r}")
-        bad = sorted(str(k) for k in sub if k not in valid)
-        if bad:
-            raise ValueError(f"data.timm_transform.{split}: unknown key {bad[0]!r}; valid: {', '.join(valid)}")
+        _known_keys(f"data.timm_transform.{split}", sub, valid,
+                    f"a mapping of timm.data.create_transform arguments ({', '.join(valid)})")
         for k, v in sub.items():
             if not _TIMM_VALUE_OK[k](v):
                 raise ValueError(f"data.timm_transform.{split}.{k} must be {valid[k]}, got {v!r}")
