@@ -7,6 +7,11 @@ the train folders' synsets). ``check`` (run by ``validate`` and ``build``) verif
 folder holds an image and that every validation label names a train class, each error naming the folder or file.
 Images are decoded when read; one that cannot be (truncated, empty, not an image) is an error naming its file.
 
+Transforms (see :meth:`ImageFolderData.build`): evaluation resizes and center-crops to ``image_size``; training
+with ``augment`` takes a RandomResizedCrop + horizontal flip, or with ``rotation`` set a random rotation + flip of
+the resized, center-cropped image (mdistiller's Tiny-ImageNet protocol at ``image_size: 64, resize: 64``). Both
+splits are normalised with ImageNet's mean/std unless ``mean``/``std`` are given.
+
 Corruptions (the datasets' ``image_fn`` hook) are applied as ImageNet-C applies them: to the resized,
 center-cropped image (the eval transform's ``Resize`` + ``CenterCrop``: 256 then 224 at ``image_size`` 224),
 before tensor conversion and normalisation, so the corrupted image is ``image_size`` pixels on a side.
@@ -14,6 +19,7 @@ before tensor conversion and normalisation, so the corrupted image is ``image_si
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -37,6 +43,28 @@ LAYOUTS = (
 LAYOUT = "one of: " + "; ".join(f"({i}) {text}" for i, text in enumerate(LAYOUTS, 1))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_transform_options(rotation=None, mean=None, std=None) -> None:
+    """The ``rotation``, ``mean`` and ``std`` options checked without reading any file: each None (unset) or,
+    for ``rotation``, a number >= 0 (degrees), for ``mean``/``std`` a list of 3 numbers (RGB, on images scaled to
+    [0, 1]) with every ``std`` > 0. Anything else is a ValueError naming ``data.<option>`` and what is valid."""
+    if rotation is not None and not (_is_number(rotation) and rotation >= 0):
+        raise ValueError(f"data.rotation must be a number of degrees >= 0 (the training images are rotated by an "
+                         f"angle drawn uniformly from [-rotation, rotation]) or unset, got {rotation!r}")
+    for name, value in (("mean", mean), ("std", std)):
+        if value is None:
+            continue
+        if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(v) for v in value)):
+            raise ValueError(f"data.{name} must be a list of 3 numbers (the per-channel R, G, B {name} of the "
+                             f"images scaled to [0, 1]) or unset (ImageNet's), got {value!r}")
+        if name == "std" and not all(v > 0 for v in value):
+            raise ValueError(f"data.std must be a list of 3 numbers > 0 (each channel is divided by it), got "
+                             f"{value!r}")
 
 
 #: where these datasets apply a corruption (kdbench.robustness.corruption_point): after Resize + CenterCrop
@@ -160,6 +188,7 @@ class ImageFolderData(DatasetPlugin):
     augments = "augment"  # the training split is augmented when the option is true
 
     def check(self, root, **options):
+        check_transform_options(options.get("rotation"), options.get("mean"), options.get("std"))  # no file read
         if root is None:
             raise DataLayoutError(f"data.root is required for imagefolder. Accepted layouts: {LAYOUT}")
         _scan(Path(root))
@@ -172,14 +201,38 @@ class ImageFolderData(DatasetPlugin):
         return "image_size", int(min_side)
 
     def build(self, root=None, *, image_size: int = 224, train_fraction: float = 1.0, augment: bool = True,
-              fraction_seed: int = 0, resize: int | None = None) -> ClassificationData:
+              fraction_seed: int = 0, resize: int | None = None, rotation: float | None = None,
+              mean: list[float] | None = None, std: list[float] | None = None) -> ClassificationData:
+        """Evaluation (the validation split, and the training split when ``augment`` is false): torchvision's
+        ``Resize(resize)`` (the shorter side to ``resize`` pixels; unset: ``round(image_size / 0.875)``, 256 at
+        224) then ``CenterCrop(image_size)``, ``ToTensor`` and ``Normalize(mean, std)``.
+
+        Training with ``augment`` and ``rotation`` unset: ``RandomResizedCrop(image_size)`` +
+        ``RandomHorizontalFlip()`` of the decoded image, then ``ToTensor`` and ``Normalize``. With ``rotation``
+        (degrees, >= 0) set: the evaluation's ``Resize(resize)`` + ``CenterCrop(image_size)``, then
+        ``RandomRotation(rotation)`` (torchvision's defaults: angle uniform in [-rotation, rotation] about the
+        centre, nearest-neighbour, same size, uncovered corners filled with black, i.e. 0 before normalisation) and
+        ``RandomHorizontalFlip(0.5)``, ``ToTensor`` and ``Normalize``. On Tiny-ImageNet's 64×64 images with
+        ``image_size: 64, resize: 64`` the resize and the crop leave the image as it is, so with ``rotation: 20``,
+        ``mean: [0.4802, 0.4481, 0.3975]`` and ``std: [0.2302, 0.2265, 0.2262]`` both splits are mdistiller's
+        Tiny-ImageNet transforms (train: RandomRotation(20), RandomHorizontalFlip(0.5), ToTensor, Normalize; eval:
+        ToTensor, Normalize). ``rotation`` does nothing when ``augment`` is false.
+
+        ``mean``/``std`` (lists of 3 numbers; unset: ImageNet's :data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`)
+        normalise both splits. The random transforms act on PIL images and draw from the global torch RNG only:
+        the training loop seeds it per batch when it loads without workers, torch seeds it per DataLoader worker.
+        """
         from torchvision import transforms as T
 
-        self.check(root)
+        self.check(root, rotation=rotation, mean=mean, std=std)
         root = Path(root)
-        norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        norm = T.Normalize(IMAGENET_MEAN if mean is None else [float(v) for v in mean],
+                           IMAGENET_STD if std is None else [float(v) for v in std])
         resize = resize or int(round(image_size / 0.875))
-        if augment:
+        if augment and rotation is not None:
+            t_train = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.RandomRotation(float(rotation)),
+                                 T.RandomHorizontalFlip(0.5), T.ToTensor(), norm])
+        elif augment:
             t_train = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
         else:
             t_train = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), norm])
