@@ -161,9 +161,9 @@ def test_every_model_at_8x8_gray(name):
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         out = net.train().forward_taps(x)  # batch statistics: pre-activations have both signs
-        for pre, post in zip(out["stages_preact"], out["stages"]):
-            if name == "mobilenetv2":
-                assert pre is post
+        for i, (pre, post) in enumerate(zip(out["stages_preact"], out["stages"])):
+            if name == "mobilenetv2" or (name == "mobilenetv2_tinyimagenet" and i < 3):
+                assert pre is post  # linear bottlenecks (the Tiny-ImageNet net's 4th stage is its ReLU6 head)
             else:
                 assert (pre < 0).any()
                 assert torch.equal(F.relu(pre), post)

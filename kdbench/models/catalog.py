@@ -13,9 +13,10 @@ import difflib
 from typing import Any
 
 #: ``kdbench:`` CIFAR nets (``kdbench.models.cifar.CIFAR_MODELS``).
-KDBENCH_NAMES = ("mobilenetv2", "resnet110", "resnet14", "resnet18", "resnet20", "resnet32", "resnet32x4",
-                 "resnet44", "resnet50", "resnet56", "resnet8", "resnet8x4", "shufflev1", "shufflev2", "vgg11",
-                 "vgg13", "vgg16", "vgg19", "vgg8", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2")
+KDBENCH_NAMES = ("mobilenetv2", "mobilenetv2_tinyimagenet", "resnet110", "resnet14", "resnet18", "resnet20",
+                 "resnet32", "resnet32x4", "resnet44", "resnet50", "resnet56", "resnet8", "resnet8x4", "shufflev1",
+                 "shufflev2", "vgg11", "vgg13", "vgg16", "vgg19", "vgg8", "wrn_16_1", "wrn_16_2", "wrn_40_1",
+                 "wrn_40_2")
 #: Taps of the kdbench CIFAR nets (``KdbenchCifar.supported``): the only models with pre-ReLU stages.
 KDBENCH_TAPS = ("logits", "stages", "stages_preact", "stages_raw", "final", "pooled", "cam")
 #: Taps of timm models and torchvision ResNet-family classifiers (``TimmModel.supported``, ``RESNET_TAPS``).

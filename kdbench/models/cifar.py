@@ -3,29 +3,37 @@
 The architectures are those of megvii-research/mdistiller ``mdistiller/models/cifar`` (inherited from CRD,
 Tian et al. 2020), re-implemented here: CIFAR ResNets (3 stages of BasicBlocks, widths 16-16-32-64 or
 32-64-128-256 for the ``x4`` nets), ResNet18/50 of ``resnetv2.py``, pre-activation Wide ResNets, VGG-BN with
-5 conv blocks, MobileNetV2 at width 0.5 (``mobile_half``), ShuffleNetV1 and ShuffleNetV2. Parameter names match
-mdistiller's, so its published CIFAR-100 teacher checkpoints load as they are (a classifier stored as
-``classifier.*`` / ``classifier.0.*`` / ``linear.*`` is renamed to ``fc.*`` on load).
+5 conv blocks, MobileNetV2 at width 0.5 (``mobile_half``), ShuffleNetV1 and ShuffleNetV2; and the full-width
+MobileNetV2 that mdistiller trains as its Tiny-ImageNet student (``mv2_tinyimagenet.py``,
+``mobilenetv2_tinyimagenet``). Parameter names match mdistiller's, so its published CIFAR-100 teacher checkpoints
+(and state dicts of the Tiny-ImageNet MobileNetV2) load as they are (a classifier stored as ``classifier.*`` /
+``classifier.0.*`` / ``linear.*`` / ``conv2.*`` is renamed to ``fc.*`` on load; the last is a 1×1 conv, whose
+``K×C×1×1`` weight becomes the ``K×C`` weight of ``fc``).
 
 Differences from the reference, all deliberate:
 
-* Global average pooling is adaptive (the reference hard-codes ``AvgPool2d(8)`` / ``avg_pool2d(out, 4)``), so any
-  input of at least 8×8 pixels works; at 32×32 the result is identical. VGG's fourth max-pool runs for inputs of
-  at least 64 px (the reference: exactly 64), as in the reference it is skipped at 32 px.
-* Every network takes ``in_chans`` (the reference is fixed to RGB) and names its classifier ``fc``.
+* Global average pooling is adaptive (the CIFAR references hard-code ``AvgPool2d(8)`` /
+  ``avg_pool2d(out, 4)``), so any input of at least 8×8 pixels works; at 32×32 the result is identical. VGG's
+  fourth max-pool runs for inputs of at least 64 px (the reference: exactly 64), as in the reference it is
+  skipped at 32 px.
+* Every network takes ``in_chans`` (the reference is fixed to RGB) and names its classifier ``fc``, an
+  ``nn.Linear`` (the Tiny-ImageNet MobileNetV2's reference applies a 1×1 conv to the pooled map: the same map).
 * The last block of each stage returns its pre-activation; the stage's final ReLU is a separate module
   (see ``stage_modules``), so pre- and post-ReLU stage outputs come out of one pass with no extra work.
-  Consequently ``module:layerK`` taps of ResNets/ShuffleNets hold the *pre*-ReLU stage output.
+  Consequently ``module:layerK`` taps of ResNets/ShuffleNets hold the *pre*-ReLU stage output. Likewise the
+  Tiny-ImageNet MobileNetV2 computes its head's ReLU6 as ``relu(min(x, 6))`` (the same values) with that ReLU a
+  module of its own, and ``module:conv1`` there holds the head's BatchNorm output.
 
 Every model has ``forward(x) -> logits`` and ``forward_taps(x) -> dict`` with
 
 * ``"logits"`` ``N×K``;
 * ``"stages"``: the stage outputs, shallow to deep, after their final ReLU (the stem, mdistiller's ``f0``,
-  is never a stage: 3 stages for ResNets/WRNs/ShuffleNets, 4 for VGG/MobileNetV2/ResNet18/50);
+  is never a stage: 3 stages for ResNets/WRNs/ShuffleNets, 4 for VGG/both MobileNetV2s/ResNet18/50);
 * ``"stages_preact"``: the same tensors before that ReLU (mdistiller's ``preact_feats``), so that
   ``relu(stages_preact[i]) == stages[i]`` exactly. Two families need a convention, documented on their classes:
-  pre-activation WRNs (the pre-activation is the next BatchNorm's output, as in mdistiller) and MobileNetV2
-  (linear bottlenecks have no ReLU: both lists hold the same tensors);
+  pre-activation WRNs (the pre-activation is the next BatchNorm's output, as in mdistiller) and the MobileNetV2s
+  (linear bottlenecks have no ReLU: for stages that end in one both lists hold the same tensors; the
+  Tiny-ImageNet net's last stage is its ReLU6 head, whose pre-activation is the BatchNorm output capped at 6);
 * ``"stages_raw"``: the stage outputs as the reference implementation returns them (mdistiller's ``feats``,
   ReviewKD's student tap): the same tensors as ``"stages"`` except for the pre-activation WRNs, whose stages
   end in a raw residual sum that only the next block normalises and activates; there ``stages_raw`` are those
@@ -49,6 +57,7 @@ __all__ = [
     "WideResNet",
     "VGG",
     "MobileNetV2",
+    "MobileNetV2TinyImageNet",
     "ShuffleNetV1",
     "ShuffleNetV2",
 ]
@@ -140,12 +149,16 @@ class CifarNet(nn.Module):
 def _rename_legacy_fc(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                       error_msgs) -> None:
     """Load-state-dict pre-hook: ``<prefix><legacy_fc_prefix>weight`` -> ``<prefix>fc.weight`` (same for bias),
-    so mdistiller checkpoints load into kdbench nets. Keys already named ``fc.`` are left alone."""
+    so mdistiller checkpoints load into kdbench nets; a 1×1-conv classifier's ``K×C×1×1`` weight is reshaped to
+    ``K×C``. Keys already named ``fc.`` are left alone."""
     old = prefix + module.legacy_fc_prefix
     for key in [k for k in state_dict if k.startswith(old)]:
         new = prefix + "fc." + key[len(old):]
         if new not in state_dict:
-            state_dict[new] = state_dict.pop(key)
+            value = state_dict.pop(key)
+            if isinstance(value, Tensor) and value.dim() == 4 and tuple(value.shape[2:]) == (1, 1):
+                value = value.flatten(1)
+            state_dict[new] = value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -525,6 +538,83 @@ class MobileNetV2(CifarNet):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# MobileNetV2 at full width, mdistiller's Tiny-ImageNet student (mv2_tinyimagenet.py)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class LinearBottleneck(nn.Module):
+    """Inverted residual of the Tiny-ImageNet MobileNetV2: 1×1 expand - BN - ReLU6 - 3×3 depthwise (``stride``) -
+    BN - ReLU6 - 1×1 project - BN (linear), every conv with a bias; ``+ x`` when the stride is 1 and the width is
+    kept. The expand conv is there for ``expand = 1`` too. ``self.residual`` keeps the reference's 8-module layout
+    (parameters ``residual.{0,1,3,4,6,7}.*``)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        self.residual = nn.Sequential(
+            nn.Conv2d(cin, mid, 1), nn.BatchNorm2d(mid), nn.ReLU6(inplace=True),
+            nn.Conv2d(mid, mid, 3, stride, 1, groups=mid), nn.BatchNorm2d(mid), nn.ReLU6(inplace=True),
+            nn.Conv2d(mid, cout, 1), nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x):
+        out = self.residual(x)
+        return out + x if self.use_res else out
+
+
+class MobileNetV2TinyImageNet(CifarNet):
+    """Full-width MobileNetV2 of mdistiller's Tiny-ImageNet benchmark (``mobilenetv2_tinyimagenet``, the student
+    of its ResNet18 -> MobileNetV2 row): stem ``pre`` = 1×1 conv to 32 channels *with padding 1* (a 64 px input
+    becomes 66 px; the border pixels see only the bias) - BN - ReLU6; seven groups ``stage1..stage7`` of
+    LinearBottlenecks (t, c, n, s) = (1,16,1,1), (6,24,2,2), (6,32,3,2), (6,64,4,2), (6,96,3,1), (6,160,3,1),
+    (6,320,1,1) (a one-block group is the block itself, as in the reference); head ``conv1`` = 1×1 conv to 1280
+    channels - BN - ReLU6; global average pooling; ``fc``. Every conv has a bias. Initialisation: PyTorch
+    defaults, as the reference (it defines none).
+
+    Stages: the outputs of ``stage2``, ``stage3``, ``stage4`` and the head (mdistiller's ``f1..f4``; 24, 32, 64,
+    1280 channels at 33, 17, 9, 9 px for a 64 px input, 17, 9, 5, 5 px at 32 px). The first three are
+    linear-bottleneck outputs with no ReLU, so ``stages_preact`` holds the same tensors there. The head's ReLU6 is
+    computed as ``head_relu(min(x, 6))`` on its BatchNorm output ``x`` (the same values, and the same gradients
+    away from the kinks at 0 and 6), so the fourth pre-activation is ``min(x, 6)`` and
+    ``relu(stages_preact[3]) == stages[3]`` holds exactly. ``final`` = ``stages[-1]``, the head output.
+
+    The reference's classifier ``conv2`` (1×1 conv on the pooled map) is ``fc`` here; its state-dict entries
+    are renamed and reshaped on load."""
+
+    legacy_fc_prefix = "conv2."
+    _SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 1),
+                (6, 320, 1, 1))
+    _STAGE_GROUPS = (2, 3, 4)  # stageK modules whose outputs are stages; the head gives the fourth
+
+    def __init__(self, num_classes: int = 100, in_chans: int = 3):
+        super().__init__()
+        self.pre = nn.Sequential(nn.Conv2d(in_chans, 32, 1, padding=1), nn.BatchNorm2d(32), nn.ReLU6(inplace=True))
+        cin = 32
+        for g, (t, c, n, s) in enumerate(self._SETTING, start=1):
+            blocks = [LinearBottleneck(cin if i == 0 else c, c, s if i == 0 else 1, t) for i in range(n)]
+            self.add_module(f"stage{g}", blocks[0] if n == 1 else nn.Sequential(*blocks))
+            cin = c
+        self.conv1 = nn.Sequential(nn.Conv2d(cin, 1280, 1), nn.BatchNorm2d(1280))
+        self.head_relu = nn.ReLU()
+        self.fc = nn.Linear(1280, num_classes)
+
+    def stage_modules(self):
+        return [getattr(self, f"stage{g}") for g in self._STAGE_GROUPS] + [self.head_relu]
+
+    def _trunk(self, x):
+        h = self.pre(x)
+        stages = []
+        for g in range(1, len(self._SETTING) + 1):
+            h = getattr(self, f"stage{g}")(h)
+            if g in self._STAGE_GROUPS:
+                stages.append(h)
+        pre = torch.clamp(self.conv1(h), max=6.0)
+        out = self.head_relu(pre)
+        return stages + [pre], stages + [out], out
+
+
+# ---------------------------------------------------------------------------------------------------------
 # ShuffleNetV1 (Zhang et al. 2018), CRD's ShuffleV1: g = 3, 240/480/960 channels, 4/8/4 units
 # ---------------------------------------------------------------------------------------------------------
 
@@ -729,6 +819,12 @@ def mobilenetv2(num_classes: int = 100, in_chans: int = 3) -> CifarNet:
     return MobileNetV2(expand=6, width=0.5, num_classes=num_classes, in_chans=in_chans)
 
 
+def mobilenetv2_tinyimagenet(num_classes: int = 100, in_chans: int = 3) -> CifarNet:
+    """MobileNetV2 at full width with a padded 1×1 stem, mdistiller's Tiny-ImageNet student
+    (``mobilenetv2_tinyimagenet``; build it with ``num_classes=200`` for Tiny-ImageNet)."""
+    return MobileNetV2TinyImageNet(num_classes=num_classes, in_chans=in_chans)
+
+
 def shufflev1(num_classes: int = 100, in_chans: int = 3) -> CifarNet:
     """ShuffleNetV1, 3 groups, 240/480/960 channels (CRD/mdistiller ``ShuffleV1``)."""
     return ShuffleNetV1(num_classes=num_classes, in_chans=in_chans)
@@ -759,6 +855,7 @@ CIFAR_MODELS: dict[str, Callable[..., CifarNet]] = {
     **{f"wrn_{d}_{k}": _wrn(d, k) for d, k in ((16, 1), (16, 2), (40, 1), (40, 2))},
     **{name: _vgg(name) for name in _VGG_CFG},
     "mobilenetv2": mobilenetv2,
+    "mobilenetv2_tinyimagenet": mobilenetv2_tinyimagenet,
     "shufflev1": shufflev1,
     "shufflev2": shufflev2,
 }
