@@ -192,3 +192,35 @@ def test_fold_mmdet_teacher(shapes):
     _randomise_norms(teacher)
     n, n_before = _check_detector_fold(teacher, shapes, ("fpn", "reg"))
     assert n == n_before == 20 and _n_norms(teacher) == 0
+
+
+@pytest.mark.parametrize("model, kwargs", [("timm:mobilenetv1_100", {"act_layer": "relu"}), ("timm:resnet18", {})])
+def test_fold_timm_norm_act_layers_keep_their_activation(model, kwargs):
+    """timm applies a BN-based CNN's activation inside its norm module (BatchNormAct2d): the fold keeps it."""
+    torch.manual_seed(0)
+    net = build_model(model, 10, 3, **kwargs).eval()
+    _randomise_norms(net)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = net(x, ("stages",))
+    folded = copy.deepcopy(net)
+    assert fold_frozen_bn(folded, lambda: folded(x, ())) > 0
+    with torch.no_grad():
+        out = folded(x, ("stages",))
+    assert torch.allclose(out.logits, ref.logits, rtol=1e-4, atol=1e-3)
+    for a, b in zip(out["stages"], ref["stages"]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_an_unknown_batch_norm_subclass_is_not_folded():
+    class NormPlus(nn.BatchNorm2d):  # does more than the affine map: folding it would drop the +1
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), NormPlus(4)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        ref = net(x)
+    assert fold_frozen_bn(net, lambda: net(x)) == 0
+    with torch.no_grad():
+        assert torch.equal(net(x), ref)

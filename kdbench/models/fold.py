@@ -10,7 +10,9 @@ training step (:func:`kdbench.perf.prepare_models`).
 weights requiring gradients, and a pair is folded only when the convolution and the norm each ran exactly once,
 the norm's input *is* the convolution's output, that output is not itself among the forward's outputs (a tap)
 and the autograd graph of the outputs has exactly one edge into it (the norm's). The norm module is then replaced
-by ``nn.Identity`` at its place, so hooks and ``module:<path>`` taps on it still see the same tensor. A
+by ``nn.Identity`` at its place (by its dropout and activation for timm's norm-act layers, which apply them inside
+the norm module; another subclass of a batch norm is not folded), so hooks and ``module:<path>`` taps on it still
+see the same tensor. A
 ``module:<path>`` tap on a folded convolution (asked for later than the fold) gets its pre-norm output back as
 ``(y − t)/s`` (:func:`prefold_output`); a norm with a zero scale is never folded.
 """
@@ -33,10 +35,26 @@ def _frozen_norm_types() -> tuple[type, ...]:
     return (FrozenBatchNorm2d,)
 
 
+_PLAIN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def _after_fold(m: nn.Module) -> nn.Module | None:
+    """What stands at a folded norm's place: ``nn.Identity`` for a plain batch norm; for timm's norm-act layers
+    (``BatchNormAct2d``, ``SyncBatchNormAct``: batch norm, then ``drop``, then ``act`` in one module) the
+    ``drop`` and ``act`` they still apply; None for any other subclass, whose forward may do more than the
+    affine map (it is not folded)."""
+    if isinstance(m, _frozen_norm_types()) or type(m).forward in _PLAIN_FORWARDS:
+        return nn.Identity()
+    if (type(m).__module__.startswith("timm.") and isinstance(getattr(m, "act", None), nn.Module)
+            and isinstance(getattr(m, "drop", None), nn.Module)):
+        return nn.Sequential(m.drop, m.act)
+    return None
+
+
 def _is_foldable_norm(m: nn.Module) -> bool:
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         return (not m.training and m.track_running_stats and m.running_mean is not None
-                and m.running_var is not None)
+                and m.running_var is not None and _after_fold(m) is not None)
     return isinstance(m, _frozen_norm_types())
 
 
@@ -145,7 +163,7 @@ def fold_frozen_bn(net: nn.Module, forward: Callable[[], Any]) -> int:
     for conv, norm, scale, shift in pairs:
         _fold_pair(conv, scale, shift)
         parent_path, _, attr = norms[norm].rpartition(".")
-        net.get_submodule(parent_path)._modules[attr] = nn.Identity()
+        net.get_submodule(parent_path)._modules[attr] = _after_fold(norm)
     return len(pairs)
 
 
