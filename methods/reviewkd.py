@@ -63,9 +63,10 @@ class ReviewKD(Distiller):
     and for pre-activation WRNs the raw residual sums, before the next block's BN-ReLU), or pre-ReLU with
     ``student_preact`` (``"stages_preact"``), + the pooled feature as ``N×C×1×1``; teacher taps = pre-ReLU
     stage outputs (``teacher_preact``, ``"stages_preact"``; ``teacher_preact=False`` takes post-ReLU
-    ``"stages"``, for models without pre-activation taps) + pooled. Only kdbench CIFAR nets provide
-    ``"stages_preact"``: ``requires_taps`` makes validate refuse ``teacher_preact``/``student_preact`` on timm/torchvision
-    models at validate time. Channels and resolutions come from ``ctx.shapes``: fusion shapes are
+    ``"stages"``, for models without pre-activation taps) + pooled. ``"stages_preact"`` exists on kdbench's CIFAR
+    nets, torchvision's ResNet family and timm's MobileNet-V1 built with ReLU (kdbench/models/tap.py);
+    ``requires_taps`` makes validate refuse ``teacher_preact``/``student_preact`` on a model whose tap metadata
+    (``kdbench.models.catalog``) lacks it. Channels and resolutions come from ``ctx.shapes``: fusion shapes are
     the student's spatial sizes, output shapes the teacher's, ``mid = min(512, C_pooled_student)``.
     If the two networks have different numbers of stages, the deepest ``min(n_s, n_t)`` of each are paired.
 
@@ -77,7 +78,7 @@ class ReviewKD(Distiller):
     heterogeneous = False
     citation = "Chen et al., Distilling Knowledge via Knowledge Review, CVPR 2021 (docs/methods.md §4)"
     version = 2
-    # pre-ReLU stage taps exist only where the model has them (kdbench: CIFAR nets); checked at validate time
+    # pre-ReLU stage taps exist only where the model has them (see the docstring); checked at validate time
     requires_taps = {"teacher_preact": ("teacher", "stages_preact"), "student_preact": ("student", "stages_preact")}
 
     def __init__(

@@ -100,11 +100,12 @@ def test_model_catalog_matches_the_model_modules():
     from kdbench.models.cifar import CIFAR_MODELS
     from kdbench.models.detection import DETECTOR_NAMES, DetectorModel
     from kdbench.models.segmentation import SEGMENTATION_TAPS, smp_names, torchvision_segmentation_names
-    from kdbench.models.tap import RESNET_TAPS, KdbenchCifar, TimmModel
+    from kdbench.models.tap import RESNET_TAPS, KdbenchCifar, TimmModel, _with_preact
 
     assert list(catalog.KDBENCH_NAMES) == sorted(CIFAR_MODELS)
     assert catalog.KDBENCH_TAPS == tuple(KdbenchCifar.supported)
     assert catalog.CLASSIFIER_TAPS == tuple(TimmModel.supported) == tuple(RESNET_TAPS)
+    assert catalog.PREACT_CLASSIFIER_TAPS == _with_preact(RESNET_TAPS)
     assert catalog.DETECTOR_NAMES == tuple(DETECTOR_NAMES) and catalog.DETECTOR_TAPS == tuple(DetectorModel.supported)
     assert list(catalog.SMP_NAMES) == smp_names() and catalog.SEGMENTATION_TAPS == tuple(SEGMENTATION_TAPS)
     assert set(catalog.TORCHVISION_SEGMENTERS) <= set(torchvision_segmentation_names())
@@ -144,8 +145,9 @@ def test_requires_taps_refuses_a_pair_without_the_tap(write_suite):
         load_suite(suite({}))  # teacher_preact defaults to true
     msg = str(e.value)
     assert "methods[0] (reviewkd) on pairs[0]" in msg, msg
-    assert ("reviewkd: teacher_preact=true needs the 'stages_preact' tap, which only kdbench: CIFAR models provide, "
-            "not the teacher 'timm:resnet18'; set teacher_preact: false") in msg, msg
+    assert ("reviewkd: teacher_preact=true needs the 'stages_preact' tap, which only kdbench: CIFAR models, "
+            "torchvision: ResNet-family classifiers, timm: mobilenetv1_100, mobilenetv1_100h, mobilenetv1_125 (with "
+            "act_layer: relu) provide, not the teacher 'timm:resnet18'; set teacher_preact: false") in msg, msg
     load_suite(suite({"teacher_preact": False}))  # post-ReLU stages: fine
     load_suite(suite({}, teacher="kdbench:resnet20"))  # a kdbench teacher has them
     with pytest.raises(SuiteError, match="student_preact=true needs the 'stages_preact' tap, .* not the student 'timm:resnet18'"):

@@ -227,14 +227,18 @@ def test_reviewkd_wrn_student_taps_are_the_raw_residual_sums():
 
 
 def test_reviewkd_check_pair():
-    """teacher_preact/student_preact need kdbench CIFAR models; refused at validate time on timm/torchvision."""
+    """teacher_preact/student_preact need models with pre-ReLU stage taps (kdbench CIFAR nets, torchvision
+    ResNets, timm MobileNet-V1); refused at validate time on other models."""
     ReviewKD.check_pair({}, "kdbench:wrn_40_2", "kdbench:wrn_16_2")
     ReviewKD.check_pair({"teacher_preact": False}, "timm:resnet18", "kdbench:resnet8x4")
     ReviewKD.check_pair({"teacher_preact": False}, "torchvision:resnet34", "torchvision:resnet18")
     with pytest.raises(ValueError, match=r"teacher_preact=true .*'timm:resnet18'.*set teacher_preact: false"):
         ReviewKD.check_pair({}, "timm:resnet18", "kdbench:resnet8x4")
-    with pytest.raises(ValueError, match=r"teacher_preact.*'torchvision:resnet34'"):
-        ReviewKD.check_pair({"teacher_preact": True}, "torchvision:resnet34", "torchvision:resnet18")
+    ReviewKD.check_pair({"teacher_preact": True, "student_preact": True}, "torchvision:resnet34",
+                        "torchvision:resnet18")
+    ReviewKD.check_pair({"student_preact": True}, "torchvision:resnet50", "timm:mobilenetv1_100")
+    with pytest.raises(ValueError, match=r"teacher_preact.*'torchvision:vgg16'"):
+        ReviewKD.check_pair({"teacher_preact": True}, "torchvision:vgg16", "torchvision:resnet18")
     with pytest.raises(ValueError, match=r"student_preact=true .*student 'timm:resnet18'"):
         ReviewKD.check_pair({"student_preact": True}, "kdbench:resnet32x4", "timm:resnet18")
     # the base contract: every other method accepts every pair

@@ -17,10 +17,15 @@ KDBENCH_NAMES = ("mobilenetv2", "mobilenetv2_tinyimagenet", "resnet110", "resnet
                  "resnet32", "resnet32x4", "resnet44", "resnet50", "resnet56", "resnet8", "resnet8x4", "shufflev1",
                  "shufflev2", "vgg11", "vgg13", "vgg16", "vgg19", "vgg8", "wrn_16_1", "wrn_16_2", "wrn_40_1",
                  "wrn_40_2")
-#: Taps of the kdbench CIFAR nets (``KdbenchCifar.supported``): the only models with pre-ReLU stages.
+#: Taps of the kdbench CIFAR nets (``KdbenchCifar.supported``).
 KDBENCH_TAPS = ("logits", "stages", "stages_preact", "stages_raw", "final", "pooled", "cam")
 #: Taps of timm models and torchvision ResNet-family classifiers (``TimmModel.supported``, ``RESNET_TAPS``).
 CLASSIFIER_TAPS = ("logits", "stages", "stages_raw", "final", "pooled", "cam")
+#: The same plus pre-ReLU stages (``stages_preact``, kdbench/models/tap.py): torchvision's ResNet-family
+#: classifiers and the timm models in ``TIMM_PREACT_NAMES`` (built with ``act_layer: relu``; the build refuses
+#: the tap otherwise, naming the kwarg).
+PREACT_CLASSIFIER_TAPS = ("logits", "stages", "stages_preact", "stages_raw", "final", "pooled", "cam")
+TIMM_PREACT_NAMES = ("mobilenetv1_100", "mobilenetv1_100h", "mobilenetv1_125")
 #: torchvision detectors on FPN (``kdbench.models.detection``): ``<detector>_<backbone>_fpn``.
 DETECTORS = ("fasterrcnn", "retinanet", "fcos")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d", "resnext101_64x4d")
@@ -69,7 +74,7 @@ def source_taps(source: str, name: str) -> tuple[str, ...] | None:
     if source == "kdbench":
         return KDBENCH_TAPS
     if source == "timm":
-        return CLASSIFIER_TAPS
+        return PREACT_CLASSIFIER_TAPS if name in TIMM_PREACT_NAMES else CLASSIFIER_TAPS
     if source == "smp":
         return SEGMENTATION_TAPS
     if source == "torchvision":
@@ -77,7 +82,7 @@ def source_taps(source: str, name: str) -> tuple[str, ...] | None:
             return DETECTOR_TAPS
         if name in TORCHVISION_SEGMENTERS:
             return SEGMENTATION_TAPS
-        return CLASSIFIER_TAPS if name.startswith(("resnet", "resnext", "wide_resnet")) else ("logits",)
+        return PREACT_CLASSIFIER_TAPS if name.startswith(("resnet", "resnext", "wide_resnet")) else ("logits",)
     return None
 
 
@@ -100,6 +105,8 @@ def tap_providers(tap: str) -> str:
     who = [w for s, w in _SOURCE_WORDS.items() if tap in (source_taps(s, "resnet50") or ())]
     if tap in DETECTOR_TAPS:
         who.append("torchvision: detectors")
+    if tap == "stages_preact":
+        who.append(f"timm: {', '.join(TIMM_PREACT_NAMES)} (with act_layer: relu)")
     return ", ".join(who) or "no kdbench model"
 
 

@@ -86,11 +86,44 @@ def capture_module_taps(net: nn.Module, taps: Iterable[str]) -> Iterator[dict[st
     captured.update({tap: tensor_list(outs[-1]) for tap, outs in recorded.items() if outs})
 
 
+@contextlib.contextmanager
+def capture_preact(acts: Sequence[nn.Module]) -> Iterator[list[Tensor | None]]:
+    """Within the context, slot ``i`` of the yielded list holds a copy of the input of the latest call of
+    ``acts[i]`` (an activation module: its pre-activation), taken by a forward pre-hook (None until it runs).
+
+    The copy (``clone``) is taken before the module runs, so an in-place activation (torchvision's and timm's
+    ``ReLU(inplace=True)``) cannot overwrite it; it is part of the autograd graph (gradients reach the network
+    through it) and the forward computes what it computes without the hooks. The hooks exist only within the
+    context: a forward that does not ask for ``stages_preact`` runs none."""
+    slots: list[Tensor | None] = [None] * len(acts)
+
+    def make_hook(i: int):
+        def pre_hook(_m, inp):
+            slots[i] = inp[0].clone()
+
+        return pre_hook
+
+    handles = [act.register_forward_pre_hook(make_hook(i)) for i, act in enumerate(acts)]
+    try:
+        yield slots
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _preact_list(model: "TapModel", slots: list[Tensor | None]) -> list[Tensor]:
+    missing = [i for i, t in enumerate(slots) if t is None]
+    if missing:
+        raise RuntimeError(f"model {model.name!r}: the last activation of stage(s) {missing} did not run")
+    return list(slots)  # type: ignore[arg-type]
+
+
 class TapModel(nn.Module):
     """Wraps a network. ``forward(x, taps)`` -> ``Outputs`` with ``logits`` and ``feats[tap]`` (lists of tensors).
 
     Subclasses implement ``_semantic(x, wanted) -> (logits, {tap: [tensors]})`` for the semantic taps they
-    support; ``module:<path>`` taps are captured with forward hooks on any network.
+    support; ``module:<path>`` taps are captured with forward hooks on any network. ``tap_notes`` (tap -> reason)
+    says why a model lacks a semantic tap its kind of model can have (a timm model without pre-ReLU stage taps).
     """
 
     supported: tuple[str, ...] = ("logits",)
@@ -103,6 +136,7 @@ class TapModel(nn.Module):
         super().__init__()
         self.net = net
         self.name = name
+        self.tap_notes: dict[str, str] = {}
 
     @property
     def classifier(self) -> nn.Linear | None:
@@ -116,8 +150,12 @@ class TapModel(nn.Module):
             if tap.startswith("module:"):
                 _get_module(self.net, tap[len("module:"):])
             elif tap not in self.supported:
-                raise ValueError(f"model {self.name!r} does not provide tap {tap!r}; it provides "
-                                 f"{', '.join(self.supported)} and module:<path>")
+                raise self._missing_tap(tap)
+
+    def _missing_tap(self, tap: str) -> ValueError:
+        note = getattr(self, "tap_notes", {}).get(tap)
+        return ValueError(f"model {self.name!r} does not provide tap {tap!r}{f' ({note})' if note else ''}; it "
+                          f"provides {', '.join(self.supported)} and module:<path>")
 
     def forward(self, x: Tensor, taps: Sequence[str] = ()) -> Outputs:
         wanted = set(taps)
@@ -194,14 +232,70 @@ def stage_indices(n_feats: int, n_stages: int = 4) -> list[int]:
     return [n_feats - 1 - (n_stages - 1 - k) * step for k in range(n_stages)]
 
 
+def _with_preact(taps: tuple[str, ...]) -> tuple[str, ...]:
+    """``taps`` with ``stages_preact`` after ``stages``."""
+    i = taps.index("stages") + 1
+    return taps[:i] + ("stages_preact",) + taps[i:]
+
+
+TIMM_PREACT_NOTE = ("only timm's MobileNet-V1 (mobilenetv1_*) built with kwargs {act_layer: relu} has pre-ReLU "
+                    "stage taps among timm models")
+
+
+def _timm_preact_acts(model: "TimmModel") -> tuple[list[nn.Module] | None, str]:
+    """The activation modules whose inputs are ``model``'s pre-ReLU stage outputs, or ``(None, reason)``.
+
+    Exact only for timm ``EfficientNet``-class nets whose every tapped stage is a ``Sequential`` ending in a
+    ``DepthwiseSeparableConv`` without skip whose ``bn2`` is a ``BatchNormAct2d`` with a ``nn.ReLU``: the block's
+    output is then ``bn2.act(bn2's normalised map)``, and the input of ``bn2.act`` is the stage output before its
+    last ReLU (MobileNet-V1: the BN output of the stage's last pointwise conv, mdistiller's/ReviewKD's
+    ``preact_feats``). A folded ``bn2`` (``kdbench.models.fold``: the norm is in the conv, its drop and act
+    remain in its place) gives the same pre-activation."""
+    try:
+        from timm.layers import BatchNormAct2d
+        from timm.models._efficientnet_blocks import DepthwiseSeparableConv
+        from timm.models.efficientnet import EfficientNet
+    except ImportError:  # pragma: no cover - another timm layout
+        return None, TIMM_PREACT_NOTE
+    if type(model.net) is not EfficientNet:
+        return None, TIMM_PREACT_NOTE
+    acts = []
+    for stage in model.tap_modules("stages"):
+        blk = stage[-1] if isinstance(stage, nn.Sequential) and len(stage) else None
+        bn = getattr(blk, "bn2", None)
+        if isinstance(bn, BatchNormAct2d):
+            act = bn.act
+        elif isinstance(bn, nn.Sequential) and len(bn) == 2:  # folded into conv_pw: its (drop, act) remain
+            act = bn[1]
+        else:
+            return None, TIMM_PREACT_NOTE
+        if type(blk) is not DepthwiseSeparableConv or blk.has_skip:
+            return None, TIMM_PREACT_NOTE
+        if type(act) is not nn.ReLU:
+            return None, (f"its stages end in {type(act).__name__}, not ReLU: build it with kwargs "
+                          f"{{act_layer: relu}} for pre-ReLU stage taps")
+        acts.append(act)
+    return acts, ""
+
+
 class TimmModel(TapModel):
     """Any timm model. Stages come from ``forward_intermediates`` (NCHW for CNN, ViT, Swin and MLP models:
     token models are reshaped on their patch grid, prefix tokens dropped); ``stages_raw`` is the same list (the
     stage outputs as the network computes them). ``final`` is the last stage map,
     ``pooled`` the pre-logits feature, ``cam`` the classifier weights over ``final`` (for token models that pool a
-    class token this is an approximation of a CAM)."""
+    class token this is an approximation of a CAM). ``stages_preact`` (the stage outputs before their last ReLU)
+    only where it is exact (:func:`_timm_preact_acts`: timm's MobileNet-V1 with ReLU); the instance's
+    ``supported`` then lists it, and ``tap_notes`` says why otherwise."""
 
     supported = ("logits", "stages", "stages_raw", "final", "pooled", "cam")
+
+    def __init__(self, net, name):
+        super().__init__(net, name)
+        acts, why = _timm_preact_acts(self)
+        if acts is not None:
+            self.supported = _with_preact(type(self).supported)
+        else:
+            self.tap_notes["stages_preact"] = why
 
     @property
     def classifier(self):
@@ -246,8 +340,16 @@ class TimmModel(TapModel):
         if not (wanted - {"logits"}):
             return self.net(x), {}
         idx = self._stage_idx()
-        final, inter = self.net.forward_intermediates(x, indices=idx)
+        acts = None
+        if "stages_preact" in wanted:
+            acts, _ = _timm_preact_acts(self)
+            if acts is None:
+                raise self._missing_tap("stages_preact")
+        with capture_preact(acts or []) as preact:
+            final, inter = self.net.forward_intermediates(x, indices=idx)
         feats = {"stages": list(inter), "stages_raw": list(inter), "final": [inter[-1]]}
+        if acts is not None:
+            feats["stages_preact"] = _preact_list(self, preact)
         feats["pooled"] = [self.net.forward_head(final, pre_logits=True)]
         logits = self.net.forward_head(final)
         return logits, {k: v for k, v in feats.items() if k in self.wanted_semantic(wanted)}
@@ -256,14 +358,39 @@ class TimmModel(TapModel):
 RESNET_TAPS = ("logits", "stages", "stages_raw", "final", "pooled", "cam")
 
 
+def _torchvision_preact_acts(net: nn.Module) -> list[nn.Module] | None:
+    """The ``relu`` modules of the last block of ``layer1..4`` when each of those blocks is torchvision's
+    ``BasicBlock``/``Bottleneck`` with an ``nn.ReLU`` (ResNet, ResNeXt, Wide ResNet), else None. Such a block
+    calls its one ``relu`` several times and last on ``bn2(conv2)+identity`` (``bn3(conv3)+identity`` in a
+    Bottleneck): the input of that last call is the stage output before its last ReLU (mdistiller's ImageNet
+    ResNets' ``preact_feats``)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    acts = []
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        layer = getattr(net, name, None)
+        blk = layer[-1] if isinstance(layer, nn.Sequential) and len(layer) else None
+        if type(blk) not in (BasicBlock, Bottleneck) or type(getattr(blk, "relu", None)) is not nn.ReLU:
+            return None
+        acts.append(blk.relu)
+    return acts
+
+
 class TorchvisionModel(TapModel):
     """torchvision classifiers. ResNet-family models provide stages (``layer1..4``; ``stages_raw`` is the same
-    list), final, pooled and cam; others provide logits and ``module:<path>`` taps."""
+    list), ``stages_preact`` (the stages before the last ReLU of their last block: :func:`_torchvision_preact_acts`),
+    final, pooled and cam; others provide logits and ``module:<path>`` taps."""
 
     def __init__(self, net, name):
         super().__init__(net, name)
         self._resnet = all(hasattr(net, a) for a in ("layer1", "layer2", "layer3", "layer4", "fc"))
         self.supported = RESNET_TAPS if self._resnet else ("logits",)
+        if self._resnet:
+            if _torchvision_preact_acts(net) is not None:
+                self.supported = _with_preact(RESNET_TAPS)
+            else:
+                self.tap_notes["stages_preact"] = ("its stages do not all end in a torchvision BasicBlock or "
+                                                   "Bottleneck with a ReLU")
 
     @property
     def classifier(self):
@@ -273,14 +400,22 @@ class TorchvisionModel(TapModel):
         if not (wanted - {"logits"}) or not self._resnet:
             return self.net(x), {}
         n = self.net
+        acts = None
+        if "stages_preact" in wanted:
+            acts = _torchvision_preact_acts(n)
+            if acts is None:
+                raise self._missing_tap("stages_preact")
         h = n.maxpool(n.relu(n.bn1(n.conv1(x))))
         stages = []
-        for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
-            h = layer(h)
-            stages.append(h)
+        with capture_preact(acts or []) as preact:
+            for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
+                h = layer(h)
+                stages.append(h)
         pooled = torch.flatten(n.avgpool(h), 1)
         logits = n.fc(pooled)
         feats = {"stages": stages, "stages_raw": stages, "final": [h], "pooled": [pooled]}
+        if acts is not None:
+            feats["stages_preact"] = _preact_list(self, preact)
         return logits, {k: v for k, v in feats.items() if k in self.wanted_semantic(wanted)}
 
     def tap_modules(self, tap):
