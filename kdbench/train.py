@@ -155,7 +155,7 @@ def fit_cohort(members: list[Member], teacher: nn.Module | None, task, data, rec
     from kdbench.progress import ProgressFile
 
     recipe = Recipe.of(recipe)
-    _configure_task(task, recipe)
+    task.configure_training(recipe)
     primary = task.primary_metric
     ready = []
     for m in members:
@@ -201,17 +201,6 @@ def fit_cohort(members: list[Member], teacher: nn.Module | None, task, data, rec
             res.step_time_s = m.step_times[0] / max(1, m.step_times[1])
             res.peak_mem_mb = _peak_mem_mb(device)
     return members
-
-
-def _configure_task(task, recipe: Recipe) -> None:
-    """Hand the recipe's training-loss settings to the task (``configure_training``: the classification task's
-    label smoothing). A task without that hook cannot take ``label_smoothing`` or ``mixup``: ValueError."""
-    configure = getattr(task, "configure_training", None)
-    if configure is not None:
-        configure(recipe)
-    elif recipe.label_smoothing or recipe.mixup is not None:
-        raise ValueError(f"recipe.label_smoothing and recipe.mixup are for classification; the "
-                         f"{getattr(task, 'name', type(task).__name__)} task takes neither")
 
 
 def _leave(m: Member, e: BaseException, text: str) -> None:

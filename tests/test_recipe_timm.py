@@ -217,12 +217,14 @@ def test_odd_batch_and_unknown_mixup_keys_are_rejected():
 
 
 def test_the_task_must_take_the_keys():
-    class Detection:
+    from kdbench.tasks.base import Task
+
+    class Detection(Task):
         name = "detection"
 
     with pytest.raises(ValueError, match="are for classification; the detection task takes neither"):
-        train._configure_task(Detection(), Recipe.of({**BASE, **CNN}))
-    train._configure_task(Detection(), Recipe.of(BASE))  # without them: nothing to take
+        Detection().configure_training(Recipe.of({**BASE, **CNN}))
+    Detection().configure_training(Recipe.of(BASE))  # without them: nothing to take
 
 
 def test_mix_batch_is_seeded_and_leaves_numpys_state():

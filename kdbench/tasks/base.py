@@ -25,6 +25,16 @@ class Task:
     def to_device(self, x: Any, y: Any, device) -> tuple[Any, Any]:
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
+    def configure_training(self, recipe) -> None:
+        """Take what the recipe says about the training loss, before training (``kdbench.train.fit`` and
+        ``kdbench bench`` call it). ``label_smoothing`` and ``mixup`` are for classification
+        (``ClassificationTask`` overrides this); any other task refuses them: ValueError."""
+        from kdbench.recipe import value
+
+        if value(recipe, "label_smoothing") or value(recipe, "mixup") is not None:
+            raise ValueError(f"recipe.label_smoothing and recipe.mixup are for classification; the "
+                             f"{self.name or type(self).__name__} task takes neither")
+
     def forward(self, model, x, y, taps):
         """One network's forward for training: ``Outputs``. ``y`` is given to the student (detectors compute
         their losses inside the forward) and is ``None`` for the teacher."""
