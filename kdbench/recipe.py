@@ -219,15 +219,15 @@ def decay_groups(params, modules, weight_decay: float, mode: str = "timm") -> li
     of ``params``; an empty group is left out; the zero-decay group comes first."""
     if mode not in DECAY_FILTERS:
         raise ValueError(f"unknown decay_filter {mode!r}; valid: {', '.join(DECAY_FILTERS)}")
-    skip = set()
-    for net in modules:
-        for _, m in (net.named_modules() if mode == "timm" else ()):
-            names = getattr(m, "no_weight_decay", None)
-            if callable(names):
-                patterns = set(names())
-                skip.update(id(p) for n, p in m.named_parameters()
-                            if any(fnmatch.fnmatchcase(n, pat) for pat in patterns))
-        skip.update(id(p) for n, p in net.named_parameters() if n.endswith(".bias"))
+    skip = {id(p) for net in modules for n, p in net.named_parameters() if n.endswith(".bias")}
+    if mode == "timm":
+        for net in modules:
+            for m in net.modules():
+                names = getattr(m, "no_weight_decay", None)
+                if callable(names):
+                    patterns = set(names())
+                    skip.update(id(p) for n, p in m.named_parameters()
+                                if any(fnmatch.fnmatchcase(n, pat) for pat in patterns))
     no_decay = [p for p in params if p.ndim <= 1 or id(p) in skip]
     decay = [p for p in params if not (p.ndim <= 1 or id(p) in skip)]
     return [g for g in ({"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay})
