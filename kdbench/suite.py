@@ -644,8 +644,8 @@ def _pair_overrides(path: Path, where: str, pair: dict, raw: dict, checked: _Che
         over = _jsonable(_check_recipe(path, f"{where}.recipe", pair["recipe"], partial=True))
         base = dict(raw["recipe"])
         for k in ("optimizer", "schedule"):  # another optimiser or schedule: the pair's mapping replaces the suite's
-            if isinstance(over.get(k), dict) and over[k].get("name", (base.get(k) or {}).get("name")) != \
-                    (base.get(k) or {}).get("name"):
+            name = (base.get(k) or {}).get("name")
+            if isinstance(over.get(k), dict) and over[k].get("name", name) != name:
                 base.pop(k, None)
         recipe = _recipe_identity(path, f"{where}.recipe", _check_recipe(path, f"{where}.recipe", deep_merge(base, over)))
     if pair.get("data"):
@@ -696,12 +696,11 @@ def _expand_teacher(path: Path, where: str, teacher: dict, pname: str, p_i: int,
     t_ref = tuple(_jsonable({k: v for k, v in r.items() if k not in ("method", "pair")})
                   for r in checked.refs if r["method"] == "teacher" and r["pair"] == pname)
     common = checked.common
-    _recipe_identity(path, f"{where}.teacher.train.recipe", deep_merge(checked.recipe, _jsonable(t_recipe)))
-    tspec = RunSpec(kind="teacher", reference=t_ref, data=deep_merge(checked.data, _jsonable(t_data)),
-                    recipe=deep_merge(checked.recipe, _jsonable(t_recipe)), student=_jsonable(t_for_runs),
+    t_recipe, t_data = deep_merge(checked.recipe, _jsonable(t_recipe)), deep_merge(checked.data, _jsonable(t_data))
+    _recipe_identity(path, f"{where}.teacher.train.recipe", t_recipe)  # its values in range, said at load
+    tspec = RunSpec(kind="teacher", reference=t_ref, data=t_data, recipe=t_recipe, student=_jsonable(t_for_runs),
                     teacher=None, teacher_run=None, seed=int(tr.get("seed", 0)), **t_facts,
-                    batch_rng=batch_rng(deep_merge(checked.data, _jsonable(t_data)),
-                                        deep_merge(checked.recipe, _jsonable(t_recipe))),
+                    batch_rng=batch_rng(t_data, t_recipe),
                     **{**common, "resources": {**common["resources"], **_jsonable(tr.get("resources") or {})}})
     teacher_run = specs.add(tspec)
     specs.add_evals(t_for_runs, teacher_run, (teacher_run,), {**t_facts, "seed": tspec.seed}, checked)
